@@ -1,0 +1,53 @@
+"""Prometheus metrics, one registry for the process, served at GET /metrics."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Step latencies run from well under a second (ledger) to a minute or more (image
+# generation behind the rate limit), hence the wide buckets.
+_STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+REQUESTS_RECEIVED = Counter(
+    "dynamo_requests_received_total", "Requests stored, by source", ["source"], registry=REGISTRY
+)
+REQUESTS_FINISHED = Counter(
+    "dynamo_requests_finished_total",
+    "Requests that reached an end state, by outcome and failure reason",
+    ["outcome", "reason"],
+    registry=REGISTRY,
+)
+STEP_SECONDS = Histogram(
+    "dynamo_step_seconds", "Time spent in one pipeline step", ["step"],
+    buckets=_STEP_BUCKETS, registry=REGISTRY,
+)
+OPENAI_CALLS = Counter(
+    "dynamo_openai_calls_total", "OpenAI API calls, by kind and status", ["kind", "status"],
+    registry=REGISTRY,
+)
+OPENAI_RATE_LIMITED = Counter(
+    "dynamo_openai_429_total", "OpenAI answers with status 429, by kind", ["kind"], registry=REGISTRY
+)
+RETRIES = Counter(
+    "dynamo_retries_total", "Retried external calls, by system", ["system"], registry=REGISTRY
+)
+QUEUE_DEPTH = Gauge(
+    "dynamo_channel_used", "Items buffered in a channel", ["channel"], registry=REGISTRY
+)
+QUEUE_CAPACITY = Gauge(
+    "dynamo_channel_capacity", "Capacity of a channel", ["channel"], registry=REGISTRY
+)
+ACTOR_RESTARTS = Counter(
+    "dynamo_actor_restarts_total", "Actor restarts after a crash", ["actor"], registry=REGISTRY
+)
+DEAD_LETTERS = Counter(
+    "dynamo_dead_letters_total", "Input messages dead-lettered as invalid", registry=REGISTRY
+)
+ORPHAN_DEBITS = Counter(
+    "dynamo_orphan_debits_total",
+    "Debits that may be pending at the ledger without their id stored",
+    registry=REGISTRY,
+)
+DISCORD_POSTS = Counter(
+    "dynamo_discord_posts_total", "Discord webhook posts, by outcome", ["outcome"], registry=REGISTRY
+)
