@@ -1,0 +1,151 @@
+"""The RabbitMQ port: the topology of contract §2, consuming with manual acks, publishing
+with publisher confirms. aio-pika runs behind trio-asyncio here and nowhere else.
+
+`LogBroker` stands in when no broker is configured (development): it consumes nothing and
+logs what would have been published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aio_pika
+import trio
+from trio_asyncio import aio_as_trio
+
+log = logging.getLogger(__name__)
+
+REQUESTS_EXCHANGE = "generation-requests"
+REQUESTS_QUEUE = "dynamo.generation-requests"
+ONSCREEN_EXCHANGE = "onscreen-events"
+RESULTS_EXCHANGE = "generation-results"
+DEAD_LETTER_EXCHANGE = "dynamo.dead-letter"
+DEAD_LETTER_QUEUE = "dynamo.generation-requests.dead"
+ERROR_HEADER = "x-dynamo-error"
+# Unacked deliveries RabbitMQ hands this process at once. Small, so the backlog stays in
+# RabbitMQ (and can go to another dynamo) while this process's pipeline is full.
+PREFETCH = 8
+
+
+@dataclasses.dataclass
+class Delivery:
+    """One message from the input queue; ack or dead-letter it exactly once."""
+
+    body: bytes
+    message_id: str | None
+    redelivered: bool
+    _message: aio_pika.abc.AbstractIncomingMessage
+    _broker: "Broker"
+
+    async def ack(self) -> None:
+        await aio_as_trio(self._message.ack)()
+
+    async def dead_letter(self, reason: str) -> None:
+        """Copies the message to the dead-letter queue with `reason`, then acks it."""
+        props = self._message
+        headers = dict(props.headers or {})
+        headers[ERROR_HEADER] = reason
+        message = aio_pika.Message(
+            body=self.body,
+            headers=headers,
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=props.priority,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            message_id=props.message_id,
+            timestamp=props.timestamp,
+            type=props.type,
+            app_id=props.app_id,
+        )
+        await self._broker._publish(DEAD_LETTER_EXCHANGE, message)
+        await self.ack()
+
+
+class Broker:
+    configured = True
+
+    def __init__(self, connection: aio_pika.abc.AbstractRobustConnection):
+        self._connection = connection
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+
+    async def _declare(self) -> None:
+        self._publish_channel = await aio_as_trio(self._connection.channel)(publisher_confirms=True)
+        self._consume_channel = await aio_as_trio(self._connection.channel)()
+        await aio_as_trio(self._consume_channel.set_qos)(prefetch_count=PREFETCH)
+        for name in (REQUESTS_EXCHANGE, ONSCREEN_EXCHANGE, RESULTS_EXCHANGE, DEAD_LETTER_EXCHANGE):
+            self._exchanges[name] = await aio_as_trio(self._publish_channel.declare_exchange)(
+                name, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+        dead = await aio_as_trio(self._publish_channel.declare_queue)(DEAD_LETTER_QUEUE, durable=True)
+        await aio_as_trio(dead.bind)(DEAD_LETTER_EXCHANGE)
+        self._queue = await aio_as_trio(self._consume_channel.declare_queue)(
+            REQUESTS_QUEUE, durable=True
+        )
+        await aio_as_trio(self._queue.bind)(REQUESTS_EXCHANGE)
+
+    @property
+    def connected(self) -> bool:
+        return not self._connection.is_closed
+
+    async def _publish(self, exchange: str, message: aio_pika.Message) -> None:
+        # With publisher confirms, publish() returns only once the broker confirmed.
+        await aio_as_trio(self._exchanges[exchange].publish)(message, routing_key="", mandatory=False)
+
+    async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None:
+        message = aio_pika.Message(
+            body=json.dumps(body, separators=(",", ":")).encode(),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+        )
+        await self._publish(exchange, message)
+
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        """The input queue's messages, as they come, until cancelled."""
+        async with aio_as_trio(self._queue.iterator()) as messages:
+            async for message in messages:
+                yield Delivery(
+                    body=message.body,
+                    message_id=message.message_id,
+                    redelivered=bool(message.redelivered),
+                    _message=message,
+                    _broker=self,
+                )
+
+
+class LogBroker:
+    """No broker configured: nothing comes in, and what would go out is logged."""
+
+    configured = False
+    connected = True
+
+    async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None:
+        log.info("no broker: would publish to %s: %s", exchange, json.dumps(body),
+                 extra={"request_id": message_id.split(":")[0]})
+
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        await trio.sleep_forever()
+        yield  # pragma: no cover  (makes this an async generator)
+
+
+@asynccontextmanager
+async def open_broker(amqp_url: str | None):
+    """A `Broker` with its topology declared, or a `LogBroker` when there is no URL."""
+    if amqp_url is None:
+        yield LogBroker()
+        return
+    connection = await aio_as_trio(aio_pika.connect_robust)(amqp_url)
+    try:
+        broker = Broker(connection)
+        await broker._declare()
+        yield broker
+    finally:
+        with trio.move_on_after(5, shield=True):
+            await aio_as_trio(connection.close)()

@@ -1,0 +1,239 @@
+"""Configuration from the environment (and a `.env` file in the working directory).
+
+`load()` returns a frozen `Settings`; it raises `ConfigError` with one message naming every
+variable that is missing (production profile) or cannot be parsed. In the development
+profile a missing external system is replaced by its embedded default, with one WARNING
+line each, logged by the caller from `Settings.defaults_used`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+
+import dotenv
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageSettings:
+    bucket: str
+    region: str
+    endpoint_url: str  # always with a scheme
+    access_key_id: str
+    secret_key: str = dataclasses.field(repr=False)
+    public_base_url: str  # objects are at {public_base_url}/{key}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    profile: str
+    amqp_url: str | None = dataclasses.field(repr=False)
+    database_url: str | None = dataclasses.field(repr=False)
+    openai_api_key: str | None = dataclasses.field(repr=False)
+    openai_base_url: str | None
+    auth_url: str
+    auth_shared_secret: str | None = dataclasses.field(repr=False)
+    ledger_url: str
+    storage: StorageSettings | None
+    discord_ghosts_webhook_url: str = dataclasses.field(repr=False)
+    discord_friends_webhook_url: str = dataclasses.field(repr=False)
+    http_host: str
+    http_port: int
+    data_dir: Path
+    images_per_minute: float
+    text_requests_per_minute: float
+    generator_workers: int
+    max_attempts: int
+    request_timeout_s: float
+    points_cost: int
+    image_model: str
+    text_model: str
+    moderation: bool
+    log_format: str
+    admin_token: str | None = dataclasses.field(repr=False)
+    defaults_used: tuple[str, ...] = ()  # WARNING lines for the development profile
+
+
+_RMQ_VARS = ("RMQ_HOST", "RMQ_PORT", "RMQ_VHOST", "RMQ_USER", "RMQ_PASSWORD")
+_PG_VARS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD")
+_SPACES_VARS = (
+    "SPACES_BUCKET_NAME",
+    "SPACES_REGION_NAME",
+    "SPACES_ENDPOINT_URL",
+    "SPACES_ACCESS_KEY_ID",
+    "SPACES_SECRET_KEY",
+)
+
+
+class _Reader:
+    """Reads variables, collecting every problem so they can be reported at once."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+        self.errors: list[str] = []
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value if value else default
+
+    def number(self, name: str, default: float, *, minimum: float, integer: bool = False):
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw) if integer else float(raw)
+        except ValueError:
+            kind = "a whole number" if integer else "a number"
+            self.errors.append(f"{name} must be {kind}, got {raw!r}")
+            return default
+        if value < minimum or value != value:
+            self.errors.append(f"{name} must be at least {minimum}, got {raw!r}")
+            return default
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = (self.text(name) or default).lower()
+        if value not in choices:
+            self.errors.append(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+
+def _amqp_url(r: _Reader) -> str | None:
+    if url := r.text("AMQP_URL"):
+        return url
+    if not r.text("RMQ_HOST"):
+        return None
+    port = int(r.number("RMQ_PORT", 5672, minimum=1, integer=True))
+    user = urllib.parse.quote(r.text("RMQ_USER", "guest"), safe="")
+    password = urllib.parse.quote(r.text("RMQ_PASSWORD", "guest"), safe="")
+    vhost = urllib.parse.quote(r.text("RMQ_VHOST", "/"), safe="")
+    return f"amqp://{user}:{password}@{r.text('RMQ_HOST')}:{port}/{vhost}"
+
+
+def _database_url(r: _Reader) -> str | None:
+    if url := r.text("DATABASE_URL"):
+        return url
+    if not r.text("PGHOST"):
+        return None
+    port = int(r.number("PGPORT", 5432, minimum=1, integer=True))
+    user = urllib.parse.quote(r.text("PGUSER", "postgres"), safe="")
+    password = r.text("PGPASSWORD")
+    auth = f"{user}:{urllib.parse.quote(password, safe='')}" if password else user
+    database = urllib.parse.quote(r.text("PGDATABASE", "postgres"), safe="")
+    url = f"postgresql://{auth}@{r.text('PGHOST')}:{port}/{database}"
+    if sslmode := r.text("PGSSLMODE"):
+        url += f"?sslmode={urllib.parse.quote(sslmode)}"
+    return url
+
+
+def _storage(r: _Reader) -> StorageSettings | None:
+    if not r.text("SPACES_BUCKET_NAME") and not r.text("SPACES_ENDPOINT_URL"):
+        return None
+    missing = [name for name in _SPACES_VARS if not r.text(name)]
+    if missing:
+        r.errors.append(f"storage is partly configured; missing {', '.join(missing)}")
+        return None
+    bucket = r.text("SPACES_BUCKET_NAME")
+    endpoint = r.text("SPACES_ENDPOINT_URL").rstrip("/")
+    if "://" in endpoint:  # a local S3 server: path-style URLs
+        public = f"{endpoint}/{bucket}"
+    else:  # upstream style, a bare host: https and virtual-host URLs
+        public = f"https://{bucket}.{endpoint}"
+        endpoint = f"https://{endpoint}"
+    public = (r.text("SPACES_PUBLIC_BASE_URL") or public).rstrip("/")
+    return StorageSettings(
+        bucket=bucket,
+        region=r.text("SPACES_REGION_NAME"),
+        endpoint_url=endpoint,
+        access_key_id=r.text("SPACES_ACCESS_KEY_ID"),
+        secret_key=r.text("SPACES_SECRET_KEY"),
+        public_base_url=public,
+    )
+
+
+def _http_addr(r: _Reader) -> tuple[str, int]:
+    raw = r.text("DYNAMO_HTTP_ADDR", "127.0.0.1:5008")
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        r.errors.append(f"DYNAMO_HTTP_ADDR must be host:port, got {raw!r}")
+        return "127.0.0.1", 5008
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = None) -> Settings:
+    """Reads the settings; `env` defaults to os.environ merged over `./.env`."""
+    if env is None:
+        file_values = dotenv.dotenv_values(dotenv_path or Path.cwd() / ".env")
+        env = {**{k: v for k, v in file_values.items() if v is not None}, **os.environ}
+    r = _Reader(env)
+    profile = r.choice("DYNAMO_PROFILE", "development", ("development", "production"))
+    host, port = _http_addr(r)
+    settings = dict(
+        profile=profile,
+        amqp_url=_amqp_url(r),
+        database_url=_database_url(r),
+        openai_api_key=r.text("OPENAI_API_KEY"),
+        openai_base_url=r.text("OPENAI_BASE_URL"),
+        auth_url=r.text("AUTH_URL", "http://localhost:5002").rstrip("/"),
+        auth_shared_secret=r.text("AUTH_SHARED_SECRET"),
+        ledger_url=r.text("LEDGER_URL", "http://localhost:5003").rstrip("/"),
+        storage=_storage(r),
+        discord_ghosts_webhook_url=r.text("DISCORD_GHOSTS_WEBHOOK_URL", ""),
+        discord_friends_webhook_url=r.text("DISCORD_FRIENDS_WEBHOOK_URL", ""),
+        http_host=host,
+        http_port=port,
+        data_dir=Path(r.text("DYNAMO_DATA_DIR", "./.dynamo")),
+        images_per_minute=r.number("DYNAMO_IMAGES_PER_MINUTE", 5.0, minimum=0.01),
+        text_requests_per_minute=r.number("DYNAMO_TEXT_REQUESTS_PER_MINUTE", 500.0, minimum=0.01),
+        generator_workers=int(r.number("DYNAMO_GENERATOR_WORKERS", 4, minimum=1, integer=True)),
+        max_attempts=int(r.number("DYNAMO_MAX_ATTEMPTS", 6, minimum=1, integer=True)),
+        request_timeout_s=r.number("DYNAMO_REQUEST_TIMEOUT_S", 900.0, minimum=1),
+        points_cost=int(r.number("DYNAMO_POINTS_COST", 200, minimum=0, integer=True)),
+        image_model=r.text("DYNAMO_IMAGE_MODEL", "dall-e-3"),
+        text_model=r.text("DYNAMO_TEXT_MODEL", "gpt-4o-mini"),
+        moderation=r.choice("DYNAMO_MODERATION", "on", ("on", "off", "true", "false", "1", "0"))
+        in ("on", "true", "1"),
+        log_format=r.choice("DYNAMO_LOG_FORMAT", "text", ("text", "json")),
+        admin_token=r.text("DYNAMO_ADMIN_TOKEN"),
+    )
+    missing = {
+        "RabbitMQ (RMQ_HOST or AMQP_URL)": settings["amqp_url"],
+        "PostgreSQL (PGHOST or DATABASE_URL)": settings["database_url"],
+        "OpenAI (OPENAI_API_KEY)": settings["openai_api_key"],
+        "auth (AUTH_SHARED_SECRET)": settings["auth_shared_secret"],
+        "storage (SPACES_BUCKET_NAME, SPACES_REGION_NAME, SPACES_ENDPOINT_URL, "
+        "SPACES_ACCESS_KEY_ID, SPACES_SECRET_KEY)": settings["storage"],
+    }
+    missing = [name for name, value in missing.items() if value is None]
+    if r.errors:
+        raise ConfigError("invalid configuration: " + "; ".join(r.errors))
+    if profile == "production":
+        if missing:
+            raise ConfigError(
+                "DYNAMO_PROFILE=production needs every external system configured; missing: "
+                + "; ".join(missing)
+            )
+    settings["defaults_used"] = tuple(_development_warning(name) for name in missing)
+    return Settings(**settings)
+
+
+_DEFAULTS = {
+    "RabbitMQ": "no broker: requests come in through the HTTP API only, alerts are logged",
+    "PostgreSQL": "embedded PostgreSQL under DYNAMO_DATA_DIR",
+    "OpenAI": "OFFLINE GENERATOR: images are local placeholders, not real generations",
+    "auth": "points are NOT charged; the HTTP API uses DYNAMO_ADMIN_TOKEN",
+    "storage": "images are kept in DYNAMO_DATA_DIR/images and served at GET /images/{key}",
+}
+
+
+def _development_warning(missing: str) -> str:
+    system = missing.split(" ")[0]
+    return f"{missing} not configured; development default: {_DEFAULTS[system]}"
