@@ -1,0 +1,231 @@
+"""The one retry policy for every external call: classification, backoff, and `retrying`.
+
+An external error is classified into one of four kinds, and only `Transient` is retried:
+
+- `Transient`: try again later (429, 408, 409 from OpenAI, 5xx, connection errors, timeouts);
+  carries the server's `retry_after_s` when it gave one.
+- `Permanent`: trying again cannot help (other 4xx, an exhausted quota); fail the request.
+- `AuthFailure`: the API key was refused (401/403); not the request's fault.
+- `ContentRejected`: the content filter refused the prompt or the image.
+
+`retrying()` waits between attempts with exponential backoff and full jitter (AWS
+architecture blog, "Exponential Backoff And Jitter"), at least as long as the server asked
+for, and never sleeps past the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import openai
+import trio
+
+from dynamo import metrics
+
+log = logging.getLogger(__name__)
+
+# A server's retry-after is a floor; a little jitter on top keeps the callers it answered
+# together from all coming back at the same instant.
+RETRY_AFTER_JITTER_S = 0.5
+# 2**attempt overflows a float near 1024; the cap is reached long before this anyway.
+_MAX_EXPONENT = 32
+# OpenAI's answer when the content filter refused the prompt (or the generated image).
+_CONTENT_POLICY_CODE = "content_policy_violation"
+_CONTENT_POLICY_WORDS = ("content policy", "content_policy", "safety system")
+# A 429 that no amount of waiting fixes: the account is out of credit.
+_QUOTA_CODE = "insufficient_quota"
+
+T = TypeVar("T")
+
+
+class CallError(Exception):
+    """An external call failed; the subclass says whether to try again."""
+
+    def __init__(self, message: str = "", *, status_code: int | None = None,
+                 headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.headers = headers
+
+
+class Transient(CallError):
+    """Worth another attempt, after `retry_after_s` if the server said so."""
+
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None,
+                 status_code: int | None = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message, status_code=status_code, headers=headers)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.status_code == 429
+
+
+class Permanent(CallError):
+    """Another attempt would fail the same way."""
+
+
+class AuthFailure(CallError):
+    """The credentials were refused (401/403): no call of this kind can succeed for now."""
+
+
+class ContentRejected(CallError):
+    """The content filter refused the request."""
+
+
+class GaveUp(Exception):
+    """A transient failure outlasted the attempts or the deadline; `last_error` is the last one."""
+
+    def __init__(self, last_error: Transient, *, reason: str):
+        super().__init__(f"gave up ({reason}): {last_error}")
+        self.last_error = last_error
+        self.reason = reason  # "deadline" or "attempts"
+
+
+def backoff_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0,
+              retry_after_s: float | None = None, rng=random) -> float:
+    """Seconds to wait before retry number `attempt` (0 for the first retry).
+
+    Full jitter: uniform(0, min(cap_s, base_s * 2**attempt)). A server's `retry_after_s` is
+    honoured as a floor (plus up to RETRY_AFTER_JITTER_S), even above `cap_s`.
+    """
+    if retry_after_s is not None:
+        return max(0.0, retry_after_s) + rng.uniform(0.0, RETRY_AFTER_JITTER_S)
+    ceiling = min(cap_s, base_s * 2.0 ** min(max(attempt, 0), _MAX_EXPONENT))
+    return rng.uniform(0.0, ceiling)
+
+
+def retry_after_from_headers(headers: Mapping[str, str] | None) -> float | None:
+    """The wait a server asked for: `retry-after-ms`, else `retry-after` (seconds or HTTP-date)."""
+    if not headers:
+        return None
+    lowered = {key.lower(): value for key, value in headers.items()}
+    milliseconds = _number(lowered.get("retry-after-ms"))
+    if milliseconds is not None:
+        return max(0.0, milliseconds / 1000.0)
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    seconds = _number(value)
+    if seconds is not None:
+        return max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if number == number and number != float("inf") else None  # no NaN, no inf
+
+
+def classify_http_status(status: int, headers: Mapping[str, str] | None = None) -> type[CallError]:
+    """For httpx-based ports: 429, 408 and 5xx are `Transient`; any other 4xx is `Permanent`.
+
+    `headers` are not needed for the kind; build the instance with
+    `retry_after_from_headers(headers)` for a Transient.
+    """
+    if status < 400:
+        raise ValueError(f"HTTP {status} is not an error")
+    if status in (408, 429) or status >= 500:
+        return Transient
+    return Permanent
+
+
+def classify_openai(exc: BaseException, *, image_call: bool = False) -> CallError:
+    """Maps an exception of the openai SDK to one of the four kinds (others: `Permanent`).
+
+    A 400 is `ContentRejected` when its code is content_policy_violation or its message
+    speaks of the content policy / safety system; with `image_call=True` every 400 of type
+    invalid_request_error is (the original service's rule for the image endpoint).
+    """
+    if isinstance(exc, CallError):
+        return exc
+    message = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return Transient(message)
+    if isinstance(exc, openai.ContentFilterFinishReasonError):
+        return ContentRejected(message)
+    if not isinstance(exc, openai.APIStatusError):
+        return Permanent(message)
+    status = exc.status_code
+    headers = dict(exc.response.headers)
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)) or status in (401, 403):
+        return AuthFailure(message, status_code=status, headers=headers)
+    if status == 429:
+        if exc.code == _QUOTA_CODE:
+            return Permanent(message, status_code=status, headers=headers)
+        return Transient(message, retry_after_s=retry_after_from_headers(headers),
+                         status_code=status, headers=headers)
+    if status == 400 and _content_rejected(exc, image_call=image_call):
+        return ContentRejected(message, status_code=status, headers=headers)
+    if status in (408, 409) or status >= 500:
+        return Transient(message, retry_after_s=retry_after_from_headers(headers),
+                         status_code=status, headers=headers)
+    return Permanent(message, status_code=status, headers=headers)
+
+
+def _content_rejected(exc: openai.APIStatusError, *, image_call: bool) -> bool:
+    if exc.code == _CONTENT_POLICY_CODE:
+        return True
+    if exc.type != "invalid_request_error":
+        return False
+    text = (exc.message or "").lower()
+    return image_call or any(words in text for words in _CONTENT_POLICY_WORDS)
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, system: str, deadline: float,
+                   max_attempts: int | None,
+                   classify: Callable[[Exception], Exception],
+                   on_retry: Callable[[int, Transient, float], object] | None = None,
+                   backoff_cap_s: float = 60.0, rng=random) -> T:
+    """`await call()` until it succeeds, retrying `Transient` failures with `backoff_s`.
+
+    `deadline` is a trio.current_time() value: a retry that would start after it is not
+    made. `backoff_cap_s` caps the exponential backoff. `max_attempts` counts every call (None: unlimited until the deadline). Either
+    way the last Transient comes out wrapped in `GaveUp`. Anything `classify` does not turn
+    into a Transient propagates at once. `on_retry(attempt, error, delay_s)`, sync or
+    async, is told of each retry before its wait. Cancellation is never caught.
+    """
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except Exception as exc:  # trio.Cancelled is a BaseException: never caught here
+            error = classify(exc)
+            if not isinstance(error, Transient):
+                if error is exc:
+                    raise
+                raise error from exc
+            if max_attempts is not None and attempt >= max_attempts:
+                raise GaveUp(error, reason="attempts") from exc
+            delay_s = backoff_s(attempt - 1, retry_after_s=error.retry_after_s,
+                                cap_s=backoff_cap_s, rng=rng)
+            if trio.current_time() + delay_s > deadline:
+                raise GaveUp(error, reason="deadline") from exc
+        metrics.RETRIES.labels(system).inc()
+        # Callers log with their request id through on_retry; this line is for debugging.
+        log.debug("%s: attempt %d failed (%s); retrying in %.1f s", system, attempt, error, delay_s)
+        if on_retry is not None:
+            result = on_retry(attempt, error, delay_s)
+            if inspect.isawaitable(result):
+                await result
+        await trio.sleep(delay_s)
