@@ -1,0 +1,81 @@
+"""The fake image model: PNGs that are cheap to make and easy to check.
+
+A friend prompt ("... a solid {color} background suitable for chroma keying") gets a
+solid background of exactly `CHROMA_RGB[color]` with a differently coloured, black
+outlined blob in the middle, so that keying can be checked to the pixel. Any other
+prompt (ghosts) gets a dark image with a pale shape. Encoded PNGs are cached, so a
+test that generates hundreds of images stays fast.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from functools import lru_cache
+
+from PIL import Image, ImageDraw
+
+# One RGB value for each of the contract's 13 colors (contract §3), as backgrounds.
+CHROMA_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 40),
+    "red-orange": (235, 80, 30),
+    "orange": (245, 140, 20),
+    "yellow-orange": (245, 185, 25),
+    "yellow": (245, 230, 40),
+    "chartreuse": (150, 225, 30),
+    "green": (35, 190, 60),
+    "cyan": (30, 215, 225),
+    "sky-blue": (90, 170, 240),
+    "blue": (40, 70, 225),
+    "indigo": (75, 40, 170),
+    "purple": (135, 50, 185),
+    "magenta": (225, 40, 200),
+}
+
+# The ghost picture: near-black background, a pale figure.
+GHOST_BACKGROUND = (12, 10, 18)
+GHOST_FIGURE = (220, 225, 235)
+
+# Black clip-art outline around the friend, as thick as the prompt's "sharp" suggests.
+OUTLINE_PX = 10
+
+CHROMA_PATTERN = re.compile(r"a solid ([a-z-]+) background suitable for chroma keying")
+
+
+def chroma_color(prompt: str) -> str | None:
+    """The background color a friend prompt asks for, if it is one of the 13."""
+    match = CHROMA_PATTERN.search(prompt.lower())
+    if match and match.group(1) in CHROMA_RGB:
+        return match.group(1)
+    return None
+
+
+def png_for_prompt(prompt: str, size: tuple[int, int] = (1024, 1024)) -> bytes:
+    return _png(chroma_color(prompt), size)
+
+
+def hex_color(color: str) -> str:
+    """'#rrggbb' of a chroma color, as the service should report the detected background."""
+    return "#{:02x}{:02x}{:02x}".format(*CHROMA_RGB[color])
+
+
+@lru_cache(maxsize=64)
+def _png(color: str | None, size: tuple[int, int]) -> bytes:
+    width, height = size
+    box = (width * 0.3, height * 0.25, width * 0.7, height * 0.8)
+    if color is None:
+        image = Image.new("RGB", size, GHOST_BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        draw.ellipse(box, fill=GHOST_FIGURE)
+        # A few dark scan lines through the figure: "glitchy VHS artifacts".
+        for y in range(int(box[1]), int(box[3]), 48):
+            draw.rectangle((0, y, width, y + 3), fill=GHOST_BACKGROUND)
+    else:
+        background = CHROMA_RGB[color]
+        figure = tuple(255 - channel for channel in background)
+        image = Image.new("RGB", size, background)
+        draw = ImageDraw.Draw(image)
+        draw.ellipse(box, fill=figure, outline=(0, 0, 0), width=OUTLINE_PX)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
