@@ -109,8 +109,10 @@ class Broker:
 
     async def deliveries(self) -> AsyncIterator[Delivery]:
         """The input queue's messages, as they come, until cancelled."""
-        async with aio_as_trio(self._queue.iterator()) as messages:
-            async for message in messages:
+        iterator = self._queue.iterator()
+        async with aio_as_trio(iterator):
+            # Iterate through the shim too: waiting for the next message is asyncio work.
+            async for message in aio_as_trio(iterator):
                 yield Delivery(
                     body=message.body,
                     message_id=message.message_id,

@@ -154,6 +154,13 @@ class Database:
             _advance, request_id, [s.value for s in from_steps], to_step, failed, fields
         )
 
+    async def record_late_flow(self, request_id: uuid.UUID, flow_id: str) -> None:
+        """Keeps a flow id that arrived after the request had moved on, for the record."""
+        await self.execute(
+            "update dynamo.image_request set flow_id = $2 where id = $1 and flow_id is null",
+            request_id, flow_id,
+        )
+
     async def load_request(self, request_id: uuid.UUID) -> asyncpg.Record | None:
         return await self.fetchrow(
             f"select {REQUEST_COLUMNS} from dynamo.image_request r where r.id = $1", request_id

@@ -42,8 +42,9 @@ class State(str, enum.Enum):
     FAILED = "failed"
 
 
-# Steps at which a request may still be cancelled: no image has been paid for yet.
-CANCELLABLE_STEPS = frozenset({Step.RECEIVED, Step.RESERVING, Step.RESERVED, Step.SCREENED})
+# Steps at which a request may still be cancelled: no image has been paid for yet. Not
+# while RESERVING: the ledger's answer (a flow id to refund) is still on its way.
+CANCELLABLE_STEPS = frozenset({Step.RECEIVED, Step.RESERVED, Step.SCREENED})
 
 
 class Reason(str, enum.Enum):
@@ -59,7 +60,7 @@ def state_for(step: Step, failed: bool) -> State:
     """The externally visible state of a request at `step`."""
     if step is Step.DONE:
         return State.FAILED if failed else State.SUCCEEDED
-    if failed or step not in CANCELLABLE_STEPS:
+    if failed or step not in CANCELLABLE_STEPS | {Step.RESERVING}:
         return State.PROCESSING
     return State.QUEUED
 

@@ -1,0 +1,193 @@
+"""The ledger actor: reserves points before any paid call, and finalizes the debit.
+
+Receives jobs on `reserve_recv` (new or resumed requests): gets a service token from the
+auth service, reserves the debit (`POST /outflow`), persists the flow id at once, and
+sends the job on `schedule_send`. A 409 means insufficient points: the request fails
+without any OpenAI call. An auth or ledger outage is retried until the request's deadline
+(then it fails as expired), never failed early.
+
+Receives jobs on `finalize_recv`: an announced job's debit is accepted; a failed job's is
+refunded. Both are retried until they succeed (a debit is never left pending); a 409
+means already finalized, which counts as done. Persists ACCEPTED / REFUNDED, then sends
+the job on `results_send`.
+
+The window in which a debit can be orphaned (the ledger answered, the flow id is not yet
+stored) is the one UPDATE after the answer: a request found at step RESERVING on resume
+is logged as a WARNING, flagged `orphan_suspected` and counted on /status.
+
+On shutdown, operations in flight are cancelled; each resumes from its persisted step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import math
+
+import trio
+
+from dynamo import metrics, retry
+from dynamo.jobs import Job, Reason, Step
+from dynamo.messages import failure
+from dynamo.pipeline import Pipeline
+from dynamo.points import AlreadyFinalized, InsufficientPoints
+
+log = logging.getLogger(__name__)
+
+ACTOR = "ledger"
+# Reservations at once: each is two short HTTP calls; more only queue at the ledger.
+RESERVE_CONCURRENCY = 8
+# Finalizations at once. They never block on anything downstream but the results
+# channel, and an outage keeps them retrying, so allow more.
+FINALIZE_CONCURRENCY = 32
+# Finalizing must not give up: a pending debit is a viewer's points in limbo. The
+# backoff is capped so that a recovered ledger is noticed within a minute.
+FINALIZE_BACKOFF_CAP_S = 60.0
+
+
+def _classify(exc: Exception) -> Exception:
+    if isinstance(exc, (retry.Transient, retry.Permanent, InsufficientPoints)):
+        return exc
+    return retry.Permanent(f"{type(exc).__name__}: {exc}")
+
+
+async def run(*, points, pipeline: Pipeline, reserve_recv, finalize_recv, schedule_send,
+              finalize_send, results_send, task_status=trio.TASK_STATUS_IGNORED):
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        nursery.start_soon(_reserve_loop, points, pipeline, reserve_recv, schedule_send,
+                           finalize_send)
+        nursery.start_soon(_finalize_loop, points, pipeline, finalize_recv, results_send)
+
+
+async def _reserve_loop(points, pipeline, reserve_recv, schedule_send, finalize_send):
+    limiter = trio.CapacityLimiter(RESERVE_CONCURRENCY)
+    async with trio.open_nursery() as nursery:
+        async for job in reserve_recv:
+            await limiter.acquire_on_behalf_of(job.id)
+            nursery.start_soon(_reserve_one, points, pipeline, job, schedule_send,
+                               finalize_send, limiter)
+
+
+async def _reserve_one(points, pipeline: Pipeline, job: Job, schedule_send, finalize_send, limiter):
+    try:
+        with pipeline.inflight.holding(ACTOR, job.id):
+            outcome = await _reserve(points, pipeline, job)
+    finally:
+        limiter.release_on_behalf_of(job.id)
+    if outcome == "reserved":
+        await schedule_send.send(job)
+    elif outcome == "failed":
+        await finalize_send.send(job)
+
+
+async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
+    """Returns "reserved", "failed" or "dropped" (another copy owns the request)."""
+    if job.step in (Step.RESERVED, Step.SCREENED):
+        return "reserved"
+    if job.step is Step.RESERVING:
+        log.warning("request was interrupted while reserving points: a debit may be pending "
+                    "at the ledger without its flow id (reconcile by imageRequestId)",
+                    extra=job.log_extra)
+        metrics.ORPHAN_DEBITS.inc()
+        await pipeline.db.advance(job.id, [Step.RESERVING], Step.RESERVING, orphan_suspected=True)
+    elif not await pipeline.db.advance(job.id, [Step.RECEIVED], Step.RESERVING):
+        return "dropped"
+    job.step = Step.RESERVING
+    started = trio.current_time()
+    try:
+        token = await retry.retrying(
+            functools.partial(points.service_token, job), system="auth",
+            deadline=job.deadline, max_attempts=None, classify=_classify)
+        flow_id = await retry.retrying(
+            functools.partial(points.reserve, job, token), system="ledger",
+            deadline=job.deadline, max_attempts=None, classify=_classify)
+    except InsufficientPoints:
+        await pipeline.fail(job, failure(Reason.INSUFFICIENT_POINTS, "ledger answered 409"))
+        return "failed"
+    except retry.GaveUp as exc:
+        await pipeline.fail(job, failure(Reason.EXPIRED, f"points not reserved: {exc}"))
+        return "failed"
+    except retry.Permanent as exc:
+        await pipeline.fail(job, failure(Reason.ERROR, f"points not reserved: {exc}"))
+        return "failed"
+    # The orphan window: the ledger holds a debit whose id is only in memory until this
+    # UPDATE commits.
+    if not await pipeline.db.advance(job.id, [Step.RESERVING], Step.RESERVED, flow_id=flow_id):
+        # Cancelled meanwhile: whoever failed it could not know this flow, so refund here.
+        log.warning("request moved on while its points were reserved; refunding flow %s",
+                    flow_id, extra=job.log_extra)
+        job.flow_id = flow_id
+        await pipeline.db.record_late_flow(job.id, flow_id)
+        await _settle(points, points.refund, job)
+        return "dropped"
+    metrics.STEP_SECONDS.labels("reserve").observe(trio.current_time() - started)
+    job.flow_id, job.step = flow_id, Step.RESERVED
+    log.info("points reserved (flow %s)", flow_id, extra=job.log_extra)
+    return "reserved"
+
+
+async def _finalize_loop(points, pipeline, finalize_recv, results_send):
+    limiter = trio.CapacityLimiter(FINALIZE_CONCURRENCY)
+    async with trio.open_nursery() as nursery:
+        async for job in finalize_recv:
+            await limiter.acquire_on_behalf_of(job.id)
+            nursery.start_soon(_finalize_one, points, pipeline, job, results_send, limiter)
+
+
+async def _finalize_one(points, pipeline: Pipeline, job: Job, results_send, limiter):
+    try:
+        with pipeline.inflight.holding(ACTOR, job.id):
+            done = await _finalize(points, pipeline, job)
+    finally:
+        limiter.release_on_behalf_of(job.id)
+    if done:
+        await results_send.send(job)
+
+
+async def _finalize(points, pipeline: Pipeline, job: Job) -> bool:
+    if job.step in (Step.ACCEPTED, Step.REFUNDED):
+        return True
+    if job.step is Step.ANNOUNCED:
+        operation, to_step, stamp = points.accept, Step.ACCEPTED, "accepted_at"
+    elif job.step is Step.FAILING:
+        operation, to_step, stamp = points.refund, Step.REFUNDED, "refunded_at"
+    else:
+        log.error("finalize got a job at step %s; dropped", job.step.value, extra=job.log_extra)
+        return False
+    started = trio.current_time()
+    if job.flow_id is not None:
+        await _settle(points, operation, job)
+    if not await pipeline.db.advance(job.id, [job.step], to_step, **{stamp: _now()}):
+        return False
+    metrics.STEP_SECONDS.labels(to_step.value).observe(trio.current_time() - started)
+    log.info("debit %s", "accepted" if to_step is Step.ACCEPTED else "refunded",
+             extra=job.log_extra)
+    job.step = to_step
+    return True
+
+
+async def _settle(points, operation, job: Job) -> None:
+    """Accepts or refunds the job's flow, retrying until the ledger has done it."""
+    await retry.retrying(
+        functools.partial(_finalize_flow, points, operation, job),
+        system="ledger", deadline=math.inf, max_attempts=None, classify=_classify,
+        backoff_cap_s=FINALIZE_BACKOFF_CAP_S)
+
+
+async def _finalize_flow(points, operation, job: Job) -> None:
+    token = await points.service_token(job)
+    try:
+        await operation(job.flow_id, token)
+    except AlreadyFinalized:
+        log.info("flow %s was already finalized", job.flow_id, extra=job.log_extra)
+    except retry.Permanent as exc:
+        # A refusal to finalize cannot be left alone: keep trying, loudly, so an operator
+        # sees it; the viewer's points stay reserved until then.
+        log.error("ledger refused to finalize flow %s: %s", job.flow_id, exc, extra=job.log_extra)
+        raise retry.Transient(str(exc)) from exc
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)

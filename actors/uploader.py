@@ -1,0 +1,110 @@
+"""The uploader actor: turns a generated image into the stored alert image.
+
+Receives jobs on `upload_recv` at step GENERATED (the raw image is in the database). A
+ghost becomes a JPEG (quality 80) at `{id}/{id}-0.jpg`; a friend has its background keyed
+out and becomes a WEBP with alpha at `{id}/{id}-0.webp`, its detected color kept. The
+image is uploaded (public-read, with its content type), its URL and color recorded and the
+step moved to STORED in one transaction; then the job goes on `announce_send`.
+
+A storage outage is retried until the request's deadline, then the request fails as
+expired (`finalize_send`, refunded). Image processing runs in worker threads, at most
+one per core, so the event loop never stalls. On restart, a job resumes from GENERATED:
+the raw bytes are still in the database, no image is bought again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import trio
+
+from dynamo import imaging, metrics, retry
+from dynamo.jobs import Job, Reason, Step, Style
+from dynamo.messages import failure
+from dynamo.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+ACTOR = "uploader"
+# Uploads in flight at once: enough to overlap network waits with processing.
+UPLOAD_CONCURRENCY = 4
+# Image processing is CPU-bound numpy/Pillow work: one thread per core of this machine.
+PROCESSING_THREADS = trio.CapacityLimiter(2)
+
+
+def image_key(job: Job) -> tuple[str, str]:
+    """The storage key and content type of the request's image (contract §4)."""
+    if job.style is Style.FRIEND:
+        return f"{job.id}/{job.id}-0.webp", "image/webp"
+    return f"{job.id}/{job.id}-0.jpg", "image/jpeg"
+
+
+def process_image(style: Style, raw: bytes) -> tuple[bytes, str]:
+    """The stored bytes and the `#rrggbb` color for a generated image."""
+    if style is Style.FRIEND:
+        return imaging.key_out_background(raw)
+    return imaging.to_jpeg(raw, quality=80), "#000000"
+
+
+async def run(*, storage, pipeline: Pipeline, upload_recv, announce_send, finalize_send,
+              task_status=trio.TASK_STATUS_IGNORED):
+    limiter = trio.CapacityLimiter(UPLOAD_CONCURRENCY)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        async for job in upload_recv:
+            await limiter.acquire_on_behalf_of(job.id)
+            nursery.start_soon(_upload_one, storage, pipeline, job, announce_send,
+                               finalize_send, limiter)
+
+
+async def _upload_one(storage, pipeline: Pipeline, job: Job, announce_send, finalize_send, limiter):
+    try:
+        with pipeline.inflight.holding(ACTOR, job.id):
+            outcome = await _store(storage, pipeline, job)
+    finally:
+        limiter.release_on_behalf_of(job.id)
+    if outcome == "stored":
+        await announce_send.send(job)
+    elif outcome == "failed":
+        await finalize_send.send(job)
+
+
+async def _store(storage, pipeline: Pipeline, job: Job) -> str:
+    if job.step is Step.STORED:
+        return "stored"
+    started = trio.current_time()
+    raw = await pipeline.db.load_generated(job.id)
+    if raw is None:
+        log.error("generated image missing from the database", extra=job.log_extra)
+        await pipeline.fail(job, failure(Reason.ERROR, "generated image missing"))
+        return "failed"
+    try:
+        data, color = await trio.to_thread.run_sync(
+            process_image, job.style, raw, limiter=PROCESSING_THREADS)
+    except ValueError as exc:  # not a decodable image
+        await pipeline.fail(job, failure(Reason.ERROR, f"image could not be processed: {exc}"))
+        return "failed"
+    key, content_type = image_key(job)
+    try:
+        url = await retry.retrying(
+            functools.partial(storage.upload, key, data, content_type), system="storage",
+            deadline=job.deadline, max_attempts=None, classify=_classify)
+    except retry.GaveUp as exc:
+        await pipeline.fail(job, failure(Reason.EXPIRED, f"image not stored: {exc}"))
+        return "failed"
+    except retry.Permanent as exc:
+        await pipeline.fail(job, failure(Reason.ERROR, f"image not stored: {exc}"))
+        return "failed"
+    if not await pipeline.db.save_image(job.id, url, color):
+        return "dropped"
+    metrics.STEP_SECONDS.labels("store").observe(trio.current_time() - started)
+    job.image_url, job.image_color, job.step = url, color, Step.STORED
+    log.info("image stored at %s", url, extra=job.log_extra)
+    return "stored"
+
+
+def _classify(exc: Exception) -> Exception:
+    if isinstance(exc, (retry.Transient, retry.Permanent)):
+        return exc
+    return retry.Permanent(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,172 @@
+"""What the actors share about requests in flight: the database port, the set of requests
+somewhere in the pipeline, and the conversions between a request's row and its `Job`.
+
+`InFlight` makes sure a request is routed into the pipeline once: intake, the HTTP API
+and the resume sweep all `add()` before they send, and the announcer `finish()`es it at
+its end state. Each actor holds a job with `holding()`; if the actor crashes, the jobs it
+held are `take_orphans()`ed and routed again once it has restarted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import uuid
+from collections import defaultdict
+from contextlib import contextmanager
+
+import trio
+
+from dynamo import genreq, prompts
+from dynamo.jobs import Failure, Job, Reason, Step, Style, Viewer
+
+log = logging.getLogger(__name__)
+
+
+class InFlight:
+    def __init__(self) -> None:
+        self._ids: set[uuid.UUID] = set()
+        self._held: dict[str, set[uuid.UUID]] = defaultdict(set)
+        self._orphans: dict[str, set[uuid.UUID]] = defaultdict(set)
+
+    def __contains__(self, request_id: uuid.UUID) -> bool:
+        return request_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> list[uuid.UUID]:
+        return list(self._ids)
+
+    def add(self, request_id: uuid.UUID) -> bool:
+        """Marks the request as in the pipeline; False if it already was."""
+        if request_id in self._ids:
+            return False
+        self._ids.add(request_id)
+        return True
+
+    def finish(self, request_id: uuid.UUID) -> None:
+        self._ids.discard(request_id)
+
+    @contextmanager
+    def holding(self, actor: str, request_id: uuid.UUID):
+        self._held[actor].add(request_id)
+        try:
+            yield
+        except BaseException:
+            # The actor is going down with this job in hand; the job is routed again.
+            self._orphans[actor].add(request_id)
+            raise
+        finally:
+            self._held[actor].discard(request_id)
+
+    def take_orphans(self, actor: str) -> list[uuid.UUID]:
+        orphans = list(self._orphans.pop(actor, ()))
+        for request_id in orphans:
+            self._ids.discard(request_id)
+        return orphans
+
+
+class Pipeline:
+    def __init__(self, db, *, worker_id: uuid.UUID, request_timeout_s: float, points_cost: int):
+        self.db = db
+        self.worker_id = worker_id
+        self.request_timeout_s = request_timeout_s
+        self.points_cost = points_cost
+        self.inflight = InFlight()
+
+    def request_fields(self, request: genreq.ParsedRequest, *, source: str) -> dict:
+        return dict(
+            viewer_id=request.viewer.twitch_user_id,
+            display_name=request.viewer.twitch_display_name,
+            broadcast_id=request.broadcast_id,
+            screening_id=request.screening_id,
+            style=request.style.value,
+            inputs=request.inputs,
+            prompt=request.prompt,
+            source=source,
+            owner=self.worker_id,
+            timeout_s=self.request_timeout_s,
+            points_cost=self.points_cost,
+        )
+
+    def invalid_fields(self, exc: genreq.InvalidRequest, body: bytes) -> dict:
+        """What can be stored of an invalid request, so that it has an id and a result."""
+        style, inputs = "", {}
+        try:
+            payload = json.loads(body).get("payload") or {}
+            style = str(payload.get("style") or "")[:40]
+            inputs = payload.get("inputs") if isinstance(payload.get("inputs"), dict) else {}
+        except (ValueError, AttributeError):
+            pass
+        return dict(
+            viewer_id=exc.viewer.twitch_user_id,
+            display_name=exc.viewer.twitch_display_name,
+            broadcast_id=None,
+            screening_id=None,
+            style=style,
+            inputs=inputs,
+            prompt="",
+            source="broker",
+            owner=self.worker_id,
+            timeout_s=self.request_timeout_s,
+            points_cost=0,
+        )
+
+    def job_from_row(self, row) -> Job:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        remaining = (row["expires_at"] - now).total_seconds() if row["expires_at"] else 0.0
+        try:
+            style = Style(row["style"])
+        except ValueError:
+            style = None  # an invalid request's style as it came; it only gets a result
+        failure = None
+        if row["failure_reason"]:
+            failure = Failure(Reason(row["failure_reason"]), row["error_message"] or "",
+                              row["failure_detail"] or "")
+        inputs = row["inputs"] or {}
+        return Job(
+            id=row["id"],
+            viewer=Viewer(row["twitch_user_id"], row["twitch_display_name"] or ""),
+            style=style,
+            inputs=inputs,
+            prompt=row["prompt"],
+            description=_description(style, inputs),
+            deadline=trio.current_time() + remaining,
+            step=Step(row["step"]),
+            flow_id=row["flow_id"],
+            name=row["name"],
+            image_url=row["image_url"],
+            image_color=row["image_color"],
+            failure=failure,
+            raw_style=row["style"],
+        )
+
+    async def job(self, request_id: uuid.UUID) -> Job | None:
+        row = await self.db.load_request(request_id)
+        return None if row is None else self.job_from_row(row)
+
+    async def fail(self, job: Job, failure: Failure) -> bool:
+        """Decides the request's failure (step FAILING); False if it moved on meanwhile."""
+        from_steps = [s for s in Step if s not in (Step.ANNOUNCED, Step.ACCEPTED, Step.FAILING,
+                                                    Step.REFUNDED, Step.DONE)]
+        moved = await self.db.advance(
+            job.id, from_steps, Step.FAILING,
+            failure_reason=failure.reason.value,
+            failure_detail=failure.detail[:2000],
+            error_message=failure.message,
+        )
+        if moved:
+            job.failure = failure
+            job.step = Step.FAILING
+            log.warning("request failed: %s (%s)", failure.reason.value, failure.detail,
+                        extra=job.log_extra)
+        return moved
+
+
+def _description(style: Style | None, inputs: dict) -> str:
+    try:
+        return prompts.description(style, inputs) if style else str(inputs.get("subject", ""))
+    except (KeyError, TypeError, ValueError):
+        return str(inputs.get("subject", ""))

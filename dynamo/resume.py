@@ -1,0 +1,69 @@
+"""The resume sweep: every unfinished request gets back into the pipeline.
+
+Each process registers itself in `dynamo.worker` and renews its heartbeat every
+`SWEEP_INTERVAL_S`. Each sweep claims (atomically, so two processes never share one) the
+unfinished requests that no live process owns: those of a process that crashed or was
+`kill -9`ed, or stopped; and this process's own requests that are not in flight any more
+(an actor crashed holding them). Each claimed request is routed to the actor for its
+persisted step, so it resumes where it stopped.
+
+On shutdown the worker row is deleted, so the next process takes over at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from dynamo.jobs import Job, Step
+from dynamo.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+# How often the sweep runs; also the heartbeat period.
+SWEEP_INTERVAL_S = 5.0
+# A process whose heartbeat is older than this is taken for dead: three missed beats.
+LEASE_S = 15.0
+
+
+class Router:
+    """Sends a job to the channel of the actor that carries on from its step."""
+
+    def __init__(self, *, reserve_send, schedule_send, upload_send, announce_send,
+                 finalize_send, results_send):
+        self._channels = {
+            Step.RECEIVED: reserve_send,
+            Step.RESERVING: reserve_send,
+            Step.RESERVED: schedule_send,
+            Step.SCREENED: schedule_send,
+            Step.GENERATING: schedule_send,
+            Step.GENERATED: upload_send,
+            Step.STORED: announce_send,
+            Step.ANNOUNCED: finalize_send,
+            Step.FAILING: finalize_send,
+            Step.ACCEPTED: results_send,
+            Step.REFUNDED: results_send,
+        }
+
+    async def route(self, job: Job) -> None:
+        await self._channels[job.step].send(job)
+
+
+async def run(*, pipeline: Pipeline, router: Router, task_status=trio.TASK_STATUS_IGNORED):
+    db = pipeline.db
+    await db.heartbeat(pipeline.worker_id)
+    task_status.started()
+    try:
+        while True:
+            await db.heartbeat(pipeline.worker_id)
+            rows = await db.claim_unfinished(pipeline.worker_id, pipeline.inflight.ids(), LEASE_S)
+            for row in rows:
+                job = pipeline.job_from_row(row)
+                if pipeline.inflight.add(job.id):
+                    log.info("resuming request from step %s", job.step.value, extra=job.log_extra)
+                    await router.route(job)
+            await trio.sleep(SWEEP_INTERVAL_S)
+    finally:
+        with trio.move_on_after(2, shield=True):
+            await db.retire(pipeline.worker_id)
