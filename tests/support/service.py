@@ -1,0 +1,84 @@
+"""dynamo as an operator runs it: `python run.py` in a subprocess, configured through its
+environment, stopped with SIGTERM or killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServiceProcess:
+    def __init__(self, env: dict[str, str], workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/root"),
+            "DYNAMO_HTTP_ADDR": f"127.0.0.1:{self.port}",
+            "DYNAMO_DATA_DIR": str(workdir / "data"),
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"service-{self.starts}.log"
+
+    def start(self) -> None:
+        self.starts += 1
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "run.py")], cwd=self.workdir, env=self.env,
+            stdout=self._log, stderr=subprocess.STDOUT)
+
+    async def wait_ready(self, *, path: str = "/readyz") -> None:
+        """Polls until the service answers 200 (the caller sets a deadline)."""
+        async with httpx.AsyncClient() as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"dynamo exited with {self.process.returncode}:\n{self.logs()}")
+                try:
+                    if (await client.get(self.url + path)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.1)
+
+    def kill(self) -> None:
+        """kill -9: no cleanup at all."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self._log.close()
+
+    async def terminate(self, *, timeout_s: float = 30) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(timeout_s):
+            while self.process.poll() is None:
+                await trio.sleep(0.05)
+        self._log.close()
+        return self.process.returncode
+
+    def logs(self) -> str:
+        return "\n".join(
+            (self.workdir / f"service-{n}.log").read_text(errors="replace")
+            for n in range(1, self.starts + 1)
+            if (self.workdir / f"service-{n}.log").exists())
