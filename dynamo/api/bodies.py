@@ -1,0 +1,72 @@
+"""The JSON bodies the API answers with: a request, and the cursor of a listing page."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import uuid
+
+from dynamo.db import iso
+from dynamo.messages import VIEWER_MESSAGES
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+_FALLBACK_MESSAGES = {reason.value: message for reason, message in VIEWER_MESSAGES.items()}
+
+
+def request_json(row) -> dict:
+    """A request row (selected with db.REQUEST_COLUMNS) as GET /requests/{id} shows it."""
+    failure = None
+    if row["failure_reason"]:
+        failure = {
+            "reason": row["failure_reason"],
+            # Only the viewer-facing sentence: the operator detail stays in the logs.
+            "message": row["error_message"]
+            or _FALLBACK_MESSAGES.get(row["failure_reason"], _FALLBACK_MESSAGES["error"]),
+        }
+    images = []
+    if row["image_url"]:
+        images.append({"url": row["image_url"], "color": row["image_color"]})
+    return {
+        "id": str(row["id"]),
+        "state": row["state"],
+        "step": row["step"],
+        "style": row["style"],
+        "inputs": row["inputs"] if isinstance(row["inputs"], dict) else {},
+        "prompt": row["prompt"],
+        "viewer": {
+            "twitch_user_id": row["twitch_user_id"],
+            "twitch_display_name": row["twitch_display_name"] or "",
+        },
+        "created_at": iso(row["created_at"]),
+        "finished_at": iso(row["finished_at"]),
+        "images": images,
+        "name": row["name"],
+        "failure": failure,
+    }
+
+
+def accepted_json(row) -> dict:
+    """POST /requests' answer."""
+    return {"id": str(row["id"]), "state": row["state"], "url": request_url(row["id"])}
+
+
+def request_url(request_id: uuid.UUID) -> str:
+    return f"/requests/{request_id}"
+
+
+def cursor_after(row) -> str:
+    """The opaque cursor for the page that follows `row`: its (created_at, id)."""
+    micros = (row["created_at"] - _EPOCH) // _MICROSECOND
+    return base64.urlsafe_b64encode(f"{micros}.{row['id']}".encode()).decode().rstrip("=")
+
+
+def parse_cursor(cursor: str) -> tuple[datetime.datetime, uuid.UUID]:
+    """(created_at, id) from a cursor; raises ValueError for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        micros, request_id = raw.split(".")
+        return _EPOCH + int(micros) * _MICROSECOND, uuid.UUID(request_id)
+    except (binascii.Error, UnicodeError, ValueError, OverflowError) as exc:
+        raise ValueError("not a cursor from this API") from exc

@@ -1,0 +1,38 @@
+"""What the HTTP API is given by the service graph, and how a route reaches it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import httpx
+from quart import current_app
+
+from dynamo.config import Settings
+from dynamo.pipeline import Pipeline
+from dynamo.readiness import Readiness
+from dynamo.storage import LocalStorage
+from dynamo.supervisor import Supervisor
+
+# Where the app keeps its context (`app.extensions[...]`).
+EXTENSION_KEY = "dynamo"
+
+
+@dataclasses.dataclass
+class ApiContext:
+    settings: Settings
+    pipeline: Pipeline
+    reserve_send: Any  # trio.MemorySendChannel[Job]: new requests go to the ledger
+    finalize_send: Any  # trio.MemorySendChannel[Job]: cancelled requests get refunded
+    readiness: Readiness
+    supervisor: Supervisor
+    channels: dict[str, Any]  # name -> a channel end, for /status and /metrics
+    limiter_status: Any  # dynamo.ratelimit.RateLimiterStatus (`.as_json()`)
+    local_storage: LocalStorage | None  # None when images live in S3-compatible storage
+    http_client: httpx.AsyncClient  # for the auth service
+    admin_token: str | None = dataclasses.field(repr=False)
+    auth_configured: bool = False
+
+
+def current_api() -> ApiContext:
+    return current_app.extensions[EXTENSION_KEY]

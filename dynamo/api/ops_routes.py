@@ -1,0 +1,109 @@
+"""Routes for operators and the overlay: health, readiness, status, metrics, local
+images and the OpenAPI document."""
+
+from __future__ import annotations
+
+import math
+
+import prometheus_client
+import trio
+from quart import Blueprint, Response
+
+from dynamo import metrics
+from dynamo.api import openapi
+from dynamo.api.access import authenticate_broadcaster
+from dynamo.api.context import current_api
+from dynamo.api.errors import bounded, not_found
+from dynamo.jobs import State
+
+blueprint = Blueprint("ops", __name__)
+
+# Only what the pipeline stores; anything else under the images directory is not served.
+IMAGE_CONTENT_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".png": "image/png",
+}
+# An image's key contains its request id, so it never changes once written.
+IMAGE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+
+@blueprint.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@blueprint.get("/readyz")
+async def readyz():
+    checks = await current_api().readiness.check()
+    not_ready = sorted(name for name, result in checks.items() if result != "ok")
+    if not not_ready:
+        return {"ready": True, "checks": checks}
+    return {"ready": False, "checks": checks, "error": f"not ready: {', '.join(not_ready)}"}, 503
+
+
+@blueprint.get("/status")
+@bounded
+async def status():
+    api = current_api()
+    await authenticate_broadcaster()
+    counts = {state.value: 0 for state in State}
+    counts.update(await api.pipeline.db.counts_by_state())
+    return {
+        "actors": {name: actor.as_json() for name, actor in api.supervisor.actors.items()},
+        "channels": channel_statistics(api.channels),
+        "rate_limiter": api.limiter_status.as_json() if api.limiter_status is not None else None,
+        "requests": counts,
+        "orphan_debits": await api.pipeline.db.orphan_debit_count(),
+        "in_flight": len(api.pipeline.inflight),
+    }
+
+
+def channel_statistics(channels: dict) -> dict[str, dict]:
+    """Each channel's buffered items and capacity; also sets the Prometheus gauges."""
+    answer = {}
+    for name, channel in channels.items():
+        stats = channel.statistics()
+        capacity = stats.max_buffer_size
+        metrics.QUEUE_DEPTH.labels(name).set(stats.current_buffer_used)
+        metrics.QUEUE_CAPACITY.labels(name).set(capacity)
+        answer[name] = {
+            "used": stats.current_buffer_used,
+            "capacity": None if math.isinf(capacity) else int(capacity),
+        }
+    return answer
+
+
+@blueprint.get("/metrics")
+async def prometheus_metrics():
+    channel_statistics(current_api().channels)
+    return Response(prometheus_client.generate_latest(metrics.REGISTRY),
+                    content_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+@blueprint.get("/images/<path:key>")
+async def image(key: str):
+    storage = current_api().local_storage
+    content_type = IMAGE_CONTENT_TYPES.get(_extension(key))
+    if storage is None or content_type is None:
+        raise not_found("image")
+    try:
+        path = storage.path_for(key)
+        data = None if path is None else await trio.Path(path).read_bytes()
+    except (OSError, ValueError):  # missing, a directory, a name too long, a NUL byte...
+        data = None
+    if data is None:
+        raise not_found("image")
+    return Response(data, content_type=content_type,
+                    headers={"Cache-Control": IMAGE_CACHE_CONTROL})
+
+
+def _extension(key: str) -> str:
+    name = key.rsplit("/", 1)[-1]
+    return name[name.rfind("."):].lower() if "." in name else ""
+
+
+@blueprint.get("/openapi.json")
+async def openapi_document():
+    return openapi.document()

@@ -1,0 +1,147 @@
+"""Submitting an image request over HTTP: POST /requests (contract §7).
+
+The body is a whole `genreq` message (a broadcaster may submit for anyone, a viewer only
+for themselves) or the short form `{"style", "inputs"}` for the caller; it is validated
+as the broker's messages are (an invalid one is answered 400 and not stored). A valid
+request is stored (source "http") and routed into the pipeline through `reserve_send`,
+then answered 202.
+
+`Idempotency-Key` (per caller): a retry with the same body (compared as canonical JSON)
+answers the first request without storing or routing anything; another body is 409. Two
+concurrent first tries make one request: the request row's unique `message_key` is
+derived from the caller and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import trio
+from quart import Blueprint, request
+
+from dynamo import genreq, metrics
+from dynamo.api import bodies, queries
+from dynamo.api.access import Caller, authenticate
+from dynamo.api.context import current_api
+from dynamo.api.errors import DATABASE_DEADLINE_S, ApiError
+
+log = logging.getLogger(__name__)
+
+blueprint = Blueprint("submit", __name__)
+
+# A genreq message is a few hundred bytes; this leaves room while refusing junk.
+MAX_BODY_BYTES = 16 * 1024
+# Keys of the full genreq message; a body with none of them is the short form.
+MESSAGE_KEYS = frozenset({"type", "viewer", "state", "payload"})
+IDEMPOTENCY_KEY_MAX_CHARS = 255
+
+
+@blueprint.post("/requests")
+async def submit_request():
+    api = current_api()
+    caller = await authenticate()
+    if request.mimetype != "application/json":
+        raise ApiError(415, "the body must be JSON (Content-Type: application/json)")
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the body must be at most {MAX_BODY_BYTES} bytes")
+    raw = await request.get_data(cache=False)  # app's MAX_CONTENT_LENGTH bounds a chunked body
+    body = _json_object(raw)
+    idempotency_key = _idempotency_key()
+    parsed = _parse(body, raw, caller)
+    digest = _canonical_digest(body)
+    with trio.fail_after(DATABASE_DEADLINE_S):
+        row, created = await _store(api, caller, parsed, idempotency_key, digest)
+    headers = {"Location": bodies.request_url(row["id"])}
+    if created:
+        metrics.REQUESTS_RECEIVED.labels("http").inc()
+        log.info("request received over HTTP from %s", caller.user_id,
+                 extra={"request_id": str(row["id"])})
+        await _route(api, row)
+    else:
+        headers["Idempotent-Replayed"] = "true"
+    return bodies.accepted_json(row), 202, headers
+
+
+async def _store(api, caller: Caller, parsed, idempotency_key: str | None, digest: str):
+    """(the request's row, created); a repeated Idempotency-Key answers the first request."""
+    db = api.pipeline.db
+    fields = api.pipeline.request_fields(parsed, source="http")
+    if idempotency_key is None:
+        request_id, created = await db.insert_request(**fields)
+        return await db.load_request(request_id), created
+    known = await queries.find_idempotency_key(db, caller.user_id, idempotency_key)
+    if known is not None:
+        _same_body_or_conflict(known["body_sha256"], digest)
+        return await db.load_request(known["image_request_id"]), False
+    # The request row's unique message_key makes two concurrent first tries one request.
+    scope = hashlib.sha256(f"{caller.user_id}\n{idempotency_key}".encode()).hexdigest()
+    request_id, created = await db.insert_request(
+        **fields, message_key=f"http:{scope}", body_sha256=digest)
+    if not created:
+        _same_body_or_conflict(await queries.request_body_sha256(db, request_id), digest)
+    await queries.save_idempotency_key(db, caller.user_id, idempotency_key, digest, request_id)
+    return await db.load_request(request_id), created
+
+
+def _canonical_digest(body: dict) -> str:
+    """SHA-256 of the body as canonical JSON: field order and spacing do not make a retry
+    a different request."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _same_body_or_conflict(stored_digest: str | None, digest: str) -> None:
+    if stored_digest != digest:
+        raise ApiError(409, "this Idempotency-Key was already used with a different body")
+
+
+async def _route(api, row) -> None:
+    pipeline = api.pipeline
+    job = pipeline.job_from_row(row)
+    if not pipeline.inflight.add(job.id):
+        return
+    try:
+        # Waits while the pipeline is full: backpressure reaches the client.
+        await api.reserve_send.send(job)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        # Shutting down: the request is stored and resumes on the next start.
+        pipeline.inflight.finish(job.id)
+        log.warning("pipeline closed; the request waits for the next start", extra=job.log_extra)
+    except BaseException:
+        pipeline.inflight.finish(job.id)  # not sent: the resume sweep routes it again
+        raise
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "body: not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: must be a JSON object")
+    return body
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX_CHARS or not all("!" <= c <= "~" for c in key):
+        raise ApiError(400, f"Idempotency-Key: must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} "
+                            "visible ASCII characters")
+    return key
+
+
+def _parse(body: dict, raw: bytes, caller: Caller) -> genreq.ParsedRequest:
+    try:
+        if MESSAGE_KEYS & body.keys():
+            parsed = genreq.parse_message(raw)
+        else:
+            parsed = genreq.parse_inputs(caller.viewer, body.get("style"), body.get("inputs"))
+    except genreq.InvalidRequest as exc:
+        raise ApiError(400, exc.reason_text) from None
+    if not caller.may_see(parsed.viewer.twitch_user_id):
+        raise ApiError(403, "a viewer may only submit requests for themselves")
+    return parsed
