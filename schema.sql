@@ -112,3 +112,8 @@ create table if not exists dynamo.worker (
     started_at   timestamptz not null default now(),
     heartbeat_at timestamptz not null default now()
 );
+-- Where the process runs, so that a process on the same host can tell at once that an
+-- earlier one died (its pid is gone) instead of waiting for its lease to run out.
+alter table dynamo.worker
+    add column if not exists hostname text,
+    add column if not exists pid integer;

@@ -67,14 +67,13 @@ async def _generate(generator, pipeline: Pipeline, permits_send, job: Job, max_a
             if job.step is Step.RESERVED:
                 if not await _screen(generator, pipeline, call, job, moderation):
                     return "failed" if job.failure else "dropped"
-            if job.step is Step.SCREENED:
-                if not await pipeline.db.advance(job.id, [Step.SCREENED], Step.GENERATING):
-                    return "dropped"
-                job.step = Step.GENERATING
             started = trio.current_time()
             answer = await call(CallKind.IMAGE, functools.partial(
-                generator.image, job.prompt, user=job.viewer.twitch_user_id))
+                generator.image, job.prompt, user=job.viewer.twitch_user_id),
+                before_call=functools.partial(_claim, pipeline, job))
             metrics.STEP_SECONDS.labels("generate").observe(trio.current_time() - started)
+        except _Dropped:
+            return "dropped"
         except retry.ContentRejected as exc:
             await pipeline.fail(job, failure(Reason.REJECTED, f"image API refused: {exc}"))
             return "failed"
@@ -115,11 +114,23 @@ async def _screen(generator, pipeline: Pipeline, call, job: Job, moderation: boo
     return True
 
 
-async def _call_openai(permits_send, job: Job, max_attempts: int, kind: CallKind, fn):
+async def _claim(pipeline: Pipeline, job: Job) -> None:
+    """SCREENED → GENERATING, just before the image is paid for; until then the request
+    can be cancelled, also while it waits for its permit."""
+    if job.step is Step.SCREENED:
+        if not await pipeline.db.advance(job.id, [Step.SCREENED], Step.GENERATING):
+            raise _Dropped()
+        job.step = Step.GENERATING
+
+
+async def _call_openai(permits_send, job: Job, max_attempts: int, kind: CallKind, fn,
+                       before_call=None):
     """One OpenAI call under the rate limiter and the retry policy."""
 
     async def attempt():
         permit = await acquire_permit(permits_send, kind)
+        if before_call is not None:
+            await before_call()
         try:
             answer = await fn()
         except Exception as exc:
@@ -160,8 +171,12 @@ class _AuthPaused(Exception):
     pass
 
 
+class _Dropped(Exception):
+    """The request moved on (cancelled) before its image was paid for."""
+
+
 def _pass_through(exc: Exception) -> Exception:
     """`attempt()` raises errors already classified; _AuthPaused goes straight out."""
-    if isinstance(exc, retry.CallError) or isinstance(exc, _AuthPaused):
+    if isinstance(exc, (retry.CallError, _AuthPaused, _Dropped)):
         return exc
     return retry.classify_openai(exc)

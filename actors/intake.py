@@ -24,6 +24,7 @@ import logging
 import trio
 
 from dynamo import genreq, metrics
+from dynamo.db import DataRejected
 from dynamo.jobs import Reason, Step
 from dynamo.messages import failure
 from dynamo.pipeline import Pipeline
@@ -62,12 +63,19 @@ async def _take(delivery, pipeline: Pipeline, reserve_send, results_send) -> Non
         request_id = await pipeline.db.claim_unacked_by_body(body_sha256)
     created = False
     if request_id is None:
-        request_id, created = await pipeline.db.insert_request(
-            **pipeline.request_fields(request, source="broker"),
-            message_key=f"message-id:{delivery.message_id}" if delivery.message_id else None,
-            body_sha256=None if delivery.message_id else body_sha256,
-            intake_acked=delivery.message_id is not None,
-        )
+        try:
+            request_id, created = await pipeline.db.insert_request(
+                **pipeline.request_fields(request, source="broker"),
+                message_key=f"message-id:{delivery.message_id}" if delivery.message_id else None,
+                body_sha256=None if delivery.message_id else body_sha256,
+                intake_acked=delivery.message_id is not None,
+            )
+        except DataRejected as exc:
+            # Valid JSON the database cannot hold: never retried, never blocking the queue.
+            metrics.DEAD_LETTERS.inc()
+            log.warning("message refused by the database, dead-lettered: %s", exc)
+            await delivery.dead_letter(f"unstorable: {exc}")
+            return
     await delivery.ack()
     if delivery.message_id is None:
         await pipeline.db.mark_acked(request_id)

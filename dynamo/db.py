@@ -42,6 +42,22 @@ REQUEST_COLUMNS = """
 """
 
 
+_INSERT_REQUEST_SQL = """
+    insert into dynamo.image_request (
+        id, twitch_user_id, twitch_display_name, broadcast_id, screening_id, style,
+        inputs, prompt, source, message_key, body_sha256, intake_acked, expires_at,
+        points_cost, step, state, failure_reason, error_message, owner)
+    values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+            now() + make_interval(secs => $13), $14, $15, $16, $17, $18, $19)
+    on conflict (message_key) do nothing
+    returning id
+"""
+
+
+class DataRejected(Exception):
+    """PostgreSQL refused a value (out of range, bad encoding): retrying cannot help."""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -97,21 +113,15 @@ class Database:
         request_id = uuid.uuid4()
         failed = failure_reason is not None
         step = Step.REFUNDED if failed else Step.RECEIVED
-        row = await self.fetchrow(
-            """
-            insert into dynamo.image_request (
-                id, twitch_user_id, twitch_display_name, broadcast_id, screening_id, style,
-                inputs, prompt, source, message_key, body_sha256, intake_acked, expires_at,
-                points_cost, step, state, failure_reason, error_message, owner)
-            values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                    now() + make_interval(secs => $13), $14, $15, $16, $17, $18, $19)
-            on conflict (message_key) do nothing
-            returning id
-            """,
-            request_id, viewer_id, display_name, broadcast_id, screening_id, style, inputs,
-            prompt, source, message_key, body_sha256, intake_acked, timeout_s, points_cost,
-            step.value, state_for(step, failed).value, failure_reason, failure_message, owner,
-        )
+        try:
+            row = await self.fetchrow(
+                _INSERT_REQUEST_SQL,
+                request_id, viewer_id, display_name, broadcast_id, screening_id, style, inputs,
+                prompt, source, message_key, body_sha256, intake_acked, timeout_s, points_cost,
+                step.value, state_for(step, failed).value, failure_reason, failure_message, owner,
+            )
+        except asyncpg.DataError as exc:  # e.g. a NUL byte or a number out of range
+            raise DataRejected(f"{type(exc).__name__}: {exc}") from exc
         if row is not None:
             return row["id"], True
         existing = await self.fetchval(
@@ -205,11 +215,16 @@ class Database:
 
     # -- ownership and resume ---------------------------------------------------------
 
-    async def heartbeat(self, worker_id: uuid.UUID) -> None:
+    async def heartbeat(self, worker_id: uuid.UUID, hostname: str, pid: int) -> None:
         await self.execute(
-            "insert into dynamo.worker (id) values ($1) "
+            "insert into dynamo.worker (id, hostname, pid) values ($1, $2, $3) "
             "on conflict (id) do update set heartbeat_at = now()",
-            worker_id,
+            worker_id, hostname, pid,
+        )
+
+    async def workers_on(self, hostname: str) -> list[asyncpg.Record]:
+        return await self.fetch(
+            "select id, pid from dynamo.worker where hostname = $1", hostname
         )
 
     async def retire(self, worker_id: uuid.UUID) -> None:

@@ -79,8 +79,9 @@ def _check_viewer_field(value: str) -> str:
 Subject = Annotated[str, AfterValidator(_check_subject)]
 Color = Annotated[str, AfterValidator(_check_color)]
 ViewerField = Annotated[str, AfterValidator(_check_viewer_field)]
-# bool is an int in Python; a JSON `true` is no broadcast id, hence strict.
-Id = Annotated[int, Field(strict=True, ge=0)]
+# bool is an int in Python; a JSON `true` is no broadcast id, hence strict. The upper
+# bound is the database column's (PostgreSQL integer).
+Id = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 
 
 class _Viewer(BaseModel):

@@ -7,12 +7,16 @@ unfinished requests that no live process owns: those of a process that crashed o
 (an actor crashed holding them). Each claimed request is routed to the actor for its
 persisted step, so it resumes where it stopped.
 
-On shutdown the worker row is deleted, so the next process takes over at once.
+On shutdown the worker row is deleted, so the next process takes over at once; a process
+that died without a word (kill -9) is noticed at once by a process on the same host (its
+pid is gone), else when its lease runs out.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 import trio
 
@@ -50,13 +54,40 @@ class Router:
         await self._channels[job.step].send(job)
 
 
+async def reap_dead_neighbours(db, worker_id, hostname: str) -> None:
+    """Retires workers of this host whose process is gone: their requests resume now.
+
+    A restarted container keeps its hostname and may get the same pid (often 1), so a
+    row with our own pid but another id is an earlier incarnation, dead too.
+    """
+    for worker in await db.workers_on(hostname):
+        if worker["id"] == worker_id or worker["pid"] is None:
+            continue
+        if worker["pid"] == os.getpid() or not _process_exists(worker["pid"]):
+            log.info("worker %s (pid %d) on this host is gone; taking over its requests",
+                     worker["id"], worker["pid"])
+            await db.retire(worker["id"])
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 async def run(*, pipeline: Pipeline, router: Router, task_status=trio.TASK_STATUS_IGNORED):
     db = pipeline.db
-    await db.heartbeat(pipeline.worker_id)
+    hostname, pid = socket.gethostname(), os.getpid()
+    await db.heartbeat(pipeline.worker_id, hostname, pid)
     task_status.started()
     try:
         while True:
-            await db.heartbeat(pipeline.worker_id)
+            await db.heartbeat(pipeline.worker_id, hostname, pid)
+            await reap_dead_neighbours(db, pipeline.worker_id, hostname)
             rows = await db.claim_unfinished(pipeline.worker_id, pipeline.inflight.ids(), LEASE_S)
             for row in rows:
                 job = pipeline.job_from_row(row)
