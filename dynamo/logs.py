@@ -67,5 +67,5 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
     root.setLevel(level)
     # Libraries' per-request chatter would drown the events that matter.
     for noisy in ("httpx", "httpcore", "hpack", "aiormq", "aio_pika", "botocore", "boto3",
-                  "urllib3", "hypercorn.access", "openai"):
+                  "urllib3", "hypercorn.access", "openai", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

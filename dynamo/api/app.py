@@ -24,6 +24,8 @@ from dynamo.api.errors import ApiError
 
 log = logging.getLogger(__name__)
 
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
 # Failures that mean the database (or another dependency) is unavailable for now.
 _UNAVAILABLE = (
     trio.TooSlowError,
@@ -53,7 +55,10 @@ def create_app(api: ApiContext) -> QuartTrio:
     @app.after_request
     async def log_request(response):
         elapsed_ms = (trio.current_time() - g.get("started_at", trio.current_time())) * 1000
-        log.info("%s %s %d %.1fms", request.method, request.path, response.status_code, elapsed_ms)
+        # Probes and scrapes come every few seconds: at INFO they would drown the events.
+        level = logging.DEBUG if request.path in _QUIET_PATHS and response.status_code < 500 else logging.INFO
+        log.log(level, "%s %s %d %.1fms", request.method, request.path, response.status_code,
+                elapsed_ms)
         return response
 
     @app.errorhandler(ApiError)
