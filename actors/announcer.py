@@ -72,7 +72,7 @@ async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:
         await retry.retrying(
             functools.partial(broker.publish_json, ONSCREEN_EXCHANGE,
                               events.onscreen_event(job), message_id=str(job.id)),
-            system="broker", deadline=job.deadline, max_attempts=None, classify=_classify)
+            system="broker", log_extra=job.log_extra, deadline=job.deadline, max_attempts=None, classify=_classify)
     except (retry.GaveUp, retry.Permanent) as exc:
         if await pipeline.fail(job, failure(Reason.EXPIRED, f"alert not published: {exc}")):
             return False
@@ -112,7 +112,7 @@ async def _publish_result(broker, pipeline: Pipeline, job: Job) -> bool:
     await retry.retrying(
         functools.partial(broker.publish_json, RESULTS_EXCHANGE, body,
                           message_id=f"{job.id}:result"),
-        system="broker", deadline=math.inf, max_attempts=None, classify=_classify,
+        system="broker", log_extra=job.log_extra, deadline=math.inf, max_attempts=None, classify=_classify,
         backoff_cap_s=RESULT_BACKOFF_CAP_S)
     if not await pipeline.db.advance(job.id, [job.step], Step.DONE):
         return False

@@ -161,7 +161,7 @@ async def _call_openai(permits_send, job: Job, max_attempts: int, kind: CallKind
 
     while True:
         try:
-            return await retry.retrying(attempt, system="openai", deadline=job.deadline,
+            return await retry.retrying(attempt, system="openai", log_extra=job.log_extra, deadline=job.deadline,
                                         max_attempts=max_attempts, classify=_pass_through)
         except _AuthPaused:
             continue

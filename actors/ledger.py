@@ -98,10 +98,10 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
     started = trio.current_time()
     try:
         token = await retry.retrying(
-            functools.partial(points.service_token, job), system="auth",
+            functools.partial(points.service_token, job), system="auth", log_extra=job.log_extra,
             deadline=job.deadline, max_attempts=None, classify=_classify)
         flow_id = await retry.retrying(
-            functools.partial(points.reserve, job, token), system="ledger",
+            functools.partial(points.reserve, job, token), system="ledger", log_extra=job.log_extra,
             deadline=job.deadline, max_attempts=None, classify=_classify)
     except InsufficientPoints:
         await pipeline.fail(job, failure(Reason.INSUFFICIENT_POINTS, "ledger answered 409"))
@@ -124,7 +124,10 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
         return "dropped"
     metrics.STEP_SECONDS.labels("reserve").observe(trio.current_time() - started)
     job.flow_id, job.step = flow_id, Step.RESERVED
-    log.info("points reserved (flow %s)", flow_id, extra=job.log_extra)
+    if flow_id is None:
+        log.info("no points charged (no auth service configured)", extra=job.log_extra)
+    else:
+        log.info("points reserved (flow %s)", flow_id, extra=job.log_extra)
     return "reserved"
 
 
@@ -162,9 +165,9 @@ async def _finalize(points, pipeline: Pipeline, job: Job) -> bool:
     if not await pipeline.db.advance(job.id, [job.step], to_step, **{stamp: _now()}):
         return False
     metrics.STEP_SECONDS.labels(to_step.value).observe(trio.current_time() - started)
+    job.step = to_step
     log.info("debit %s", "accepted" if to_step is Step.ACCEPTED else "refunded",
              extra=job.log_extra)
-    job.step = to_step
     return True
 
 
@@ -172,7 +175,7 @@ async def _settle(points, operation, job: Job) -> None:
     """Accepts or refunds the job's flow, retrying until the ledger has done it."""
     await retry.retrying(
         functools.partial(_finalize_flow, points, operation, job),
-        system="ledger", deadline=math.inf, max_attempts=None, classify=_classify,
+        system="ledger", log_extra=job.log_extra, deadline=math.inf, max_attempts=None, classify=_classify,
         backoff_cap_s=FINALIZE_BACKOFF_CAP_S)
 
 

@@ -88,7 +88,7 @@ async def _store(storage, pipeline: Pipeline, job: Job) -> str:
     key, content_type = image_key(job)
     try:
         url = await retry.retrying(
-            functools.partial(storage.upload, key, data, content_type), system="storage",
+            functools.partial(storage.upload, key, data, content_type), system="storage", log_extra=job.log_extra,
             deadline=job.deadline, max_attempts=None, classify=_classify)
     except retry.GaveUp as exc:
         await pipeline.fail(job, failure(Reason.EXPIRED, f"image not stored: {exc}"))

@@ -193,14 +193,16 @@ async def retrying(call: Callable[[], Awaitable[T]], *, system: str, deadline: f
                    max_attempts: int | None,
                    classify: Callable[[Exception], Exception],
                    on_retry: Callable[[int, Transient, float], object] | None = None,
-                   backoff_cap_s: float = 60.0, rng=random) -> T:
+                   backoff_cap_s: float = 60.0, log_extra: Mapping[str, str] | None = None,
+                   rng=random) -> T:
     """`await call()` until it succeeds, retrying `Transient` failures with `backoff_s`.
 
     `deadline` is a trio.current_time() value: a retry that would start after it is not
     made. `backoff_cap_s` caps the exponential backoff. `max_attempts` counts every call (None: unlimited until the deadline). Either
     way the last Transient comes out wrapped in `GaveUp`. Anything `classify` does not turn
     into a Transient propagates at once. `on_retry(attempt, error, delay_s)`, sync or
-    async, is told of each retry before its wait. Cancellation is never caught.
+    async, is told of each retry before its wait; `log_extra` (the request id) goes on the
+    retry's log line. Cancellation is never caught.
     """
     if max_attempts is not None and max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
