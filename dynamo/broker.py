@@ -92,7 +92,8 @@ class Broker:
 
     @property
     def connected(self) -> bool:
-        return not self._connection.is_closed
+        # A robust connection stays open while it reconnects; `connected` is the link.
+        return not self._connection.is_closed and self._connection.connected.is_set()
 
     async def _publish(self, exchange: str, message: aio_pika.Message) -> None:
         # With publisher confirms, publish() returns only once the broker confirmed.
