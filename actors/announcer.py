@@ -41,14 +41,20 @@ RESULT_BACKOFF_CAP_S = 10.0
 
 
 def _classify(exc: Exception) -> Exception:
-    if isinstance(exc, (retry.Transient, retry.Permanent)):
-        return exc
     # The broker port's errors are connection trouble: aio-pika reconnects by itself.
-    return retry.Transient(f"{type(exc).__name__}: {exc}")
+    return retry.classify_port_error(exc, unknown=retry.Transient)
 
 
-async def run(*, broker, pipeline: Pipeline, announce_recv, results_recv, finalize_send,
-              discord_send, task_status=trio.TASK_STATUS_IGNORED):
+async def run(
+    *,
+    broker,
+    pipeline: Pipeline,
+    announce_recv,
+    results_recv,
+    finalize_send,
+    discord_send,
+    task_status=trio.TASK_STATUS_IGNORED,
+):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_alerts_loop, broker, pipeline, announce_recv, finalize_send)
         nursery.start_soon(_results_loop, broker, pipeline, results_recv, discord_send)
@@ -70,15 +76,28 @@ async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:
     started = trio.current_time()
     try:
         await retry.retrying(
-            functools.partial(broker.publish_json, ONSCREEN_EXCHANGE,
-                              events.onscreen_event(job), message_id=str(job.id)),
-            system="broker", log_extra=job.log_extra, deadline=job.deadline, max_attempts=None, classify=_classify)
+            functools.partial(
+                broker.publish_json,
+                ONSCREEN_EXCHANGE,
+                events.onscreen_event(job),
+                message_id=str(job.id),
+            ),
+            system="broker",
+            log_extra=job.log_extra,
+            deadline=job.deadline,
+            max_attempts=None,
+            classify=_classify,
+        )
     except (retry.GaveUp, retry.Permanent) as exc:
         if await pipeline.fail(job, failure(Reason.EXPIRED, f"alert not published: {exc}")):
             return False
         return None
-    if not await pipeline.db.advance(job.id, [Step.STORED], Step.ANNOUNCED,
-                                     announced_at=datetime.datetime.now(datetime.timezone.utc)):
+    if not await pipeline.db.advance(
+        job.id,
+        [Step.STORED],
+        Step.ANNOUNCED,
+        announced_at=datetime.datetime.now(datetime.UTC),
+    ):
         return None
     metrics.STEP_SECONDS.labels("announce").observe(trio.current_time() - started)
     job.step = Step.ANNOUNCED
@@ -105,21 +124,29 @@ async def _publish_result(broker, pipeline: Pipeline, job: Job) -> bool:
     if job.failure is None:
         body = events.success_result(job)
     elif job.style is None:
-        body = events.result_for_invalid(job.id, job.viewer, job.raw_style or None,
-                                         job.description, job.failure)
+        body = events.result_for_invalid(
+            job.id, job.viewer, job.raw_style or None, job.description, job.failure
+        )
     else:
         body = events.failure_result(job)
     await retry.retrying(
-        functools.partial(broker.publish_json, RESULTS_EXCHANGE, body,
-                          message_id=f"{job.id}:result"),
-        system="broker", log_extra=job.log_extra, deadline=math.inf, max_attempts=None, classify=_classify,
-        backoff_cap_s=RESULT_BACKOFF_CAP_S)
+        functools.partial(
+            broker.publish_json, RESULTS_EXCHANGE, body, message_id=f"{job.id}:result"
+        ),
+        system="broker",
+        log_extra=job.log_extra,
+        deadline=math.inf,
+        max_attempts=None,
+        classify=_classify,
+        backoff_cap_s=RESULT_BACKOFF_CAP_S,
+    )
     if not await pipeline.db.advance(job.id, [job.step], Step.DONE):
         return False
     outcome = "success" if job.failure is None else "failure"
     reason = "" if job.failure is None else job.failure.reason.value
     metrics.REQUESTS_FINISHED.labels(outcome, reason).inc()
     job.step = Step.DONE
-    log.info("result published: %s%s", outcome, f" ({reason})" if reason else "",
-             extra=job.log_extra)
+    log.info(
+        "result published: %s%s", outcome, f" ({reason})" if reason else "", extra=job.log_extra
+    )
     return True

@@ -57,8 +57,11 @@ async def run(*, settings, db, http_client, discord_recv, task_status=trio.TASK_
         Style.GHOST: (settings.discord_ghosts_webhook_url or "").strip(),
         Style.FRIEND: (settings.discord_friends_webhook_url or "").strip(),
     }
-    log.info("discord posts: ghosts %s, friends %s",
-             "on" if webhooks[Style.GHOST] else "off", "on" if webhooks[Style.FRIEND] else "off")
+    log.info(
+        "discord posts: ghosts %s, friends %s",
+        "on" if webhooks[Style.GHOST] else "off",
+        "on" if webhooks[Style.FRIEND] else "off",
+    )
     task_status.started()
     async for job in discord_recv:
         url = webhooks.get(job.style)
@@ -98,20 +101,29 @@ async def _post(http_client, url: str, job: Job) -> None:
     if not job.image_url:
         raise ValueError("the request has no stored image")
     stored = await _retrying(
-        functools.partial(discord_post.fetch_image, http_client, job.image_url), job)
+        functools.partial(discord_post.fetch_image, http_client, job.image_url), job
+    )
     if job.style is Style.FRIEND:
         image = await trio.to_thread.run_sync(discord_post.flatten_to_jpeg, stored, job.image_color)
-        content = discord_post.friend_content(job.name or "A new friend",
-                                              job.viewer.twitch_display_name, job.description)
+        content = discord_post.friend_content(
+            job.name or "A new friend", job.viewer.twitch_display_name, job.description
+        )
     else:
         # Stored ghosts are JPEGs already; anything else (an older image) is converted.
-        image = stored if discord_post.is_jpeg(stored) else await trio.to_thread.run_sync(
-            imaging.to_jpeg, stored)
+        image = (
+            stored
+            if discord_post.is_jpeg(stored)
+            else await trio.to_thread.run_sync(imaging.to_jpeg, stored)
+        )
         content = discord_post.ghost_content(job.viewer.twitch_display_name, job.description)
     filename = f"{job.id}-0.jpg"
     payload = discord_post.build_payload(content, job.description, filename)
-    await _retrying(functools.partial(discord_post.post_webhook, http_client, url, payload,
-                                      filename, image, ATTACHMENT_TYPE), job)
+    await _retrying(
+        functools.partial(
+            discord_post.post_webhook, http_client, url, payload, filename, image, ATTACHMENT_TYPE
+        ),
+        job,
+    )
 
 
 async def _retrying(call: Callable[[], Awaitable[T]], job: Job) -> T:
@@ -128,8 +140,12 @@ async def _retrying(call: Callable[[], Awaitable[T]], job: Job) -> T:
                 failures += 1
                 if failures >= MAX_ATTEMPTS:
                     raise
-                delay_s = retry.backoff_s(failures - 1, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S,
-                                          retry_after_s=error.retry_after_s)
+                delay_s = retry.backoff_s(
+                    failures - 1,
+                    base_s=BACKOFF_BASE_S,
+                    cap_s=BACKOFF_CAP_S,
+                    retry_after_s=error.retry_after_s,
+                )
         metrics.RETRIES.labels("discord").inc()
         log.info("%s; retrying in %.2f s", error, delay_s, extra=job.log_extra)
         await trio.sleep(delay_s)

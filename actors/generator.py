@@ -34,32 +34,60 @@ log = logging.getLogger(__name__)
 ACTOR = "generator"
 
 
-async def run(*, generator, pipeline: Pipeline, generate_recv, permits_send, upload_send,
-              finalize_send, workers: int, max_attempts: int, moderation: bool,
-              task_status=trio.TASK_STATUS_IGNORED):
-    worker = functools.partial(_worker, generator, pipeline, permits_send, upload_send,
-                               finalize_send, max_attempts, moderation)
+async def run(
+    *,
+    generator,
+    pipeline: Pipeline,
+    generate_recv,
+    permits_send,
+    upload_send,
+    finalize_send,
+    workers: int,
+    max_attempts: int,
+    moderation: bool,
+    task_status=trio.TASK_STATUS_IGNORED,
+):
+    worker = functools.partial(
+        _worker,
+        generator,
+        pipeline,
+        permits_send,
+        upload_send,
+        finalize_send,
+        max_attempts,
+        moderation,
+    )
     async with trio.open_nursery() as nursery:
         for _ in range(workers):
             nursery.start_soon(worker, generate_recv.clone())
         task_status.started()
 
 
-async def _worker(generator, pipeline, permits_send, upload_send, finalize_send, max_attempts,
-                  moderation, generate_recv):
+async def _worker(
+    generator,
+    pipeline,
+    permits_send,
+    upload_send,
+    finalize_send,
+    max_attempts,
+    moderation,
+    generate_recv,
+):
     with generate_recv:
         async for job in generate_recv:
             with pipeline.inflight.holding(ACTOR, job.id):
-                outcome = await _generate(generator, pipeline, permits_send, job,
-                                          max_attempts, moderation)
+                outcome = await _generate(
+                    generator, pipeline, permits_send, job, max_attempts, moderation
+                )
             if outcome == "generated":
                 await upload_send.send(job)
             elif outcome == "failed":
                 await finalize_send.send(job)
 
 
-async def _generate(generator, pipeline: Pipeline, permits_send, job: Job, max_attempts: int,
-                    moderation: bool) -> str:
+async def _generate(
+    generator, pipeline: Pipeline, permits_send, job: Job, max_attempts: int, moderation: bool
+) -> str:
     """Returns "generated", "failed" or "dropped" (cancelled meanwhile)."""
     call = functools.partial(_call_openai, permits_send, job, max_attempts)
     with trio.move_on_at(job.deadline):
@@ -68,9 +96,11 @@ async def _generate(generator, pipeline: Pipeline, permits_send, job: Job, max_a
                 if not await _screen(generator, pipeline, call, job, moderation):
                     return "failed" if job.failure else "dropped"
             started = trio.current_time()
-            answer = await call(CallKind.IMAGE, functools.partial(
-                generator.image, job.prompt, user=job.viewer.twitch_user_id),
-                before_call=functools.partial(_claim, pipeline, job))
+            answer = await call(
+                CallKind.IMAGE,
+                functools.partial(generator.image, job.prompt, user=job.viewer.twitch_user_id),
+                before_call=functools.partial(_claim, pipeline, job),
+            )
             metrics.STEP_SECONDS.labels("generate").observe(trio.current_time() - started)
         except _Dropped:
             return "dropped"
@@ -123,8 +153,9 @@ async def _claim(pipeline: Pipeline, job: Job) -> None:
         job.step = Step.GENERATING
 
 
-async def _call_openai(permits_send, job: Job, max_attempts: int, kind: CallKind, fn,
-                       before_call=None):
+async def _call_openai(
+    permits_send, job: Job, max_attempts: int, kind: CallKind, fn, before_call=None
+):
     """One OpenAI call under the rate limiter and the retry policy."""
 
     async def attempt():
@@ -139,30 +170,50 @@ async def _call_openai(permits_send, job: Job, max_attempts: int, kind: CallKind
             metrics.OPENAI_CALLS.labels(kind.value, str(status)).inc()
             headers = getattr(getattr(exc, "response", None), "headers", None)
             if isinstance(classified, retry.AuthFailure):
-                log.error("OpenAI refused the API key (%s); generation paused", status,
-                          extra=job.log_extra)
-                await report_outcome(permits_send, CallOutcome(kind, auth_failed=True, probe=permit.probe))
+                log.error(
+                    "OpenAI refused the API key (%s); generation paused",
+                    status,
+                    extra=job.log_extra,
+                )
+                await report_outcome(
+                    permits_send, CallOutcome(kind, auth_failed=True, probe=permit.probe)
+                )
                 # Not the request's fault: wait for the circuit to close, without
                 # spending one of its attempts.
                 raise _AuthPaused() from exc
             if getattr(exc, "status_code", None) == 429:
                 metrics.OPENAI_RATE_LIMITED.labels(kind.value).inc()
-                await report_outcome(permits_send, CallOutcome(
-                    kind, rate_limited=True, headers=dict(headers or {}),
-                    retry_after_s=getattr(classified, "retry_after_s", None), probe=permit.probe))
+                await report_outcome(
+                    permits_send,
+                    CallOutcome(
+                        kind,
+                        rate_limited=True,
+                        headers=dict(headers or {}),
+                        retry_after_s=getattr(classified, "retry_after_s", None),
+                        probe=permit.probe,
+                    ),
+                )
             else:
                 # Reported too, so that a probe's slot is freed at once.
                 await report_outcome(permits_send, CallOutcome(kind, probe=permit.probe))
             raise classified from exc
         metrics.OPENAI_CALLS.labels(kind.value, "200").inc()
-        await report_outcome(permits_send, CallOutcome(
-            kind, succeeded=True, headers=answer.headers, probe=permit.probe))
+        await report_outcome(
+            permits_send,
+            CallOutcome(kind, succeeded=True, headers=answer.headers, probe=permit.probe),
+        )
         return answer
 
     while True:
         try:
-            return await retry.retrying(attempt, system="openai", log_extra=job.log_extra, deadline=job.deadline,
-                                        max_attempts=max_attempts, classify=_pass_through)
+            return await retry.retrying(
+                attempt,
+                system="openai",
+                log_extra=job.log_extra,
+                deadline=job.deadline,
+                max_attempts=max_attempts,
+                classify=_pass_through,
+            )
         except _AuthPaused:
             continue
 

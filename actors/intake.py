@@ -32,8 +32,15 @@ from dynamo.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 
-async def run(*, broker, pipeline: Pipeline, reserve_send, results_send, readiness,
-              task_status=trio.TASK_STATUS_IGNORED):
+async def run(
+    *,
+    broker,
+    pipeline: Pipeline,
+    reserve_send,
+    results_send,
+    readiness,
+    task_status=trio.TASK_STATUS_IGNORED,
+):
     if not broker.configured:
         readiness.consuming = None  # nothing to consume: readiness does not wait for it
         task_status.started()

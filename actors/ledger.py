@@ -30,7 +30,7 @@ import trio
 from dynamo import metrics, retry
 from dynamo.jobs import Job, Reason, Step
 from dynamo.messages import failure
-from dynamo.pipeline import Pipeline
+from dynamo.pipeline import Pipeline, serve_jobs
 from dynamo.points import AlreadyFinalized, InsufficientPoints
 
 log = logging.getLogger(__name__)
@@ -47,39 +47,41 @@ FINALIZE_BACKOFF_CAP_S = 60.0
 
 
 def _classify(exc: Exception) -> Exception:
-    if isinstance(exc, (retry.Transient, retry.Permanent, InsufficientPoints)):
-        return exc
-    return retry.Permanent(f"{type(exc).__name__}: {exc}")
+    return retry.classify_port_error(exc, passthrough=(InsufficientPoints,))
 
 
-async def run(*, points, pipeline: Pipeline, reserve_recv, finalize_recv, schedule_send,
-              finalize_send, results_send, task_status=trio.TASK_STATUS_IGNORED):
+async def run(
+    *,
+    points,
+    pipeline: Pipeline,
+    reserve_recv,
+    finalize_recv,
+    schedule_send,
+    finalize_send,
+    results_send,
+    task_status=trio.TASK_STATUS_IGNORED,
+):
+    serve = functools.partial(serve_jobs, actor=ACTOR, inflight=pipeline.inflight)
     async with trio.open_nursery() as nursery:
         task_status.started()
-        nursery.start_soon(_reserve_loop, points, pipeline, reserve_recv, schedule_send,
-                           finalize_send)
-        nursery.start_soon(_finalize_loop, points, pipeline, finalize_recv, results_send)
-
-
-async def _reserve_loop(points, pipeline, reserve_recv, schedule_send, finalize_send):
-    limiter = trio.CapacityLimiter(RESERVE_CONCURRENCY)
-    async with trio.open_nursery() as nursery:
-        async for job in reserve_recv:
-            await limiter.acquire_on_behalf_of(job.id)
-            nursery.start_soon(_reserve_one, points, pipeline, job, schedule_send,
-                               finalize_send, limiter)
-
-
-async def _reserve_one(points, pipeline: Pipeline, job: Job, schedule_send, finalize_send, limiter):
-    try:
-        with pipeline.inflight.holding(ACTOR, job.id):
-            outcome = await _reserve(points, pipeline, job)
-    finally:
-        limiter.release_on_behalf_of(job.id)
-    if outcome == "reserved":
-        await schedule_send.send(job)
-    elif outcome == "failed":
-        await finalize_send.send(job)
+        nursery.start_soon(
+            functools.partial(
+                serve,
+                reserve_recv,
+                concurrency=RESERVE_CONCURRENCY,
+                step=functools.partial(_reserve, points, pipeline),
+                outboxes={"reserved": schedule_send, "failed": finalize_send},
+            )
+        )
+        nursery.start_soon(
+            functools.partial(
+                serve,
+                finalize_recv,
+                concurrency=FINALIZE_CONCURRENCY,
+                step=functools.partial(_finalize, points, pipeline),
+                outboxes={True: results_send},
+            )
+        )
 
 
 async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
@@ -87,9 +89,11 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
     if job.step in (Step.RESERVED, Step.SCREENED):
         return "reserved"
     if job.step is Step.RESERVING:
-        log.warning("request was interrupted while reserving points: a debit may be pending "
-                    "at the ledger without its flow id (reconcile by imageRequestId)",
-                    extra=job.log_extra)
+        log.warning(
+            "request was interrupted while reserving points: a debit may be pending "
+            "at the ledger without its flow id (reconcile by imageRequestId)",
+            extra=job.log_extra,
+        )
         metrics.ORPHAN_DEBITS.inc()
         await pipeline.db.advance(job.id, [Step.RESERVING], Step.RESERVING, orphan_suspected=True)
     elif not await pipeline.db.advance(job.id, [Step.RECEIVED], Step.RESERVING):
@@ -98,11 +102,21 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
     started = trio.current_time()
     try:
         token = await retry.retrying(
-            functools.partial(points.service_token, job), system="auth", log_extra=job.log_extra,
-            deadline=job.deadline, max_attempts=None, classify=_classify)
+            functools.partial(points.service_token, job),
+            system="auth",
+            log_extra=job.log_extra,
+            deadline=job.deadline,
+            max_attempts=None,
+            classify=_classify,
+        )
         flow_id = await retry.retrying(
-            functools.partial(points.reserve, job, token), system="ledger", log_extra=job.log_extra,
-            deadline=job.deadline, max_attempts=None, classify=_classify)
+            functools.partial(points.reserve, job, token),
+            system="ledger",
+            log_extra=job.log_extra,
+            deadline=job.deadline,
+            max_attempts=None,
+            classify=_classify,
+        )
     except InsufficientPoints:
         await pipeline.fail(job, failure(Reason.INSUFFICIENT_POINTS, "ledger answered 409"))
         return "failed"
@@ -116,8 +130,11 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
     # UPDATE commits.
     if not await pipeline.db.advance(job.id, [Step.RESERVING], Step.RESERVED, flow_id=flow_id):
         # Cancelled meanwhile: whoever failed it could not know this flow, so refund here.
-        log.warning("request moved on while its points were reserved; refunding flow %s",
-                    flow_id, extra=job.log_extra)
+        log.warning(
+            "request moved on while its points were reserved; refunding flow %s",
+            flow_id,
+            extra=job.log_extra,
+        )
         job.flow_id = flow_id
         await pipeline.db.record_late_flow(job.id, flow_id)
         await _settle(points, points.refund, job)
@@ -129,24 +146,6 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
     else:
         log.info("points reserved (flow %s)", flow_id, extra=job.log_extra)
     return "reserved"
-
-
-async def _finalize_loop(points, pipeline, finalize_recv, results_send):
-    limiter = trio.CapacityLimiter(FINALIZE_CONCURRENCY)
-    async with trio.open_nursery() as nursery:
-        async for job in finalize_recv:
-            await limiter.acquire_on_behalf_of(job.id)
-            nursery.start_soon(_finalize_one, points, pipeline, job, results_send, limiter)
-
-
-async def _finalize_one(points, pipeline: Pipeline, job: Job, results_send, limiter):
-    try:
-        with pipeline.inflight.holding(ACTOR, job.id):
-            done = await _finalize(points, pipeline, job)
-    finally:
-        limiter.release_on_behalf_of(job.id)
-    if done:
-        await results_send.send(job)
 
 
 async def _finalize(points, pipeline: Pipeline, job: Job) -> bool:
@@ -166,8 +165,9 @@ async def _finalize(points, pipeline: Pipeline, job: Job) -> bool:
         return False
     metrics.STEP_SECONDS.labels(to_step.value).observe(trio.current_time() - started)
     job.step = to_step
-    log.info("debit %s", "accepted" if to_step is Step.ACCEPTED else "refunded",
-             extra=job.log_extra)
+    log.info(
+        "debit %s", "accepted" if to_step is Step.ACCEPTED else "refunded", extra=job.log_extra
+    )
     return True
 
 
@@ -175,8 +175,13 @@ async def _settle(points, operation, job: Job) -> None:
     """Accepts or refunds the job's flow, retrying until the ledger has done it."""
     await retry.retrying(
         functools.partial(_finalize_flow, points, operation, job),
-        system="ledger", log_extra=job.log_extra, deadline=math.inf, max_attempts=None, classify=_classify,
-        backoff_cap_s=FINALIZE_BACKOFF_CAP_S)
+        system="ledger",
+        log_extra=job.log_extra,
+        deadline=math.inf,
+        max_attempts=None,
+        classify=_classify,
+        backoff_cap_s=FINALIZE_BACKOFF_CAP_S,
+    )
 
 
 async def _finalize_flow(points, operation, job: Job) -> None:
@@ -193,4 +198,4 @@ async def _finalize_flow(points, operation, job: Job) -> None:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)

@@ -41,10 +41,17 @@ FAIR_QUEUE_CAPACITY = 64
 FAIR_QUEUE_METRIC = "rate_limiter.fair_queue"
 
 
-async def run(*, jobs_recv: trio.MemoryReceiveChannel, generate_send: trio.MemorySendChannel,
-              permits_recv: trio.MemoryReceiveChannel, failures_send: trio.MemorySendChannel,
-              images_per_minute: float, text_per_minute: float, status: RateLimiterStatus,
-              task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def run(
+    *,
+    jobs_recv: trio.MemoryReceiveChannel,
+    generate_send: trio.MemorySendChannel,
+    permits_recv: trio.MemoryReceiveChannel,
+    failures_send: trio.MemorySendChannel,
+    images_per_minute: float,
+    text_per_minute: float,
+    status: RateLimiterStatus,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
     status.configure({CallKind.IMAGE: images_per_minute, CallKind.TEXT: text_per_minute})
     limiter = _RateLimiter(status)
     metrics.QUEUE_CAPACITY.labels(FAIR_QUEUE_METRIC).set(FAIR_QUEUE_CAPACITY)
@@ -89,8 +96,9 @@ class _RateLimiter:
         self._jobs_ended = True
         self.queue_changed()
 
-    async def dispatch_jobs(self, generate_send: trio.MemorySendChannel,
-                            failures_send: trio.MemorySendChannel) -> None:
+    async def dispatch_jobs(
+        self, generate_send: trio.MemorySendChannel, failures_send: trio.MemorySendChannel
+    ) -> None:
         while True:
             await self._fail_expired(failures_send)
             job = self.queue.peek()

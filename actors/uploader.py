@@ -22,7 +22,7 @@ import trio
 from dynamo import imaging, metrics, retry
 from dynamo.jobs import Job, Reason, Step, Style
 from dynamo.messages import failure
-from dynamo.pipeline import Pipeline
+from dynamo.pipeline import Pipeline, serve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -47,27 +47,24 @@ def process_image(style: Style, raw: bytes) -> tuple[bytes, str]:
     return imaging.to_jpeg(raw, quality=80), "#000000"
 
 
-async def run(*, storage, pipeline: Pipeline, upload_recv, announce_send, finalize_send,
-              task_status=trio.TASK_STATUS_IGNORED):
-    limiter = trio.CapacityLimiter(UPLOAD_CONCURRENCY)
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        async for job in upload_recv:
-            await limiter.acquire_on_behalf_of(job.id)
-            nursery.start_soon(_upload_one, storage, pipeline, job, announce_send,
-                               finalize_send, limiter)
-
-
-async def _upload_one(storage, pipeline: Pipeline, job: Job, announce_send, finalize_send, limiter):
-    try:
-        with pipeline.inflight.holding(ACTOR, job.id):
-            outcome = await _store(storage, pipeline, job)
-    finally:
-        limiter.release_on_behalf_of(job.id)
-    if outcome == "stored":
-        await announce_send.send(job)
-    elif outcome == "failed":
-        await finalize_send.send(job)
+async def run(
+    *,
+    storage,
+    pipeline: Pipeline,
+    upload_recv,
+    announce_send,
+    finalize_send,
+    task_status=trio.TASK_STATUS_IGNORED,
+):
+    task_status.started()
+    await serve_jobs(
+        upload_recv,
+        actor=ACTOR,
+        inflight=pipeline.inflight,
+        concurrency=UPLOAD_CONCURRENCY,
+        step=functools.partial(_store, storage, pipeline),
+        outboxes={"stored": announce_send, "failed": finalize_send},
+    )
 
 
 async def _store(storage, pipeline: Pipeline, job: Job) -> str:
@@ -81,15 +78,21 @@ async def _store(storage, pipeline: Pipeline, job: Job) -> str:
         return "failed"
     try:
         data, color = await trio.to_thread.run_sync(
-            process_image, job.style, raw, limiter=PROCESSING_THREADS)
+            process_image, job.style, raw, limiter=PROCESSING_THREADS
+        )
     except ValueError as exc:  # not a decodable image
         await pipeline.fail(job, failure(Reason.ERROR, f"image could not be processed: {exc}"))
         return "failed"
     key, content_type = image_key(job)
     try:
         url = await retry.retrying(
-            functools.partial(storage.upload, key, data, content_type), system="storage", log_extra=job.log_extra,
-            deadline=job.deadline, max_attempts=None, classify=_classify)
+            functools.partial(storage.upload, key, data, content_type),
+            system="storage",
+            log_extra=job.log_extra,
+            deadline=job.deadline,
+            max_attempts=None,
+            classify=_classify,
+        )
     except retry.GaveUp as exc:
         await pipeline.fail(job, failure(Reason.EXPIRED, f"image not stored: {exc}"))
         return "failed"
@@ -105,6 +108,4 @@ async def _store(storage, pipeline: Pipeline, job: Job) -> str:
 
 
 def _classify(exc: Exception) -> Exception:
-    if isinstance(exc, (retry.Transient, retry.Permanent)):
-        return exc
-    return retry.Permanent(f"{type(exc).__name__}: {exc}")
+    return retry.classify_port_error(exc)

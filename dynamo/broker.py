@@ -39,7 +39,7 @@ class Delivery:
     message_id: str | None
     redelivered: bool
     _message: aio_pika.abc.AbstractIncomingMessage
-    _broker: "Broker"
+    _broker: Broker
 
     async def ack(self) -> None:
         await aio_as_trio(self._message.ack)()
@@ -83,7 +83,9 @@ class Broker:
             self._exchanges[name] = await aio_as_trio(self._publish_channel.declare_exchange)(
                 name, aio_pika.ExchangeType.FANOUT, durable=True
             )
-        dead = await aio_as_trio(self._publish_channel.declare_queue)(DEAD_LETTER_QUEUE, durable=True)
+        dead = await aio_as_trio(self._publish_channel.declare_queue)(
+            DEAD_LETTER_QUEUE, durable=True
+        )
         await aio_as_trio(dead.bind)(DEAD_LETTER_EXCHANGE)
         self._queue = await aio_as_trio(self._consume_channel.declare_queue)(
             REQUESTS_QUEUE, durable=True
@@ -97,7 +99,9 @@ class Broker:
 
     async def _publish(self, exchange: str, message: aio_pika.Message) -> None:
         # With publisher confirms, publish() returns only once the broker confirmed.
-        await aio_as_trio(self._exchanges[exchange].publish)(message, routing_key="", mandatory=False)
+        await aio_as_trio(self._exchanges[exchange].publish)(
+            message, routing_key="", mandatory=False
+        )
 
     async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None:
         message = aio_pika.Message(
@@ -130,8 +134,12 @@ class LogBroker:
     connected = True
 
     async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None:
-        log.info("no broker: would publish to %s: %s", exchange, json.dumps(body),
-                 extra={"request_id": message_id.split(":")[0]})
+        log.info(
+            "no broker: would publish to %s: %s",
+            exchange,
+            json.dumps(body),
+            extra={"request_id": message_id.split(":")[0]},
+        )
 
     async def deliveries(self) -> AsyncIterator[Delivery]:
         await trio.sleep_forever()

@@ -116,9 +116,25 @@ class Database:
         try:
             row = await self.fetchrow(
                 _INSERT_REQUEST_SQL,
-                request_id, viewer_id, display_name, broadcast_id, screening_id, style, inputs,
-                prompt, source, message_key, body_sha256, intake_acked, timeout_s, points_cost,
-                step.value, state_for(step, failed).value, failure_reason, failure_message, owner,
+                request_id,
+                viewer_id,
+                display_name,
+                broadcast_id,
+                screening_id,
+                style,
+                inputs,
+                prompt,
+                source,
+                message_key,
+                body_sha256,
+                intake_acked,
+                timeout_s,
+                points_cost,
+                step.value,
+                state_for(step, failed).value,
+                failure_reason,
+                failure_message,
+                owner,
             )
         except asyncpg.DataError as exc:  # e.g. a NUL byte or a number out of range
             raise DataRejected(f"{type(exc).__name__}: {exc}") from exc
@@ -168,7 +184,8 @@ class Database:
         """Keeps a flow id that arrived after the request had moved on, for the record."""
         await self.execute(
             "update dynamo.image_request set flow_id = $2 where id = $1 and flow_id is null",
-            request_id, flow_id,
+            request_id,
+            flow_id,
         )
 
     async def load_request(self, request_id: uuid.UUID) -> asyncpg.Record | None:
@@ -189,7 +206,9 @@ class Database:
             select $1, $2, $3
             where not exists (select 1 from dynamo.answer where image_request_id = $1)
             """,
-            request_id, prompt, name,
+            request_id,
+            prompt,
+            name,
         )
 
     async def save_generated(self, request_id: uuid.UUID, data: bytes) -> bool:
@@ -219,19 +238,20 @@ class Database:
         await self.execute(
             "insert into dynamo.worker (id, hostname, pid) values ($1, $2, $3) "
             "on conflict (id) do update set heartbeat_at = now()",
-            worker_id, hostname, pid,
+            worker_id,
+            hostname,
+            pid,
         )
 
     async def workers_on(self, hostname: str) -> list[asyncpg.Record]:
-        return await self.fetch(
-            "select id, pid from dynamo.worker where hostname = $1", hostname
-        )
+        return await self.fetch("select id, pid from dynamo.worker where hostname = $1", hostname)
 
     async def retire(self, worker_id: uuid.UUID) -> None:
         await self.execute("delete from dynamo.worker where id = $1", worker_id)
 
-    async def claim_unfinished(self, worker_id: uuid.UUID, in_flight: Sequence[uuid.UUID],
-                               lease_s: float) -> list[asyncpg.Record]:
+    async def claim_unfinished(
+        self, worker_id: uuid.UUID, in_flight: Sequence[uuid.UUID], lease_s: float
+    ) -> list[asyncpg.Record]:
         """Takes every unfinished request nobody alive owns, plus own ones not in flight."""
         return await self.fetch(
             f"""
@@ -248,7 +268,9 @@ class Database:
             select {REQUEST_COLUMNS} from dynamo.image_request r
             where r.id in (select id from claimed) order by r.created_at
             """,
-            worker_id, list(in_flight), lease_s,
+            worker_id,
+            list(in_flight),
+            lease_s,
         )
 
     # -- operators ------------------------------------------------------------------
@@ -298,10 +320,19 @@ async def _advance(pool, request_id, from_steps, to_step: Step, failed: bool, fi
 
 
 # Columns a step may set as it advances; anything else is a programming error.
-_ADVANCE_COLUMNS = frozenset({
-    "flow_id", "orphan_suspected", "failure_reason", "failure_detail", "error_message",
-    "announced_at", "accepted_at", "refunded_at", "points_cost",
-})
+_ADVANCE_COLUMNS = frozenset(
+    {
+        "flow_id",
+        "orphan_suspected",
+        "failure_reason",
+        "failure_detail",
+        "error_message",
+        "announced_at",
+        "accepted_at",
+        "refunded_at",
+        "points_cost",
+    }
+)
 
 
 async def _save_generated(pool, request_id, data: bytes) -> bool:
@@ -317,7 +348,8 @@ async def _save_generated(pool, request_id, data: bytes) -> bool:
             await conn.execute(
                 "insert into dynamo.generated_image (image_request_id, data) values ($1, $2) "
                 "on conflict (image_request_id) do update set data = excluded.data",
-                request_id, data,
+                request_id,
+                data,
             )
             return True
 
@@ -336,7 +368,9 @@ async def _save_image(pool, request_id, url: str, color: str) -> bool:
                 "insert into dynamo.image (image_request_id, index, url, color) "
                 "values ($1, 0, $2, $3) on conflict (image_request_id, index) "
                 "do update set url = excluded.url, color = excluded.color",
-                request_id, url, color,
+                request_id,
+                url,
+                color,
             )
             await conn.execute(
                 "delete from dynamo.generated_image where image_request_id = $1", request_id
@@ -358,4 +392,8 @@ async def open_database(dsn: str):
 
 
 def iso(value: datetime.datetime | None) -> str | None:
-    return value.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z") if value else None
+    return (
+        value.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+        if value
+        else None
+    )

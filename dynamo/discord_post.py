@@ -51,8 +51,10 @@ def ghost_content(display_name: str, description: str) -> str:
 
 
 def friend_content(name: str, display_name: str, description: str) -> str:
-    return (f"**{escape_markdown(name)}**, friend of **{escape_markdown(display_name)}**: "
-            f"_{escape_markdown(description)}_")
+    return (
+        f"**{escape_markdown(name)}**, friend of **{escape_markdown(display_name)}**: "
+        f"_{escape_markdown(description)}_"
+    )
 
 
 def build_payload(content: str, description: str, filename: str) -> dict[str, Any]:
@@ -71,8 +73,9 @@ def is_jpeg(image_bytes: bytes) -> bool:
     return image_bytes.startswith(_JPEG_MAGIC)
 
 
-def flatten_to_jpeg(image_bytes: bytes, background_color: str,
-                    quality: int = JPEG_QUALITY) -> bytes:
+def flatten_to_jpeg(
+    image_bytes: bytes, background_color: str, quality: int = JPEG_QUALITY
+) -> bytes:
     """A JPEG of a keyed-out image laid back onto its `#rrggbb` background.
 
     The keying (dynamo.imaging) takes the background's share out of edge pixels, so
@@ -97,23 +100,33 @@ def flatten_to_jpeg(image_bytes: bytes, background_color: str,
     return output.getvalue()
 
 
-def encode_multipart(payload: dict[str, Any], filename: str, image_bytes: bytes,
-                     content_type: str, *, boundary: str | None = None) -> tuple[bytes, str]:
+def encode_multipart(
+    payload: dict[str, Any],
+    filename: str,
+    image_bytes: bytes,
+    content_type: str,
+    *,
+    boundary: str | None = None,
+) -> tuple[bytes, str]:
     """(body, Content-Type header) of a `payload_json` part and a `files[0]` part."""
     boundary = boundary or secrets.token_hex(16)
     safe_filename = re.sub(r'["\r\n\\]', "_", filename)
     payload_json = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    body = b"".join([
-        f"--{boundary}\r\n".encode(),
-        b'Content-Disposition: form-data; name="payload_json"\r\n',
-        b"Content-Type: application/json\r\n\r\n",
-        payload_json.encode("utf-8"), b"\r\n",
-        f"--{boundary}\r\n".encode(),
-        f'Content-Disposition: form-data; name="files[0]"; filename="{safe_filename}"\r\n'.encode(),
-        f"Content-Type: {content_type}\r\n\r\n".encode(),
-        image_bytes, b"\r\n",
-        f"--{boundary}--\r\n".encode(),
-    ])
+    body = b"".join(
+        [
+            f"--{boundary}\r\n".encode(),
+            b'Content-Disposition: form-data; name="payload_json"\r\n',
+            b"Content-Type: application/json\r\n\r\n",
+            payload_json.encode("utf-8"),
+            b"\r\n",
+            f"--{boundary}\r\n".encode(),
+            f'Content-Disposition: form-data; name="files[0]"; filename="{safe_filename}"\r\n'.encode(),
+            f"Content-Type: {content_type}\r\n\r\n".encode(),
+            image_bytes,
+            b"\r\n",
+            f"--{boundary}--\r\n".encode(),
+        ]
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -152,8 +165,14 @@ async def fetch_image(client: httpx.AsyncClient, url: str) -> bytes:
     return response.content
 
 
-async def post_webhook(client: httpx.AsyncClient, url: str, payload: dict[str, Any],
-                       filename: str, image_bytes: bytes, content_type: str) -> None:
+async def post_webhook(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    filename: str,
+    image_bytes: bytes,
+    content_type: str,
+) -> None:
     """Executes the webhook at `url`: `payload` as payload_json, the image as files[0]."""
     body, multipart_type = encode_multipart(payload, filename, image_bytes, content_type)
     try:

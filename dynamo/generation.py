@@ -105,12 +105,13 @@ class OfflineGenerator:
 
     async def image(self, prompt: str, *, user: str) -> Answer[bytes]:
         background = None
-        for color, complement in prompts.COMPLEMENTS.items():
+        for complement in prompts.COMPLEMENTS.values():
             if f"solid {complement} background" in prompt:
                 background = imaging.COLOR_RGB[complement]
                 break
         image = await trio.to_thread.run_sync(
-            functools.partial(imaging.placeholder_image, prompt, background=background))
+            functools.partial(imaging.placeholder_image, prompt, background=background)
+        )
         return Answer(image, {})
 
     async def aclose(self) -> None:

@@ -116,7 +116,10 @@ class _FriendInputs(BaseModel):
     subject: Subject
 
 
-_INPUTS_MODELS: dict[Style, type[BaseModel]] = {Style.GHOST: _GhostInputs, Style.FRIEND: _FriendInputs}
+_INPUTS_MODELS: dict[Style, type[BaseModel]] = {
+    Style.GHOST: _GhostInputs,
+    Style.FRIEND: _FriendInputs,
+}
 
 
 def _describe_error(error: Any, prefix: tuple[str, ...]) -> str:
@@ -160,7 +163,9 @@ def _read_viewer(data: object) -> Viewer | None:
     return None if viewer is None else Viewer(viewer.twitch_user_id, viewer.twitch_display_name)
 
 
-def _build(viewer: Viewer, style: Style, inputs: dict[str, Any], state: _State | None) -> ParsedRequest:
+def _build(
+    viewer: Viewer, style: Style, inputs: dict[str, Any], state: _State | None
+) -> ParsedRequest:
     state = state or _State()
     return ParsedRequest(
         viewer=viewer,
@@ -186,7 +191,9 @@ def parse_message(body: bytes) -> ParsedRequest:
     problems: list[str] = []
     envelope = _validate(_Envelope, message, (), problems)
     # The payload is checked even when the envelope is bad, to report every problem at once.
-    checked = _check_payload(message["payload"], ("payload",), problems) if "payload" in message else None
+    checked = (
+        _check_payload(message["payload"], ("payload",), problems) if "payload" in message else None
+    )
     if envelope is None or checked is None:
         raise InvalidRequest(_join(problems), viewer)
     assert viewer is not None  # the envelope's viewer passed the same checks

@@ -150,9 +150,21 @@ def placeholder_image(prompt: str, *, background: tuple[int, int, int] | None) -
 def _draw_text(draw: ImageDraw.ImageDraw, prompt: str, color: tuple[int, int, int]) -> None:
     # Kept away from the corners, which must stay pure background for the keying.
     title_font = ImageFont.load_default(size=64)
-    draw.text((PLACEHOLDER_SIZE // 2, 100), _PLACEHOLDER_TITLE, fill=color, font=title_font,
-              anchor="mm", stroke_width=3, stroke_fill=(0, 0, 0))
+    draw.text(
+        (PLACEHOLDER_SIZE // 2, 100),
+        _PLACEHOLDER_TITLE,
+        fill=color,
+        font=title_font,
+        anchor="mm",
+        stroke_width=3,
+        stroke_fill=(0, 0, 0),
+    )
     prompt_font = ImageFont.load_default(size=24)
     for line_number, line in enumerate(textwrap.wrap(prompt, width=60)[:4]):
-        draw.text((PLACEHOLDER_SIZE // 2, 880 + 32 * line_number), line, fill=color,
-                  font=prompt_font, anchor="mm")
+        draw.text(
+            (PLACEHOLDER_SIZE // 2, 880 + 32 * line_number),
+            line,
+            fill=color,
+            font=prompt_font,
+            anchor="mm",
+        )

@@ -30,12 +30,14 @@ def redact(text: str) -> str:
 
 
 def _context(record: logging.LogRecord) -> dict[str, str]:
-    return {key: str(getattr(record, key)) for key in ("request_id", "step") if hasattr(record, key)}
+    return {
+        key: str(getattr(record, key)) for key in ("request_id", "step") if hasattr(record, key)
+    }
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         context = " ".join(f"{k}={v}" for k, v in _context(record).items())
         line = f"{when:%Y-%m-%dT%H:%M:%S.%f}"[:-3] + f"Z {record.levelname:<7} {record.name}: "
         line += record.getMessage() + (f" [{context}]" if context else "")
@@ -46,7 +48,7 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         entry = {
             "time": when.isoformat().replace("+00:00", "Z"),
             "level": record.levelname,
@@ -66,6 +68,17 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Libraries' per-request chatter would drown the events that matter.
-    for noisy in ("httpx", "httpcore", "hpack", "aiormq", "aio_pika", "botocore", "boto3",
-                  "urllib3", "hypercorn.access", "openai", "pgserver"):
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "hpack",
+        "aiormq",
+        "aio_pika",
+        "botocore",
+        "boto3",
+        "urllib3",
+        "hypercorn.access",
+        "openai",
+        "pgserver",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)

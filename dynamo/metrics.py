@@ -18,15 +18,23 @@ REQUESTS_FINISHED = Counter(
     registry=REGISTRY,
 )
 STEP_SECONDS = Histogram(
-    "dynamo_step_seconds", "Time spent in one pipeline step", ["step"],
-    buckets=_STEP_BUCKETS, registry=REGISTRY,
+    "dynamo_step_seconds",
+    "Time spent in one pipeline step",
+    ["step"],
+    buckets=_STEP_BUCKETS,
+    registry=REGISTRY,
 )
 OPENAI_CALLS = Counter(
-    "dynamo_openai_calls_total", "OpenAI API calls, by kind and status", ["kind", "status"],
+    "dynamo_openai_calls_total",
+    "OpenAI API calls, by kind and status",
+    ["kind", "status"],
     registry=REGISTRY,
 )
 OPENAI_RATE_LIMITED = Counter(
-    "dynamo_openai_429_total", "OpenAI answers with status 429, by kind", ["kind"], registry=REGISTRY
+    "dynamo_openai_429_total",
+    "OpenAI answers with status 429, by kind",
+    ["kind"],
+    registry=REGISTRY,
 )
 RETRIES = Counter(
     "dynamo_retries_total", "Retried external calls, by system", ["system"], registry=REGISTRY
@@ -49,5 +57,8 @@ ORPHAN_DEBITS = Counter(
     registry=REGISTRY,
 )
 DISCORD_POSTS = Counter(
-    "dynamo_discord_posts_total", "Discord webhook posts, by outcome", ["outcome"], registry=REGISTRY
+    "dynamo_discord_posts_total",
+    "Discord webhook posts, by outcome",
+    ["outcome"],
+    registry=REGISTRY,
 )

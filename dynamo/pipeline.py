@@ -115,7 +115,7 @@ class Pipeline:
         )
 
     def job_from_row(self, row) -> Job:
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         remaining = (row["expires_at"] - now).total_seconds() if row["expires_at"] else 0.0
         try:
             style = Style(row["style"])
@@ -123,8 +123,11 @@ class Pipeline:
             style = None  # an invalid request's style as it came; it only gets a result
         failure = None
         if row["failure_reason"]:
-            failure = Failure(Reason(row["failure_reason"]), row["error_message"] or "",
-                              row["failure_detail"] or "")
+            failure = Failure(
+                Reason(row["failure_reason"]),
+                row["error_message"] or "",
+                row["failure_detail"] or "",
+            )
         inputs = row["inputs"] or {}
         return Job(
             id=row["id"],
@@ -149,10 +152,15 @@ class Pipeline:
 
     async def fail(self, job: Job, failure: Failure) -> bool:
         """Decides the request's failure (step FAILING); False if it moved on meanwhile."""
-        from_steps = [s for s in Step if s not in (Step.ANNOUNCED, Step.ACCEPTED, Step.FAILING,
-                                                    Step.REFUNDED, Step.DONE)]
+        from_steps = [
+            s
+            for s in Step
+            if s not in (Step.ANNOUNCED, Step.ACCEPTED, Step.FAILING, Step.REFUNDED, Step.DONE)
+        ]
         moved = await self.db.advance(
-            job.id, from_steps, Step.FAILING,
+            job.id,
+            from_steps,
+            Step.FAILING,
             failure_reason=failure.reason.value,
             failure_detail=failure.detail[:2000],
             error_message=failure.message,
@@ -160,9 +168,34 @@ class Pipeline:
         if moved:
             job.failure = failure
             job.step = Step.FAILING
-            log.warning("request failed: %s (%s)", failure.reason.value, failure.detail,
-                        extra=job.log_extra)
+            log.warning(
+                "request failed: %s (%s)", failure.reason.value, failure.detail, extra=job.log_extra
+            )
         return moved
+
+
+async def serve_jobs(
+    jobs_recv, *, actor: str, inflight: InFlight, concurrency: int, step, outboxes: dict
+) -> None:
+    """Runs `await step(job)` for each job received, at most `concurrency` at once, each
+    held in `inflight` by `actor`; then sends the job on `outboxes[outcome]` (an outcome
+    without an outbox drops the job: another copy or the resume sweep owns it)."""
+    limiter = trio.CapacityLimiter(concurrency)
+    async with trio.open_nursery() as nursery:
+        async for job in jobs_recv:
+            await limiter.acquire_on_behalf_of(job.id)
+            nursery.start_soon(_serve_job, job, actor, inflight, step, outboxes, limiter)
+
+
+async def _serve_job(job: Job, actor, inflight: InFlight, step, outboxes, limiter) -> None:
+    try:
+        with inflight.holding(actor, job.id):
+            outcome = await step(job)
+    finally:
+        limiter.release_on_behalf_of(job.id)
+    outbox = outboxes.get(outcome)
+    if outbox is not None:
+        await outbox.send(job)
 
 
 def _description(style: Style | None, inputs: dict) -> str:

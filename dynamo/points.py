@@ -51,8 +51,15 @@ class Points:
 
     charges = True
 
-    def __init__(self, client: httpx.AsyncClient, *, auth_url: str, ledger_url: str,
-                 shared_secret: str, points_cost: int):
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        auth_url: str,
+        ledger_url: str,
+        shared_secret: str,
+        points_cost: int,
+    ):
         self._client = client
         self._auth_url = auth_url
         self._ledger_url = ledger_url
@@ -66,26 +73,35 @@ class Points:
             raise Transient(f"{what}: {type(exc).__name__}") from exc
 
     async def service_token(self, job: Job) -> str:
-        body = json.dumps({
-            "service": "dynamo",
-            "user": {
-                "id": job.viewer.twitch_user_id,
-                "login": job.viewer.twitch_display_name.lower(),
-                "displayName": job.viewer.twitch_display_name,
+        body = json.dumps(
+            {
+                "service": "dynamo",
+                "user": {
+                    "id": job.viewer.twitch_user_id,
+                    "login": job.viewer.twitch_display_name.lower(),
+                    "displayName": job.viewer.twitch_display_name,
+                },
             },
-        }, separators=(",", ":")).encode()
+            separators=(",", ":"),
+        ).encode()
         request_id = str(uuid.uuid4())
-        timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        timestamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         timestamp = timestamp.replace("+00:00", "Z")
-        digest = hmac.new(self._secret, request_id.encode() + timestamp.encode() + body,
-                          hashlib.sha256).hexdigest()
-        response = await self._send("auth service-token", "POST", f"{self._auth_url}/service-token",
-                                    content=body, headers={
-                                        "content-type": "application/json",
-                                        "x-hmac-request-id": request_id,
-                                        "x-hmac-request-timestamp": timestamp,
-                                        "x-hmac-signature": f"sha256={digest}",
-                                    })
+        digest = hmac.new(
+            self._secret, request_id.encode() + timestamp.encode() + body, hashlib.sha256
+        ).hexdigest()
+        response = await self._send(
+            "auth service-token",
+            "POST",
+            f"{self._auth_url}/service-token",
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "x-hmac-request-id": request_id,
+                "x-hmac-request-timestamp": timestamp,
+                "x-hmac-signature": f"sha256={digest}",
+            },
+        )
         _raise_for(response, "auth service-token")
         return response.text.strip()
 
@@ -97,8 +113,13 @@ class Points:
             "alertType": ALERT_TYPE,
             "alertMetadata": {"imageRequestId": str(job.id), "style": job.style.value},
         }
-        response = await self._send("ledger reserve", "POST", f"{self._ledger_url}/outflow",
-                                    json=body, headers={"authorization": f"Bearer {token}"})
+        response = await self._send(
+            "ledger reserve",
+            "POST",
+            f"{self._ledger_url}/outflow",
+            json=body,
+            headers={"authorization": f"Bearer {token}"},
+        )
         if response.status_code == 409:
             raise InsufficientPoints()
         _raise_for(response, "ledger reserve")
@@ -110,8 +131,12 @@ class Points:
         return str(flow_id)
 
     async def _finalize(self, method: str, flow_id: str, token: str, what: str) -> None:
-        response = await self._send(what, method, f"{self._ledger_url}/outflow/{flow_id}",
-                                    headers={"authorization": f"Bearer {token}"})
+        response = await self._send(
+            what,
+            method,
+            f"{self._ledger_url}/outflow/{flow_id}",
+            headers={"authorization": f"Bearer {token}"},
+        )
         if response.status_code == 409:
             raise AlreadyFinalized()
         _raise_for(response, what)

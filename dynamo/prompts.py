@@ -7,7 +7,8 @@ look the same as before the rewrite. Everything here is a pure function of the i
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from dynamo.jobs import Style
 

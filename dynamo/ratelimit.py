@@ -217,8 +217,9 @@ class AdaptiveLimit:
     def record(self, now: float) -> None:
         self.window.record(now)
 
-    def on_rate_limited(self, now: float, retry_after_s: float | None,
-                        headers: Mapping[str, str] | None) -> None:
+    def on_rate_limited(
+        self, now: float, retry_after_s: float | None, headers: Mapping[str, str] | None
+    ) -> None:
         self._rate_limited_in_a_row += 1
         # No permit goes out during a pause: a 429 arriving in one is for a call made before
         # it, news already acted on. It may extend the pause but lowers the rate only to a
@@ -230,8 +231,12 @@ class AdaptiveLimit:
         if retry_after_s is None and shown.remaining == 0:
             retry_after_s = shown.reset_s
         if retry_after_s is None:
-            retry_after_s = backoff_s(self._rate_limited_in_a_row - 1, rng=self._rng,
-                                      base_s=self.window.interval_s, cap_s=WINDOW_S)
+            retry_after_s = backoff_s(
+                self._rate_limited_in_a_row - 1,
+                rng=self._rng,
+                base_s=self.window.interval_s,
+                cap_s=WINDOW_S,
+            )
         self.paused_until = max(self.paused_until, now + retry_after_s)
         before = self.effective_limit
         if shown.limit is not None:
@@ -253,8 +258,13 @@ class AdaptiveLimit:
             else:
                 lowered = before * DECREASE_FACTOR
         self._set_effective(now, lowered)
-        log.warning("%s: 429; paused %.1f s, limit %.1f → %.1f/min", self.label, retry_after_s,
-                    before, self.effective_limit)
+        log.warning(
+            "%s: 429; paused %.1f s, limit %.1f → %.1f/min",
+            self.label,
+            retry_after_s,
+            before,
+            self.effective_limit,
+        )
 
     def on_success(self, now: float, headers: Mapping[str, str] | None) -> None:
         self._rate_limited_in_a_row = 0
@@ -265,13 +275,18 @@ class AdaptiveLimit:
         before = self.effective_limit
         if before > ceiling:
             self._set_effective(now, ceiling)
-            log.warning("%s: the API shows a limit of %.1f/min; pacing at %.1f/min",
-                        self.label, shown.limit or ceiling, self.effective_limit)
+            log.warning(
+                "%s: the API shows a limit of %.1f/min; pacing at %.1f/min",
+                self.label,
+                shown.limit or ceiling,
+                self.effective_limit,
+            )
         elif before < ceiling and now - self._changed_at >= WINDOW_S:
             step = max(1.0, ceiling * RECOVERY_FRACTION)
             self._set_effective(now, min(ceiling, before + step))
-            log.info("%s: recovering, limit %.1f → %.1f/min", self.label, before,
-                     self.effective_limit)
+            log.info(
+                "%s: recovering, limit %.1f → %.1f/min", self.label, before, self.effective_limit
+            )
 
     @property
     def _floor(self) -> float:
@@ -279,8 +294,11 @@ class AdaptiveLimit:
 
     def _learn(self, now: float, limit: float) -> None:
         limit = max(self._floor, limit)
-        if (self._learned is None or limit <= self._learned
-                or now - self._learned_at >= LEARNED_LIMIT_TTL_S):
+        if (
+            self._learned is None
+            or limit <= self._learned
+            or now - self._learned_at >= LEARNED_LIMIT_TTL_S
+        ):
             self._learned, self._learned_at = limit, now
 
     def _set_effective(self, now: float, limit: float) -> None:
@@ -325,7 +343,9 @@ class AuthCircuit:
 
     def _schedule_probe(self, now: float) -> None:
         self._probe_granted_at = None
-        self._next_probe_at = now + min(PROBE_CAP_S, PROBE_BASE_S * 2.0 ** min(self._failed_probes, 16))
+        self._next_probe_at = now + min(
+            PROBE_CAP_S, PROBE_BASE_S * 2.0 ** min(self._failed_probes, 16)
+        )
 
 
 @dataclasses.dataclass
@@ -392,12 +412,17 @@ class KindLimiter:
         if outcome.auth_failed:
             if outcome.probe and self.circuit.is_open:
                 self.circuit.probe_failed(now)
-                log.error("openai %s: probe refused (401/403); next probe in %.0f s",
-                          self.kind.value, self.circuit.probe_at() - now)
+                log.error(
+                    "openai %s: probe refused (401/403); next probe in %.0f s",
+                    self.kind.value,
+                    self.circuit.probe_at() - now,
+                )
             elif not self.circuit.is_open:
                 self.circuit.open(now)
-                log.error("openai %s: API key refused (401/403); circuit open, calls stopped",
-                          self.kind.value)
+                log.error(
+                    "openai %s: API key refused (401/403); circuit open, calls stopped",
+                    self.kind.value,
+                )
             return
         if outcome.probe and self.circuit.is_open:
             if outcome.succeeded or outcome.rate_limited:  # either way, the key was accepted
@@ -458,8 +483,9 @@ class FairQueue:
         return [job for jobs in self._by_viewer.values() for job in jobs if job.deadline <= now]
 
     def earliest_deadline(self) -> float:
-        return min((job.deadline for jobs in self._by_viewer.values() for job in jobs),
-                   default=math.inf)
+        return min(
+            (job.deadline for jobs in self._by_viewer.values() for job in jobs), default=math.inf
+        )
 
 
 @dataclasses.dataclass
@@ -498,8 +524,10 @@ class RateLimiterStatus:
             }
         return {
             "kinds": kinds,
-            "fair_queue": {"depth": len(self.fair_queue),
-                           "viewers_waiting": self.fair_queue.viewers_waiting},
+            "fair_queue": {
+                "depth": len(self.fair_queue),
+                "viewers_waiting": self.fair_queue.viewers_waiting,
+            },
         }
 
 
@@ -508,4 +536,6 @@ def _wall_clock(at: float, now: float) -> str | None:
     if not at > now:
         return None
     wall = time.time() + (at - now)
-    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat(
+        timespec="seconds"
+    )

@@ -34,8 +34,16 @@ LEASE_S = 15.0
 class Router:
     """Sends a job to the channel of the actor that carries on from its step."""
 
-    def __init__(self, *, reserve_send, schedule_send, upload_send, announce_send,
-                 finalize_send, results_send):
+    def __init__(
+        self,
+        *,
+        reserve_send,
+        schedule_send,
+        upload_send,
+        announce_send,
+        finalize_send,
+        results_send,
+    ):
         self._channels = {
             Step.RECEIVED: reserve_send,
             Step.RESERVING: reserve_send,
@@ -64,8 +72,11 @@ async def reap_dead_neighbours(db, worker_id, hostname: str) -> None:
         if worker["id"] == worker_id or worker["pid"] is None:
             continue
         if worker["pid"] == os.getpid() or not _process_exists(worker["pid"]):
-            log.info("worker %s (pid %d) on this host is gone; taking over its requests",
-                     worker["id"], worker["pid"])
+            log.info(
+                "worker %s (pid %d) on this host is gone; taking over its requests",
+                worker["id"],
+                worker["pid"],
+            )
             await db.retire(worker["id"])
 
 

@@ -47,8 +47,13 @@ T = TypeVar("T")
 class CallError(Exception):
     """An external call failed; the subclass says whether to try again."""
 
-    def __init__(self, message: str = "", *, status_code: int | None = None,
-                 headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        status_code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.headers = headers
@@ -57,8 +62,14 @@ class CallError(Exception):
 class Transient(CallError):
     """Worth another attempt, after `retry_after_s` if the server said so."""
 
-    def __init__(self, message: str = "", *, retry_after_s: float | None = None,
-                 status_code: int | None = None, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        retry_after_s: float | None = None,
+        status_code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message, status_code=status_code, headers=headers)
         self.retry_after_s = retry_after_s
 
@@ -88,8 +99,14 @@ class GaveUp(Exception):
         self.reason = reason  # "deadline" or "attempts"
 
 
-def backoff_s(attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0,
-              retry_after_s: float | None = None, rng=random) -> float:
+def backoff_s(
+    attempt: int,
+    *,
+    base_s: float = 1.0,
+    cap_s: float = 60.0,
+    retry_after_s: float | None = None,
+    rng=random,
+) -> float:
     """Seconds to wait before retry number `attempt` (0 for the first retry).
 
     Full jitter: uniform(0, min(cap_s, base_s * 2**attempt)). A server's `retry_after_s` is
@@ -120,8 +137,8 @@ def retry_after_from_headers(headers: Mapping[str, str] | None) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:  # an HTTP-date is always GMT
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 def _number(value: str | None) -> float | None:
@@ -147,6 +164,14 @@ def classify_http_status(status: int, headers: Mapping[str, str] | None = None) 
     return Permanent
 
 
+def classify_port_error(exc: Exception, *, unknown=Permanent, passthrough=()) -> Exception:
+    """For ports that raise classified errors already: those, and `passthrough` types,
+    stay as they are; anything else becomes `unknown` (Permanent unless said)."""
+    if isinstance(exc, (CallError, *passthrough)):
+        return exc
+    return unknown(f"{type(exc).__name__}: {exc}")
+
+
 def classify_openai(exc: BaseException, *, image_call: bool = False) -> CallError:
     """Maps an exception of the openai SDK to one of the four kinds (others: `Permanent`).
 
@@ -165,18 +190,29 @@ def classify_openai(exc: BaseException, *, image_call: bool = False) -> CallErro
         return Permanent(message)
     status = exc.status_code
     headers = dict(exc.response.headers)
-    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)) or status in (401, 403):
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)) or status in (
+        401,
+        403,
+    ):
         return AuthFailure(message, status_code=status, headers=headers)
     if status == 429:
         if exc.code == _QUOTA_CODE:
             return Permanent(message, status_code=status, headers=headers)
-        return Transient(message, retry_after_s=retry_after_from_headers(headers),
-                         status_code=status, headers=headers)
+        return Transient(
+            message,
+            retry_after_s=retry_after_from_headers(headers),
+            status_code=status,
+            headers=headers,
+        )
     if status == 400 and _content_rejected(exc, image_call=image_call):
         return ContentRejected(message, status_code=status, headers=headers)
     if status in (408, 409) or status >= 500:
-        return Transient(message, retry_after_s=retry_after_from_headers(headers),
-                         status_code=status, headers=headers)
+        return Transient(
+            message,
+            retry_after_s=retry_after_from_headers(headers),
+            status_code=status,
+            headers=headers,
+        )
     return Permanent(message, status_code=status, headers=headers)
 
 
@@ -189,12 +225,18 @@ def _content_rejected(exc: openai.APIStatusError, *, image_call: bool) -> bool:
     return image_call or any(words in text for words in _CONTENT_POLICY_WORDS)
 
 
-async def retrying(call: Callable[[], Awaitable[T]], *, system: str, deadline: float,
-                   max_attempts: int | None,
-                   classify: Callable[[Exception], Exception],
-                   on_retry: Callable[[int, Transient, float], object] | None = None,
-                   backoff_cap_s: float = 60.0, log_extra: Mapping[str, str] | None = None,
-                   rng=random) -> T:
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    *,
+    system: str,
+    deadline: float,
+    max_attempts: int | None,
+    classify: Callable[[Exception], Exception],
+    on_retry: Callable[[int, Transient, float], object] | None = None,
+    backoff_cap_s: float = 60.0,
+    log_extra: Mapping[str, str] | None = None,
+    rng=random,
+) -> T:
     """`await call()` until it succeeds, retrying `Transient` failures with `backoff_s`.
 
     `deadline` is a trio.current_time() value: a retry that would start after it is not
@@ -219,8 +261,9 @@ async def retrying(call: Callable[[], Awaitable[T]], *, system: str, deadline: f
                 raise error from exc
             if max_attempts is not None and attempt >= max_attempts:
                 raise GaveUp(error, reason="attempts") from exc
-            delay_s = backoff_s(attempt - 1, retry_after_s=error.retry_after_s,
-                                cap_s=backoff_cap_s, rng=rng)
+            delay_s = backoff_s(
+                attempt - 1, retry_after_s=error.retry_after_s, cap_s=backoff_cap_s, rng=rng
+            )
             if trio.current_time() + delay_s > deadline:
                 raise GaveUp(error, reason="deadline") from exc
         metrics.RETRIES.labels(system).inc()

@@ -74,8 +74,12 @@ async def open_database_for(settings: Settings):
 def make_generator(settings: Settings):
     if settings.openai_api_key is None:
         return OfflineGenerator()
-    return OpenAIGenerator(api_key=settings.openai_api_key, base_url=settings.openai_base_url,
-                           image_model=settings.image_model, text_model=settings.text_model)
+    return OpenAIGenerator(
+        api_key=settings.openai_api_key,
+        base_url=settings.openai_base_url,
+        image_model=settings.image_model,
+        text_model=settings.text_model,
+    )
 
 
 def make_storage(settings: Settings, http_base_url: str):
@@ -87,8 +91,13 @@ def make_storage(settings: Settings, http_base_url: str):
 def make_points(settings: Settings, client: httpx.AsyncClient):
     if settings.auth_shared_secret is None:
         return FreePoints()
-    return Points(client, auth_url=settings.auth_url, ledger_url=settings.ledger_url,
-                  shared_secret=settings.auth_shared_secret, points_cost=settings.points_cost)
+    return Points(
+        client,
+        auth_url=settings.auth_url,
+        ledger_url=settings.ledger_url,
+        shared_secret=settings.auth_shared_secret,
+        points_cost=settings.points_cost,
+    )
 
 
 def admin_token_for(settings: Settings) -> str | None:
@@ -103,8 +112,9 @@ def admin_token_for(settings: Settings) -> str | None:
     return token
 
 
-async def serve(settings: Settings, shutdown: trio.Event, *,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    settings: Settings, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     """Runs dynamo until `shutdown` is set. task_status.started(http_url) once it serves."""
     for warning in settings.defaults_used:
         log.warning(warning)
@@ -119,8 +129,12 @@ async def serve(settings: Settings, shutdown: trio.Event, *,
 
 
 async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task_status) -> None:
-    pipeline = Pipeline(db, worker_id=uuid.uuid4(), request_timeout_s=settings.request_timeout_s,
-                        points_cost=settings.points_cost if settings.auth_shared_secret else 0)
+    pipeline = Pipeline(
+        db,
+        worker_id=uuid.uuid4(),
+        request_timeout_s=settings.request_timeout_s,
+        points_cost=settings.points_cost if settings.auth_shared_secret else 0,
+    )
     supervisor = Supervisor(on_restart=pipeline.inflight.take_orphans)
     public_http_url = f"http://{settings.http_host}:{settings.http_port}"
     storage = make_storage(settings, public_http_url)
@@ -133,66 +147,162 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
     schedule_send, schedule_recv = trio.open_memory_channel(SCHEDULE_CAPACITY)
     generate_send, generate_recv = trio.open_memory_channel(GENERATE_CAPACITY)
     permits_send, permits_recv = trio.open_memory_channel(
-        PERMITS_CAPACITY_PER_WORKER * settings.generator_workers)
+        PERMITS_CAPACITY_PER_WORKER * settings.generator_workers
+    )
     upload_send, upload_recv = trio.open_memory_channel(UPLOAD_CAPACITY)
     announce_send, announce_recv = trio.open_memory_channel(ANNOUNCE_CAPACITY)
     finalize_send, finalize_recv = trio.open_memory_channel(FINALIZE_CAPACITY)
     results_send, results_recv = trio.open_memory_channel(RESULTS_CAPACITY)
     discord_send, discord_recv = trio.open_memory_channel(DISCORD_CAPACITY)
     channels = {
-        "reserve": reserve_send, "schedule": schedule_send, "generate": generate_send,
-        "permits": permits_send, "upload": upload_send, "announce": announce_send,
-        "finalize": finalize_send, "results": results_send, "discord": discord_send,
+        "reserve": reserve_send,
+        "schedule": schedule_send,
+        "generate": generate_send,
+        "permits": permits_send,
+        "upload": upload_send,
+        "announce": announce_send,
+        "finalize": finalize_send,
+        "results": results_send,
+        "discord": discord_send,
     }
-    router = resume.Router(reserve_send=reserve_send, schedule_send=schedule_send,
-                           upload_send=upload_send, announce_send=announce_send,
-                           finalize_send=finalize_send, results_send=results_send)
+    router = resume.Router(
+        reserve_send=reserve_send,
+        schedule_send=schedule_send,
+        upload_send=upload_send,
+        announce_send=announce_send,
+        finalize_send=finalize_send,
+        results_send=results_send,
+    )
     start = supervisor.start
 
     # The pipeline, downstream first. Its nursery outlives intake's and the API's, so
     # at shutdown those stop taking work first.
     async with trio.open_nursery() as pipeline_nursery:
-        await start(pipeline_nursery, "discord", lambda task_status: discord.run(
-            settings=settings, db=db, http_client=http_client, discord_recv=discord_recv,
-            task_status=task_status))
-        await start(pipeline_nursery, "announcer", lambda task_status: announcer.run(
-            broker=broker, pipeline=pipeline, announce_recv=announce_recv,
-            results_recv=results_recv, finalize_send=finalize_send, discord_send=discord_send,
-            task_status=task_status))
-        await start(pipeline_nursery, "ledger", lambda task_status: ledger.run(
-            points=points, pipeline=pipeline, reserve_recv=reserve_recv,
-            finalize_recv=finalize_recv, schedule_send=schedule_send,
-            finalize_send=finalize_send, results_send=results_send, task_status=task_status))
-        await start(pipeline_nursery, "uploader", lambda task_status: uploader.run(
-            storage=storage, pipeline=pipeline, upload_recv=upload_recv,
-            announce_send=announce_send, finalize_send=finalize_send, task_status=task_status))
-        await start(pipeline_nursery, "generator", lambda task_status: generator.run(
-            generator=gen, pipeline=pipeline, generate_recv=generate_recv,
-            permits_send=permits_send, upload_send=upload_send, finalize_send=finalize_send,
-            workers=settings.generator_workers, max_attempts=settings.max_attempts,
-            moderation=settings.moderation, task_status=task_status))
-        await start(pipeline_nursery, "rate_limiter", lambda task_status: rate_limiter.run(
-            jobs_recv=schedule_recv, generate_send=generate_send, permits_recv=permits_recv,
-            failures_send=finalize_send, images_per_minute=settings.images_per_minute,
-            text_per_minute=settings.text_requests_per_minute, status=limiter_status,
-            task_status=task_status))
-        await start(pipeline_nursery, "resume", lambda task_status: resume.run(
-            pipeline=pipeline, router=router, task_status=task_status))
+        await start(
+            pipeline_nursery,
+            "discord",
+            lambda task_status: discord.run(
+                settings=settings,
+                db=db,
+                http_client=http_client,
+                discord_recv=discord_recv,
+                task_status=task_status,
+            ),
+        )
+        await start(
+            pipeline_nursery,
+            "announcer",
+            lambda task_status: announcer.run(
+                broker=broker,
+                pipeline=pipeline,
+                announce_recv=announce_recv,
+                results_recv=results_recv,
+                finalize_send=finalize_send,
+                discord_send=discord_send,
+                task_status=task_status,
+            ),
+        )
+        await start(
+            pipeline_nursery,
+            "ledger",
+            lambda task_status: ledger.run(
+                points=points,
+                pipeline=pipeline,
+                reserve_recv=reserve_recv,
+                finalize_recv=finalize_recv,
+                schedule_send=schedule_send,
+                finalize_send=finalize_send,
+                results_send=results_send,
+                task_status=task_status,
+            ),
+        )
+        await start(
+            pipeline_nursery,
+            "uploader",
+            lambda task_status: uploader.run(
+                storage=storage,
+                pipeline=pipeline,
+                upload_recv=upload_recv,
+                announce_send=announce_send,
+                finalize_send=finalize_send,
+                task_status=task_status,
+            ),
+        )
+        await start(
+            pipeline_nursery,
+            "generator",
+            lambda task_status: generator.run(
+                generator=gen,
+                pipeline=pipeline,
+                generate_recv=generate_recv,
+                permits_send=permits_send,
+                upload_send=upload_send,
+                finalize_send=finalize_send,
+                workers=settings.generator_workers,
+                max_attempts=settings.max_attempts,
+                moderation=settings.moderation,
+                task_status=task_status,
+            ),
+        )
+        await start(
+            pipeline_nursery,
+            "rate_limiter",
+            lambda task_status: rate_limiter.run(
+                jobs_recv=schedule_recv,
+                generate_send=generate_send,
+                permits_recv=permits_recv,
+                failures_send=finalize_send,
+                images_per_minute=settings.images_per_minute,
+                text_per_minute=settings.text_requests_per_minute,
+                status=limiter_status,
+                task_status=task_status,
+            ),
+        )
+        await start(
+            pipeline_nursery,
+            "resume",
+            lambda task_status: resume.run(
+                pipeline=pipeline, router=router, task_status=task_status
+            ),
+        )
 
         async with trio.open_nursery() as intake_nursery:
-            await start(intake_nursery, "intake", lambda task_status: intake.run(
-                broker=broker, pipeline=pipeline, reserve_send=reserve_send,
-                results_send=results_send, readiness=readiness, task_status=task_status))
+            await start(
+                intake_nursery,
+                "intake",
+                lambda task_status: intake.run(
+                    broker=broker,
+                    pipeline=pipeline,
+                    reserve_send=reserve_send,
+                    results_send=results_send,
+                    readiness=readiness,
+                    task_status=task_status,
+                ),
+            )
             api = http.ApiContext(
-                settings=settings, pipeline=pipeline, reserve_send=reserve_send,
-                finalize_send=finalize_send, readiness=readiness, supervisor=supervisor,
-                channels=channels, limiter_status=limiter_status,
+                settings=settings,
+                pipeline=pipeline,
+                reserve_send=reserve_send,
+                finalize_send=finalize_send,
+                readiness=readiness,
+                supervisor=supervisor,
+                channels=channels,
+                limiter_status=limiter_status,
                 local_storage=storage if isinstance(storage, LocalStorage) else None,
-                http_client=http_client, admin_token=admin_token_for(settings),
-                auth_configured=settings.auth_shared_secret is not None)
-            url = await start(intake_nursery, "http", lambda task_status: http.run(
-                api=api, host=settings.http_host, port=settings.http_port,
-                task_status=task_status))
+                http_client=http_client,
+                admin_token=admin_token_for(settings),
+                auth_configured=settings.auth_shared_secret is not None,
+            )
+            url = await start(
+                intake_nursery,
+                "http",
+                lambda task_status: http.run(
+                    api=api,
+                    host=settings.http_host,
+                    port=settings.http_port,
+                    task_status=task_status,
+                ),
+            )
             log.info("dynamo is running; HTTP API at %s", url)
             task_status.started(url)
             await shutdown.wait()
@@ -203,6 +313,8 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             while len(pipeline.inflight):
                 await trio.sleep(DRAIN_POLL_S)
-        log.info("stopping the pipeline with %d request(s) in flight; they resume on the "
-                 "next start", len(pipeline.inflight))
+        log.info(
+            "stopping the pipeline with %d request(s) in flight; they resume on the next start",
+            len(pipeline.inflight),
+        )
         pipeline_nursery.cancel_scope.cancel()

@@ -60,7 +60,9 @@ class S3Storage:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if status in (408, 429) or status >= 500:
                 raise Transient(f"storage upload: HTTP {status}") from exc
-            raise Permanent(f"storage upload: HTTP {status} {exc.response.get('Error', {}).get('Code')}") from exc
+            raise Permanent(
+                f"storage upload: HTTP {status} {exc.response.get('Error', {}).get('Code')}"
+            ) from exc
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
             raise Transient(f"storage upload: {type(exc).__name__}") from exc
         return self.public_url(key)

@@ -48,8 +48,13 @@ ActorFn = Callable[..., Awaitable[None]]
 
 
 class Supervisor:
-    def __init__(self, *, max_restarts: int = MAX_RESTARTS, window_s: float = WINDOW_S,
-                 on_restart: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        *,
+        max_restarts: int = MAX_RESTARTS,
+        window_s: float = WINDOW_S,
+        on_restart: Callable[[str], None] | None = None,
+    ):
         self.max_restarts = max_restarts
         self.window_s = window_s
         self.on_restart = on_restart
@@ -89,9 +94,16 @@ class Supervisor:
                 metrics.ACTOR_RESTARTS.labels(name).inc()
                 if len(crashes) > self.max_restarts:
                     status.state = "stopped"
-                    log.critical("actor %s crashed %d times in %.0f s; giving up",
-                                 name, len(crashes), self.window_s, exc_info=exc)
-                    raise TooManyRestarts(f"actor {name} crashed too often: {status.last_error}") from exc
+                    log.critical(
+                        "actor %s crashed %d times in %.0f s; giving up",
+                        name,
+                        len(crashes),
+                        self.window_s,
+                        exc_info=exc,
+                    )
+                    raise TooManyRestarts(
+                        f"actor {name} crashed too often: {status.last_error}"
+                    ) from exc
                 status.state = "restarting"
                 delay = RESTART_BACKOFF_S[min(len(crashes), len(RESTART_BACKOFF_S)) - 1]
                 log.error("actor %s crashed; restarting in %.1f s", name, delay, exc_info=exc)

@@ -68,8 +68,14 @@ def unauthorized(message: str) -> ApiError:
 
 
 class Authenticator:
-    def __init__(self, *, http_client: httpx.AsyncClient, auth_url: str, auth_configured: bool,
-                 admin_token: str | None):
+    def __init__(
+        self,
+        *,
+        http_client: httpx.AsyncClient,
+        auth_url: str,
+        auth_configured: bool,
+        admin_token: str | None,
+    ):
         self._client = http_client
         self._access_url = f"{auth_url.rstrip('/')}/access"
         self._auth_configured = auth_configured
@@ -101,7 +107,8 @@ class Authenticator:
         with trio.move_on_after(AUTH_DEADLINE_S) as scope:
             try:
                 response = await self._client.get(
-                    self._access_url, headers={"Authorization": f"Bearer {token}"})
+                    self._access_url, headers={"Authorization": f"Bearer {token}"}
+                )
             except httpx.HTTPError as exc:
                 log.warning("auth service unreachable: %s", type(exc).__name__)
                 raise _auth_unavailable() from None

@@ -42,8 +42,11 @@ def create_app(api: ApiContext) -> QuartTrio:
     app.json.sort_keys = False  # bodies read in the order they are written
     app.extensions[context.EXTENSION_KEY] = api
     app.extensions[access.EXTENSION_KEY] = access.Authenticator(
-        http_client=api.http_client, auth_url=api.settings.auth_url,
-        auth_configured=api.auth_configured, admin_token=api.admin_token)
+        http_client=api.http_client,
+        auth_url=api.settings.auth_url,
+        auth_configured=api.auth_configured,
+        admin_token=api.admin_token,
+    )
     app.register_blueprint(ops_routes.blueprint)
     app.register_blueprint(submit_routes.blueprint)
     app.register_blueprint(requests_routes.blueprint)
@@ -56,9 +59,14 @@ def create_app(api: ApiContext) -> QuartTrio:
     async def log_request(response):
         elapsed_ms = (trio.current_time() - g.get("started_at", trio.current_time())) * 1000
         # Probes and scrapes come every few seconds: at INFO they would drown the events.
-        level = logging.DEBUG if request.path in _QUIET_PATHS and response.status_code < 500 else logging.INFO
-        log.log(level, "%s %s %d %.1fms", request.method, request.path, response.status_code,
-                elapsed_ms)
+        level = (
+            logging.DEBUG
+            if request.path in _QUIET_PATHS and response.status_code < 500
+            else logging.INFO
+        )
+        log.log(
+            level, "%s %s %d %.1fms", request.method, request.path, response.status_code, elapsed_ms
+        )
         return response
 
     @app.errorhandler(ApiError)
@@ -81,8 +89,11 @@ def create_app(api: ApiContext) -> QuartTrio:
             return {"error": "a value in the request is out of range"}, 400
         if isinstance(exc, _UNAVAILABLE):
             log.warning("%s %s: unavailable: %s", request.method, request.path, type(exc).__name__)
-            return ({"error": "a dependency is unavailable; try again later"}, 503,
-                    {"Retry-After": "5"})
+            return (
+                {"error": "a dependency is unavailable; try again later"},
+                503,
+                {"Retry-After": "5"},
+            )
         log.error("%s %s failed", request.method, request.path, exc_info=exc)
         return {"error": "internal error"}, 500
 

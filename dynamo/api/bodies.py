@@ -10,7 +10,7 @@ import uuid
 from dynamo.db import iso
 from dynamo.messages import VIEWER_MESSAGES
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)
 _FALLBACK_MESSAGES = {reason.value: message for reason, message in VIEWER_MESSAGES.items()}
 

@@ -13,11 +13,15 @@ from dynamo.jobs import Reason, State, Step, Style
 # Ids are stored in PostgreSQL `integer` columns.
 _INT32_MAX = 2**31 - 1
 _VIEWER_FIELD = {
-    "type": "string", "minLength": 1, "maxLength": genreq.MAX_VIEWER_FIELD_CHARS,
+    "type": "string",
+    "minLength": 1,
+    "maxLength": genreq.MAX_VIEWER_FIELD_CHARS,
     "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$",
 }
 _SUBJECT = {
-    "type": "string", "minLength": 1, "maxLength": genreq.MAX_SUBJECT_CHARS,
+    "type": "string",
+    "minLength": 1,
+    "maxLength": genreq.MAX_SUBJECT_CHARS,
     "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$",
     "description": "Trimmed before the length is checked; control characters are invalid.",
 }
@@ -50,32 +54,40 @@ _ERROR_MEANINGS = {
 }
 
 _SCHEMAS = {
-    "Error": {"type": "object", "required": ["error"],
-              "properties": {"error": {"type": "string"}}},
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "Viewer": {
-        "type": "object", "required": ["twitch_user_id", "twitch_display_name"],
+        "type": "object",
+        "required": ["twitch_user_id", "twitch_display_name"],
         "properties": {"twitch_user_id": _VIEWER_FIELD, "twitch_display_name": _VIEWER_FIELD},
     },
     "GhostPayload": {
-        "type": "object", "required": ["style", "inputs"],
+        "type": "object",
+        "required": ["style", "inputs"],
         "properties": {
             "style": {"const": Style.GHOST.value},
-            "inputs": {"type": "object", "required": ["subject"], "properties": {"subject": _SUBJECT}},
+            "inputs": {
+                "type": "object",
+                "required": ["subject"],
+                "properties": {"subject": _SUBJECT},
+            },
         },
     },
     "FriendPayload": {
-        "type": "object", "required": ["style", "inputs"],
+        "type": "object",
+        "required": ["style", "inputs"],
         "properties": {
             "style": {"const": Style.FRIEND.value},
             "inputs": {
-                "type": "object", "required": ["color", "subject"],
+                "type": "object",
+                "required": ["color", "subject"],
                 "properties": {"color": {"enum": list(prompts.COLORS)}, "subject": _SUBJECT},
             },
         },
     },
     "Payload": {"oneOf": [_ref("GhostPayload"), _ref("FriendPayload")]},
     "GenreqMessage": {
-        "type": "object", "required": ["type", "viewer", "payload"],
+        "type": "object",
+        "required": ["type", "viewer", "payload"],
         "description": "A golden-vcr `genreq` message, as `dispatch` publishes it.",
         "properties": {
             "type": {"const": "image"},
@@ -94,13 +106,14 @@ _SCHEMAS = {
     },
     "NewRequest": {
         "description": "A whole `genreq` message (any viewer for a broadcaster; a viewer "
-                       "only for themselves), or the short form `{style, inputs}` for the "
-                       "caller. A body with any of `type`, `viewer`, `state`, `payload` is "
-                       "read as a whole message.",
+        "only for themselves), or the short form `{style, inputs}` for the "
+        "caller. A body with any of `type`, `viewer`, `state`, `payload` is "
+        "read as a whole message.",
         "anyOf": [_ref("GenreqMessage"), _ref("Payload")],
     },
     "Accepted": {
-        "type": "object", "required": ["id", "state", "url"],
+        "type": "object",
+        "required": ["id", "state", "url"],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "state": {"enum": [state.value for state in State]},
@@ -109,187 +122,330 @@ _SCHEMAS = {
     },
     "Request": {
         "type": "object",
-        "required": ["id", "state", "step", "style", "inputs", "prompt", "viewer", "created_at",
-                     "finished_at", "images", "name", "failure"],
+        "required": [
+            "id",
+            "state",
+            "step",
+            "style",
+            "inputs",
+            "prompt",
+            "viewer",
+            "created_at",
+            "finished_at",
+            "images",
+            "name",
+            "failure",
+        ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "state": {"enum": [state.value for state in State]},
-            "step": {"enum": [step.value for step in Step],
-                     "description": "The last step the request persisted."},
-            "style": {"type": "string", "description": "ghost or friend (anything for an "
-                                                        "invalid request from the broker)"},
+            "step": {
+                "enum": [step.value for step in Step],
+                "description": "The last step the request persisted.",
+            },
+            "style": {
+                "type": "string",
+                "description": "ghost or friend (anything for an invalid request from the broker)",
+            },
             "inputs": {"type": "object"},
             "prompt": {"type": "string"},
             "viewer": {
-                "type": "object", "required": ["twitch_user_id", "twitch_display_name"],
-                "properties": {"twitch_user_id": {"type": "string"},
-                               "twitch_display_name": {"type": "string"}},
+                "type": "object",
+                "required": ["twitch_user_id", "twitch_display_name"],
+                "properties": {
+                    "twitch_user_id": {"type": "string"},
+                    "twitch_display_name": {"type": "string"},
+                },
             },
             "created_at": {"type": "string", "format": "date-time"},
             "finished_at": {"type": ["string", "null"], "format": "date-time"},
-            "images": {"type": "array", "items": {
-                "type": "object", "required": ["url", "color"],
-                "properties": {"url": {"type": "string"},
-                               "color": {"type": "string", "description": "#rrggbb"}},
-            }},
+            "images": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["url", "color"],
+                    "properties": {
+                        "url": {"type": "string"},
+                        "color": {"type": "string", "description": "#rrggbb"},
+                    },
+                },
+            },
             "name": {"type": ["string", "null"], "description": "A friend's generated name."},
             "failure": {
-                "oneOf": [{"type": "null"}, {
-                    "type": "object", "required": ["reason", "message"],
-                    "properties": {
-                        "reason": {"enum": [reason.value for reason in Reason]},
-                        "message": {"type": "string",
-                                    "description": "A sentence fit to show the viewer."},
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["reason", "message"],
+                        "properties": {
+                            "reason": {"enum": [reason.value for reason in Reason]},
+                            "message": {
+                                "type": "string",
+                                "description": "A sentence fit to show the viewer.",
+                            },
+                        },
                     },
-                }],
+                ],
             },
         },
     },
     "RequestPage": {
-        "type": "object", "required": ["requests", "next"],
+        "type": "object",
+        "required": ["requests", "next"],
         "properties": {
             "requests": {"type": "array", "items": _ref("Request")},
-            "next": {"type": ["string", "null"],
-                     "description": "Cursor for the next page (`before=`); null on the last."},
+            "next": {
+                "type": ["string", "null"],
+                "description": "Cursor for the next page (`before=`); null on the last.",
+            },
         },
     },
     "Readiness": {
-        "type": "object", "required": ["ready", "checks"],
+        "type": "object",
+        "required": ["ready", "checks"],
         "properties": {
             "ready": {"type": "boolean"},
-            "checks": {"type": "object", "additionalProperties": {"type": "string"},
-                       "description": "Each dependency: `ok` or what is wrong."},
+            "checks": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "Each dependency: `ok` or what is wrong.",
+            },
             "error": {"type": "string", "description": "Present when not ready."},
         },
     },
     "Status": {
         "type": "object",
-        "required": ["actors", "channels", "rate_limiter", "requests", "orphan_debits", "in_flight"],
+        "required": [
+            "actors",
+            "channels",
+            "rate_limiter",
+            "requests",
+            "orphan_debits",
+            "in_flight",
+        ],
         "properties": {
-            "actors": {"type": "object", "additionalProperties": {
-                "type": "object", "required": ["name", "state", "restarts", "last_error"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "state": {"enum": ["starting", "running", "restarting", "stopped"]},
-                    "restarts": {"type": "integer", "minimum": 0},
-                    "last_error": {"type": ["string", "null"]},
+            "actors": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["name", "state", "restarts", "last_error"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "state": {"enum": ["starting", "running", "restarting", "stopped"]},
+                        "restarts": {"type": "integer", "minimum": 0},
+                        "last_error": {"type": ["string", "null"]},
+                    },
                 },
-            }},
-            "channels": {"type": "object", "additionalProperties": {
-                "type": "object", "required": ["used", "capacity"],
-                "properties": {"used": {"type": "integer", "minimum": 0},
-                               "capacity": {"type": ["integer", "null"], "minimum": 0}},
-            }},
+            },
+            "channels": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["used", "capacity"],
+                    "properties": {
+                        "used": {"type": "integer", "minimum": 0},
+                        "capacity": {"type": ["integer", "null"], "minimum": 0},
+                    },
+                },
+            },
             "rate_limiter": {"type": ["object", "null"]},
-            "requests": {"type": "object", "additionalProperties": {"type": "integer"},
-                         "description": "Requests by state."},
-            "orphan_debits": {"type": "integer", "minimum": 0,
-                              "description": "Debits that may be pending at the ledger "
-                                             "without their id stored: reconcile them."},
+            "requests": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "Requests by state.",
+            },
+            "orphan_debits": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Debits that may be pending at the ledger "
+                "without their id stored: reconcile them.",
+            },
             "in_flight": {"type": "integer", "minimum": 0},
         },
     },
 }
 
-_REQUEST_ID = {"name": "id", "in": "path", "required": True,
-               "schema": {"type": "string", "format": "uuid"}}
+_REQUEST_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
 _PUBLIC: list = []  # `security: []`: no token needed
 
 
 def _paths() -> dict:
     page_size = requests_routes.MAX_PAGE_SIZE
     return {
-        "/healthz": {"get": {
-            "summary": "Liveness: 200 while the process runs.", "security": _PUBLIC,
-            "responses": {"200": _json({"type": "object", "required": ["status"],
-                                        "properties": {"status": {"const": "ok"}}}, "Alive.")},
-        }},
-        "/readyz": {"get": {
-            "summary": "Readiness: the database, and where configured the broker and the "
-                       "input queue's consumer.", "security": _PUBLIC,
-            "responses": {"200": _json(_ref("Readiness"), "Ready."),
-                          "503": _json(_ref("Readiness"), "Not ready; `checks` says why.")},
-        }},
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: 200 while the process runs.",
+                "security": _PUBLIC,
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"const": "ok"}},
+                        },
+                        "Alive.",
+                    )
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: the database, and where configured the broker and the "
+                "input queue's consumer.",
+                "security": _PUBLIC,
+                "responses": {
+                    "200": _json(_ref("Readiness"), "Ready."),
+                    "503": _json(_ref("Readiness"), "Not ready; `checks` says why."),
+                },
+            }
+        },
         "/requests": {
             "post": {
                 "summary": "Submit an image request.",
-                "parameters": [{
-                    "name": "Idempotency-Key", "in": "header", "required": False,
-                    "description": "Per caller: a retry with the same body answers the first "
-                                   "request; another body with the same key is 409.",
-                    "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
-                }],
-                "requestBody": {"required": True, "content": {
-                    "application/json": {"schema": _ref("NewRequest")}}},
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "Per caller: a retry with the same body answers the first "
+                        "request; another body with the same key is 409.",
+                        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NewRequest")}},
+                },
                 "responses": {
-                    "202": _json(_ref("Accepted"), "Stored and queued.", {
-                        "Location": {"required": True, "schema": {"type": "string"}},
-                        "Idempotent-Replayed": {"schema": {"const": "true"}, "description":
-                                                "Set when this answers an earlier request."},
-                    }),
+                    "202": _json(
+                        _ref("Accepted"),
+                        "Stored and queued.",
+                        {
+                            "Location": {"required": True, "schema": {"type": "string"}},
+                            "Idempotent-Replayed": {
+                                "schema": {"const": "true"},
+                                "description": "Set when this answers an earlier request.",
+                            },
+                        },
+                    ),
                     **_errors(400, 401, 403, 409, 413, 415, 503),
                 },
             },
             "get": {
                 "summary": "List requests, newest first (a viewer sees only their own).",
                 "parameters": [
-                    {"name": "viewer", "in": "query", "schema": {"type": "string"},
-                     "description": "A Twitch user id; for a viewer, only their own."},
-                    {"name": "state", "in": "query",
-                     "schema": {"enum": [state.value for state in State]}},
-                    {"name": "style", "in": "query",
-                     "schema": {"enum": [style.value for style in Style]}},
-                    {"name": "limit", "in": "query",
-                     "description": f"Page size, default {requests_routes.DEFAULT_PAGE_SIZE}; "
-                                    f"more than {page_size} gives {page_size}.",
-                     "schema": {"type": "integer", "minimum": 1}},
-                    {"name": "before", "in": "query", "schema": {"type": "string"},
-                     "description": "The `next` cursor of the previous page."},
+                    {
+                        "name": "viewer",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "A Twitch user id; for a viewer, only their own.",
+                    },
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "schema": {"enum": [state.value for state in State]},
+                    },
+                    {
+                        "name": "style",
+                        "in": "query",
+                        "schema": {"enum": [style.value for style in Style]},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "description": f"Page size, default {requests_routes.DEFAULT_PAGE_SIZE}; "
+                        f"more than {page_size} gives {page_size}.",
+                        "schema": {"type": "integer", "minimum": 1},
+                    },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "The `next` cursor of the previous page.",
+                    },
                 ],
-                "responses": {"200": _json(_ref("RequestPage"), "One page."),
-                              **_errors(400, 401, 403, 503)},
+                "responses": {
+                    "200": _json(_ref("RequestPage"), "One page."),
+                    **_errors(400, 401, 403, 503),
+                },
             },
         },
         "/requests/{id}": {
             "parameters": [_REQUEST_ID],
             "get": {
                 "summary": "One request (its viewer's, or any for the broadcaster).",
-                "responses": {"200": _json(_ref("Request"), "The request."),
-                              **_errors(401, 404, 503)},
+                "responses": {
+                    "200": _json(_ref("Request"), "The request."),
+                    **_errors(401, 404, 503),
+                },
             },
             "delete": {
                 "summary": "Cancel a request whose image is not yet being generated; its "
-                           "points are refunded and the viewer is told (broadcaster only).",
-                "responses": {"202": _json(_ref("Request"), "Cancelled; refund under way."),
-                              **_errors(401, 403, 404, 409, 503)},
+                "points are refunded and the viewer is told (broadcaster only).",
+                "responses": {
+                    "202": _json(_ref("Request"), "Cancelled; refund under way."),
+                    **_errors(401, 403, 404, 409, 503),
+                },
             },
         },
-        "/status": {"get": {
-            "summary": "Actors, channels, the rate limiter, counts (broadcaster only).",
-            "responses": {"200": _json(_ref("Status"), "The service's state."),
-                          **_errors(401, 403, 503)},
-        }},
-        "/metrics": {"get": {
-            "summary": "Prometheus metrics.", "security": _PUBLIC,
-            "responses": {"200": {"description": "Prometheus text format.",
-                                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
-        }},
-        "/images/{key}": {"get": {
-            "summary": "An image, when images are stored locally (development).",
-            "security": _PUBLIC,
-            "parameters": [{"name": "key", "in": "path", "required": True,
-                            "schema": {"type": "string"}, "description": "`{id}/{id}-0.jpg`"}],
-            "responses": {
-                "200": {"description": "The image.", "content": {
-                    media: {"schema": {"type": "string", "contentMediaType": media}}
-                    for media in ("image/jpeg", "image/webp", "image/png")}},
-                **_errors(404),
-            },
-        }},
-        "/openapi.json": {"get": {
-            "summary": "This document.", "security": _PUBLIC,
-            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
-        }},
+        "/status": {
+            "get": {
+                "summary": "Actors, channels, the rate limiter, counts (broadcaster only).",
+                "responses": {
+                    "200": _json(_ref("Status"), "The service's state."),
+                    **_errors(401, 403, 503),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics.",
+                "security": _PUBLIC,
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/images/{key}": {
+            "get": {
+                "summary": "An image, when images are stored locally (development).",
+                "security": _PUBLIC,
+                "parameters": [
+                    {
+                        "name": "key",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "`{id}/{id}-0.jpg`",
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The image.",
+                        "content": {
+                            media: {"schema": {"type": "string", "contentMediaType": media}}
+                            for media in ("image/jpeg", "image/webp", "image/png")
+                        },
+                    },
+                    **_errors(404),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document.",
+                "security": _PUBLIC,
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+            }
+        },
     }
 
 
@@ -300,22 +456,28 @@ def document() -> dict:
         "info": {
             "title": "dynamo",
             "version": "1.0.0",
-            "description": "Golden VCR image alerts. Errors are `{\"error\": \"...\"}`.",
+            "description": 'Golden VCR image alerts. Errors are `{"error": "..."}`.',
         },
         "security": [{"bearer": []}],
         "paths": _paths(),
         "components": {
-            "securitySchemes": {"bearer": {
-                "type": "http", "scheme": "bearer",
-                "description": "A Twitch user access token, checked with the auth service; "
-                               "or DYNAMO_ADMIN_TOKEN without one (a broadcaster).",
-            }},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A Twitch user access token, checked with the auth service; "
+                    "or DYNAMO_ADMIN_TOKEN without one (a broadcaster).",
+                }
+            },
             "schemas": _SCHEMAS,
             "responses": {
                 f"E{status}": _json(
-                    _ref("Error"), meaning,
+                    _ref("Error"),
+                    meaning,
                     {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
-                    if status == 401 else None)
+                    if status == 401
+                    else None,
+                )
                 for status, meaning in _ERROR_MEANINGS.items()
             },
         },

@@ -78,8 +78,10 @@ def channel_statistics(channels: dict) -> dict[str, dict]:
 @blueprint.get("/metrics")
 async def prometheus_metrics():
     channel_statistics(current_api().channels)
-    return Response(prometheus_client.generate_latest(metrics.REGISTRY),
-                    content_type=prometheus_client.CONTENT_TYPE_LATEST)
+    return Response(
+        prometheus_client.generate_latest(metrics.REGISTRY),
+        content_type=prometheus_client.CONTENT_TYPE_LATEST,
+    )
 
 
 @blueprint.get("/images/<path:key>")
@@ -95,13 +97,12 @@ async def image(key: str):
         data = None
     if data is None:
         raise not_found("image")
-    return Response(data, content_type=content_type,
-                    headers={"Cache-Control": IMAGE_CACHE_CONTROL})
+    return Response(data, content_type=content_type, headers={"Cache-Control": IMAGE_CACHE_CONTROL})
 
 
 def _extension(key: str) -> str:
     name = key.rsplit("/", 1)[-1]
-    return name[name.rfind("."):].lower() if "." in name else ""
+    return name[name.rfind(".") :].lower() if "." in name else ""
 
 
 @blueprint.get("/openapi.json")

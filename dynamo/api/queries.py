@@ -9,8 +9,15 @@ import uuid
 from dynamo.db import REQUEST_COLUMNS
 
 
-async def list_requests(db, *, viewer_id: str | None, state: str | None, style: str | None,
-                        before: tuple[datetime.datetime, uuid.UUID] | None, limit: int) -> list:
+async def list_requests(
+    db,
+    *,
+    viewer_id: str | None,
+    state: str | None,
+    style: str | None,
+    before: tuple[datetime.datetime, uuid.UUID] | None,
+    limit: int,
+) -> list:
     """Requests newest first, after the cursor `before` (created_at, id), at most `limit`."""
     conditions: list[str] = []
     args: list = []
@@ -35,16 +42,21 @@ async def find_idempotency_key(db, caller: str, key: str):
     return await db.fetchrow(
         "select body_sha256, image_request_id from dynamo.idempotency_key "
         "where caller = $1 and key = $2",
-        caller, key,
+        caller,
+        key,
     )
 
 
-async def save_idempotency_key(db, caller: str, key: str, body_sha256: str,
-                               request_id: uuid.UUID) -> None:
+async def save_idempotency_key(
+    db, caller: str, key: str, body_sha256: str, request_id: uuid.UUID
+) -> None:
     await db.execute(
         "insert into dynamo.idempotency_key (caller, key, body_sha256, image_request_id) "
         "values ($1, $2, $3, $4) on conflict (caller, key) do nothing",
-        caller, key, body_sha256, request_id,
+        caller,
+        key,
+        body_sha256,
+        request_id,
     )
 
 

@@ -75,8 +75,9 @@ async def list_requests():
             before = bodies.parse_cursor(cursor)
         except ValueError:
             raise ApiError(400, "before: must be a `next` cursor from an earlier page") from None
-    rows = await queries.list_requests(api.pipeline.db, viewer_id=viewer, state=state,
-                                       style=style, before=before, limit=limit + 1)
+    rows = await queries.list_requests(
+        api.pipeline.db, viewer_id=viewer, state=state, style=style, before=before, limit=limit + 1
+    )
     page = rows[:limit]
     following = bodies.cursor_after(page[-1]) if len(rows) > limit else None
     return {"requests": [bodies.request_json(row) for row in page], "next": following}
@@ -84,8 +85,11 @@ async def list_requests():
 
 def _check_viewer_id(viewer: str) -> None:
     if len(viewer) > genreq.MAX_VIEWER_FIELD_CHARS or not viewer.isprintable():
-        raise ApiError(400, f"viewer: must be a Twitch user id (1 to "
-                            f"{genreq.MAX_VIEWER_FIELD_CHARS} printable characters)")
+        raise ApiError(
+            400,
+            f"viewer: must be a Twitch user id (1 to "
+            f"{genreq.MAX_VIEWER_FIELD_CHARS} printable characters)",
+        )
 
 
 def _choice(args, name: str, choices: tuple[str, ...]) -> str | None:
@@ -112,8 +116,11 @@ async def cancel_request(request_id: str):
     row = await _visible_row(api, caller, request_id)
     job = pipeline.job_from_row(row)
     if job.step not in CANCELLABLE_STEPS:
-        raise ApiError(409, f"the request is {row['state']} (step {row['step']}): only a "
-                            "request whose image is not yet being generated can be cancelled")
+        raise ApiError(
+            409,
+            f"the request is {row['state']} (step {row['step']}): only a "
+            "request whose image is not yet being generated can be cancelled",
+        )
     if not await pipeline.fail(job, failure(Reason.CANCELLED, "cancelled by the broadcaster")):
         raise ApiError(409, "the request moved on while being cancelled; it was not cancelled")
     log.info("request cancelled by the broadcaster", extra=job.log_extra)

@@ -56,8 +56,11 @@ async def submit_request():
     headers = {"Location": bodies.request_url(row["id"])}
     if created:
         metrics.REQUESTS_RECEIVED.labels("http").inc()
-        log.info("request received over HTTP from %s", caller.user_id,
-                 extra={"request_id": str(row["id"])})
+        log.info(
+            "request received over HTTP from %s",
+            caller.user_id,
+            extra={"request_id": str(row["id"])},
+        )
         await _route(api, row)
     else:
         headers["Idempotent-Replayed"] = "true"
@@ -78,7 +81,8 @@ async def _store(api, caller: Caller, parsed, idempotency_key: str | None, diges
     # The request row's unique message_key makes two concurrent first tries one request.
     scope = hashlib.sha256(f"{caller.user_id}\n{idempotency_key}".encode()).hexdigest()
     request_id, created = await db.insert_request(
-        **fields, message_key=f"http:{scope}", body_sha256=digest)
+        **fields, message_key=f"http:{scope}", body_sha256=digest
+    )
     if not created:
         _same_body_or_conflict(await queries.request_body_sha256(db, request_id), digest)
     await queries.save_idempotency_key(db, caller.user_id, idempotency_key, digest, request_id)
@@ -129,8 +133,10 @@ def _idempotency_key() -> str | None:
     if key is None:
         return None
     if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX_CHARS or not all("!" <= c <= "~" for c in key):
-        raise ApiError(400, f"Idempotency-Key: must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} "
-                            "visible ASCII characters")
+        raise ApiError(
+            400,
+            f"Idempotency-Key: must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} visible ASCII characters",
+        )
     return key
 
 
