@@ -14,6 +14,7 @@ import httpx
 import pytest
 import trio
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from trio_asyncio import aio_as_trio
 
 from dynamo import broker as topology
@@ -131,5 +132,16 @@ async def test_ghost_and_friend_from_rabbitmq_to_the_screen(
         # One moderation per subject, one name, two images; the viewer's id as `user`.
         assert fake_openai.count("moderations") == 2 and fake_openai.count("chat") == 1
         assert [c.body["user"] for c in fake_openai.calls_to("images")] == ["90790024"] * 2
+
+        # The metrics moved with the requests, in Prometheus' own text format.
+        async with httpx.AsyncClient() as client:
+            scrape = await client.get(f"{service.url}/metrics")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(scrape.text)
+                   for s in family.samples}
+        assert samples[("dynamo_requests_finished_total",
+                        (("outcome", "success"), ("reason", "")))] == 2
+        assert samples[("dynamo_requests_received_total", (("source", "broker"),))] == 2
+        assert samples[("dynamo_openai_calls_total", (("kind", "image"), ("status", "200")))] == 2
 
         assert await service.terminate() == 0
