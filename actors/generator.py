@@ -26,8 +26,8 @@ import trio
 from dynamo import metrics, prompts, retry
 from dynamo.jobs import Job, Reason, Step, Style
 from dynamo.messages import failure
+from dynamo.permits import CallKind, CallOutcome, acquire_permit, report_outcome
 from dynamo.pipeline import Pipeline
-from dynamo.ratelimit import CallKind, CallOutcome, acquire_permit, report_outcome
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from trio.lowlevel import ParkingLot
 from dynamo import metrics
 from dynamo.jobs import Reason
 from dynamo.messages import failure
-from dynamo.ratelimit import CallKind, CallOutcome, PermitRequest, RateLimiterStatus
+from dynamo.permits import CallKind, CallOutcome, PermitRequest
+from dynamo.ratelimit import RateLimiterStatus
 
 log = logging.getLogger(__name__)
 

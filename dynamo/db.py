@@ -392,8 +392,4 @@ async def open_database(dsn: str):
 
 
 def iso(value: datetime.datetime | None) -> str | None:
-    return (
-        value.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
-        if value
-        else None
-    )
+    return value.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z") if value else None

@@ -1,4 +1,4 @@
-"""How fast OpenAI may be called, and the permit protocol the generator uses to ask.
+"""How fast OpenAI may be called.
 
 Pure logic, driven by trio.current_time() values passed in, so that it is tested
 without a clock:
@@ -9,18 +9,15 @@ without a clock:
   rate, `x-ratelimit-*` headers cap it, clean minutes bring it back.
 - `AuthCircuit` stops calls after a 401/403 until a probe call gets through.
 - `KindLimiter` puts the three together for one `CallKind`, with its waiting requests.
-- `FairQueue` holds jobs waiting for a generator worker, served round robin by viewer.
+- `RateLimiterStatus` holds it all across actor restarts and shows it on /status.
 
-The protocol: a caller `acquire_permit()`s right before each call (a `PermitRequest` on the
-rate limiter's `permits` channel, answered with a `Permit`) and `report_outcome()`s the
-answer (a `CallOutcome`). The rate limiter actor (`actors/rate_limiter.py`) serves it.
+The permit protocol is in `dynamo.permits`, the fair queue in `dynamo.fair_queue`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import enum
 import logging
 import math
 import random
@@ -31,7 +28,8 @@ from collections.abc import Mapping
 
 import trio
 
-from dynamo.jobs import Job
+from dynamo.fair_queue import FairQueue
+from dynamo.permits import CallKind, CallOutcome, Permit, PermitRequest
 from dynamo.retry import backoff_s, retry_after_from_headers
 
 log = logging.getLogger(__name__)
@@ -53,15 +51,8 @@ PROBE_BASE_S = 5.0
 PROBE_CAP_S = 60.0
 # A probe whose outcome is never reported (its caller crashed) frees the turn after this.
 PROBE_LEASE_S = 120.0
-# A permit request waits for exactly one answer.
-REPLY_CAPACITY = 1
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-
-
-class CallKind(str, enum.Enum):
-    IMAGE = "image"
-    TEXT = "text"  # moderation and chat completions share one limit
 
 
 class SlidingWindow:
@@ -348,41 +339,6 @@ class AuthCircuit:
         )
 
 
-@dataclasses.dataclass
-class Permit:
-    probe: bool = False  # the circuit is open: report the outcome with probe=True
-
-
-@dataclasses.dataclass
-class PermitRequest:
-    kind: CallKind
-    reply_send: trio.MemorySendChannel
-
-
-@dataclasses.dataclass
-class CallOutcome:
-    kind: CallKind
-    succeeded: bool = False
-    rate_limited: bool = False  # a 429
-    retry_after_s: float | None = None
-    headers: Mapping[str, str] | None = None
-    auth_failed: bool = False  # a 401/403
-    probe: bool = False  # the call was made with a probe permit
-
-
-async def acquire_permit(permits_send: trio.MemorySendChannel, kind: CallKind) -> Permit:
-    """Waits until a call of `kind` may start; make the call right after."""
-    reply_send, reply_recv = trio.open_memory_channel(REPLY_CAPACITY)
-    # Closed on the way out, so that a permit for a caller cancelled meanwhile is not spent.
-    with reply_recv:
-        await permits_send.send(PermitRequest(kind, reply_send))
-        return await reply_recv.receive()
-
-
-async def report_outcome(permits_send: trio.MemorySendChannel, outcome: CallOutcome) -> None:
-    await permits_send.send(outcome)
-
-
 class KindLimiter:
     """Everything the rate limiter knows about one kind of call."""
 
@@ -436,58 +392,6 @@ class KindLimiter:
             self.limit.on_success(now, outcome.headers)
 
 
-class FairQueue:
-    """Jobs waiting for a generator worker, one FIFO per viewer, served round robin: after
-    a viewer's job goes out, that viewer waits for everyone else's turn."""
-
-    def __init__(self) -> None:
-        self._by_viewer: dict[str, deque[Job]] = {}  # insertion order is the turn order
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    @property
-    def viewers_waiting(self) -> int:
-        return len(self._by_viewer)
-
-    def push(self, job: Job) -> None:
-        self._by_viewer.setdefault(job.viewer.twitch_user_id, deque()).append(job)
-        self._size += 1
-
-    def peek(self) -> Job | None:
-        """The job whose turn it is."""
-        for jobs in self._by_viewer.values():
-            return jobs[0]
-        return None
-
-    def served(self, job: Job) -> None:
-        """Removes the job `peek()` gave; its viewer goes to the back of the line."""
-        viewer = job.viewer.twitch_user_id
-        jobs = self._by_viewer.pop(viewer)
-        jobs.remove(job)
-        self._size -= 1
-        if jobs:
-            self._by_viewer[viewer] = jobs
-
-    def discard(self, job: Job) -> None:
-        """Removes a job out of turn (it expired); the others keep their places."""
-        viewer = job.viewer.twitch_user_id
-        jobs = self._by_viewer[viewer]
-        jobs.remove(job)
-        self._size -= 1
-        if not jobs:
-            del self._by_viewer[viewer]
-
-    def expired(self, now: float) -> list[Job]:
-        return [job for jobs in self._by_viewer.values() for job in jobs if job.deadline <= now]
-
-    def earliest_deadline(self) -> float:
-        return min(
-            (job.deadline for jobs in self._by_viewer.values() for job in jobs), default=math.inf
-        )
-
-
 @dataclasses.dataclass
 class RateLimiterStatus:
     """The rate limiter's state: a live view for GET /status, and its memory across restarts.
@@ -536,6 +440,4 @@ def _wall_clock(at: float, now: float) -> str | None:
     if not at > now:
         return None
     wall = time.time() + (at - now)
-    return datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat(
-        timespec="seconds"
-    )
+    return datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat(timespec="seconds")

@@ -8,7 +8,7 @@ import trio
 from actors import generator
 from dynamo.generation import Answer
 from dynamo.jobs import Reason, Step, Style
-from dynamo.ratelimit import CallKind, CallOutcome, Permit, PermitRequest
+from dynamo.permits import CallKind, CallOutcome, Permit, PermitRequest
 from tests.fakes_ports import (
     FakeGenerator, MemoryDatabase, channel, make_pipeline, nothing_within, openai_error, running,
     solid_png,

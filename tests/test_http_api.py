@@ -25,7 +25,8 @@ from dynamo.api import create_app, openapi
 from dynamo.db import open_database
 from dynamo.jobs import Reason, Step, Viewer
 from dynamo.pipeline import Pipeline
-from dynamo.ratelimit import CallKind, RateLimiterStatus
+from dynamo.permits import CallKind
+from dynamo.ratelimit import RateLimiterStatus
 from dynamo.readiness import Readiness
 from dynamo.storage import LocalStorage
 from dynamo.supervisor import ActorStatus, Supervisor

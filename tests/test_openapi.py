@@ -35,7 +35,8 @@ from dynamo import config
 from dynamo.api import openapi
 from dynamo.db import open_database
 from dynamo.pipeline import Pipeline
-from dynamo.ratelimit import CallKind, RateLimiterStatus
+from dynamo.permits import CallKind
+from dynamo.ratelimit import RateLimiterStatus
 from dynamo.readiness import Readiness
 from dynamo.storage import LocalStorage
 from dynamo.supervisor import ActorStatus, Supervisor

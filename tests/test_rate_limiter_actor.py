@@ -10,10 +10,8 @@ import trio.testing
 
 from actors import rate_limiter
 from dynamo.jobs import Job, Reason, Style, Viewer
-from dynamo.ratelimit import (
-    WINDOW_S, CallKind, CallOutcome, RateLimiterStatus, acquire_permit, parse_ratelimit_headers,
-    report_outcome,
-)
+from dynamo.permits import CallKind, CallOutcome, acquire_permit, report_outcome
+from dynamo.ratelimit import WINDOW_S, RateLimiterStatus, parse_ratelimit_headers
 
 PERMITS_CAPACITY = 8
 FAILURES_CAPACITY = 8

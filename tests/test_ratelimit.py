@@ -6,9 +6,11 @@ import uuid
 import pytest
 
 from dynamo.jobs import Job, Style, Viewer
+from dynamo.fair_queue import FairQueue
+from dynamo.permits import CallKind, CallOutcome
 from dynamo.ratelimit import (
-    PROBE_LEASE_S, AdaptiveLimit, AuthCircuit, CallKind, CallOutcome, FairQueue, KindLimiter,
-    RateLimiterStatus, SlidingWindow, duration_s, parse_ratelimit_headers,
+    PROBE_LEASE_S, AdaptiveLimit, AuthCircuit, KindLimiter, RateLimiterStatus, SlidingWindow,
+    duration_s, parse_ratelimit_headers,
 )
 
 

@@ -1,0 +1,57 @@
+"""The permit protocol between the generator pool and the rate limiter.
+
+A caller `acquire_permit()`s right before each OpenAI call (a `PermitRequest` on the rate
+limiter's `permits` channel, answered with a `Permit`) and `report_outcome()`s the answer
+(a `CallOutcome`), from which the rate limiter learns. `actors/rate_limiter.py` serves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+
+import trio
+
+# A permit request waits for exactly one answer.
+REPLY_CAPACITY = 1
+
+
+class CallKind(str, enum.Enum):
+    IMAGE = "image"
+    TEXT = "text"  # moderation and chat completions share one limit
+
+
+@dataclasses.dataclass
+class Permit:
+    probe: bool = False  # the circuit is open: report the outcome with probe=True
+
+
+@dataclasses.dataclass
+class PermitRequest:
+    kind: CallKind
+    reply_send: trio.MemorySendChannel
+
+
+@dataclasses.dataclass
+class CallOutcome:
+    kind: CallKind
+    succeeded: bool = False
+    rate_limited: bool = False  # a 429
+    retry_after_s: float | None = None
+    headers: Mapping[str, str] | None = None
+    auth_failed: bool = False  # a 401/403
+    probe: bool = False  # the call was made with a probe permit
+
+
+async def acquire_permit(permits_send: trio.MemorySendChannel, kind: CallKind) -> Permit:
+    """Waits until a call of `kind` may start; make the call right after."""
+    reply_send, reply_recv = trio.open_memory_channel(REPLY_CAPACITY)
+    # Closed on the way out, so that a permit for a caller cancelled meanwhile is not spent.
+    with reply_recv:
+        await permits_send.send(PermitRequest(kind, reply_send))
+        return await reply_recv.receive()
+
+
+async def report_outcome(permits_send: trio.MemorySendChannel, outcome: CallOutcome) -> None:
+    await permits_send.send(outcome)
