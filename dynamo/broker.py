@@ -8,6 +8,7 @@ logs what would have been published.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from contextlib import asynccontextmanager
 import aio_pika
 import trio
 from trio_asyncio import aio_as_trio
+
+from dynamo.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ ERROR_HEADER = "x-dynamo-error"
 # Unacked deliveries RabbitMQ hands this process at once. Small, so the backlog stays in
 # RabbitMQ (and can go to another dynamo) while this process's pipeline is full.
 PREFETCH = 8
+# How long startup waits for the broker to come up before it gives up.
+STARTUP_CONNECT_S = 60.0
 
 
 @dataclasses.dataclass
@@ -152,7 +157,9 @@ async def open_broker(amqp_url: str | None):
     if amqp_url is None:
         yield LogBroker()
         return
-    connection = await aio_as_trio(aio_pika.connect_robust)(amqp_url)
+    connection = await connect_at_startup(
+        functools.partial(aio_as_trio(aio_pika.connect_robust), amqp_url),
+        system="broker", within_s=STARTUP_CONNECT_S)
     try:
         broker = Broker(connection)
         await broker._declare()

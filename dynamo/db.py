@@ -9,6 +9,7 @@ duplicate or a cancelled request is noticed instead of processed twice.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import uuid
@@ -22,12 +23,15 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from dynamo.jobs import Step, state_for
+from dynamo.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 # A few connections suffice: every stage holds one only for a single short statement.
 POOL_MAX_SIZE = 8
+# How long startup waits for the database to come up before it gives up.
+STARTUP_CONNECT_S = 60.0
 # Lets several dynamo processes apply the schema at once without deadlocking.
 SCHEMA_LOCK_KEY = 0x64796E616D6F
 
@@ -381,9 +385,10 @@ async def _save_image(pool, request_id, url: str, color: str) -> bool:
 @asynccontextmanager
 async def open_database(dsn: str):
     """A connected `Database` (inside a trio-asyncio loop), closed on exit."""
-    pool = await aio_as_trio(asyncpg.create_pool)(
-        dsn, min_size=1, max_size=POOL_MAX_SIZE, init=_init_connection
-    )
+    pool = await connect_at_startup(
+        functools.partial(aio_as_trio(asyncpg.create_pool), dsn, min_size=1,
+                          max_size=POOL_MAX_SIZE, init=_init_connection),
+        system="database", within_s=STARTUP_CONNECT_S)
     try:
         yield Database(pool)
     finally:
