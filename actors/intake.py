@@ -94,7 +94,7 @@ async def _take(delivery, pipeline: Pipeline, reserve_send, results_send) -> Non
     log.info("request received from the broker", extra=extra)
     job = await pipeline.job(request_id)
     if job is not None and pipeline.inflight.add(job.id):
-        await reserve_send.send(job)
+        await pipeline.inflight.route(job, reserve_send)
 
 
 async def _refuse(delivery, exc: genreq.InvalidRequest, pipeline: Pipeline, results_send) -> None:
@@ -118,4 +118,4 @@ async def _refuse(delivery, exc: genreq.InvalidRequest, pipeline: Pipeline, resu
     if created:
         job = await pipeline.job(request_id)
         if job is not None and job.step is Step.REFUNDED and pipeline.inflight.add(job.id):
-            await results_send.send(job)
+            await pipeline.inflight.route(job, results_send)

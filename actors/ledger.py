@@ -96,9 +96,8 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
         )
         metrics.ORPHAN_DEBITS.inc()
         await pipeline.db.advance(job.id, [Step.RESERVING], Step.RESERVING, orphan_suspected=True)
-    elif not await pipeline.db.advance(job.id, [Step.RECEIVED], Step.RESERVING):
+    elif job.step is not Step.RECEIVED:
         return "dropped"
-    job.step = Step.RESERVING
     started = trio.current_time()
     try:
         token = await retry.retrying(
@@ -109,6 +108,12 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
             max_attempts=None,
             classify=_classify,
         )
+        # RESERVING is persisted only now, right before the debit can exist, so that a
+        # crash while asking for the token is not taken for a possible orphan.
+        if job.step is Step.RECEIVED:
+            if not await pipeline.db.advance(job.id, [Step.RECEIVED], Step.RESERVING):
+                return "dropped"
+            job.step = Step.RESERVING
         flow_id = await retry.retrying(
             functools.partial(points.reserve, job, token),
             system="ledger",
@@ -149,6 +154,11 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
 
 
 async def _finalize(points, pipeline: Pipeline, job: Job) -> bool:
+    if job.failure is not None and job.step not in (Step.FAILING, Step.REFUNDED):
+        # Failed by an actor without database access (the rate limiter, on expiry):
+        # persist the failure first, unless the request moved on meanwhile.
+        if not await pipeline.fail(job, job.failure):
+            return False
     if job.step in (Step.ACCEPTED, Step.REFUNDED):
         return True
     if job.step is Step.ANNOUNCED:

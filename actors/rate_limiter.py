@@ -1,7 +1,7 @@
 """The rate limiter actor: hands jobs to the generator fairly, and paces OpenAI calls.
 
 Receives reserved jobs (points already held) on `jobs_recv` into a fair queue of at most
-FAIR_QUEUE_CAPACITY jobs; when it is full it stops receiving, so that backpressure reaches
+`queue_capacity` jobs; when it is full it stops receiving, so that backpressure reaches
 the ledger and intake. Sends them on `generate_send` (capacity 0: a send completes only
 when a generator worker is free), one viewer at a time, round robin. A job whose deadline
 passed is not generated: it goes on `failures_send` as expired (its debit is refunded there).
@@ -34,10 +34,21 @@ from dynamo.ratelimit import RateLimiterStatus
 
 log = logging.getLogger(__name__)
 
-# Jobs held for fair ordering. Large enough that every viewer with a pending request gets
-# a place (a backlog this deep is over an hour of images at 5/min) yet a bounded buffer,
-# so that a flood stays in RabbitMQ rather than in memory.
+# Jobs held for fair ordering: at most this many, and at most a third of a request's
+# timeout worth of images (`fair_queue_capacity`), because every job here has its points
+# reserved and its deadline running; the rest of a flood waits in RabbitMQ.
 FAIR_QUEUE_CAPACITY = 64
+# ...but always room for a few jobs, so that workers never wait on the queue.
+MIN_FAIR_QUEUE_CAPACITY = 4
+
+
+def fair_queue_capacity(images_per_minute: float, request_timeout_s: float) -> int:
+    """How many reserved jobs may wait here: at the image rate, the last of them still
+    starts within a third of its timeout (5/min, 900 s: 25 jobs, 5 minutes of images)."""
+    worth = int(images_per_minute * request_timeout_s / 60 / 3)
+    return max(MIN_FAIR_QUEUE_CAPACITY, min(FAIR_QUEUE_CAPACITY, worth))
+
+
 # The name of the fair queue in the dynamo_channel_* metrics.
 FAIR_QUEUE_METRIC = "rate_limiter.fair_queue"
 
@@ -51,11 +62,12 @@ async def run(
     images_per_minute: float,
     text_per_minute: float,
     status: RateLimiterStatus,
+    queue_capacity: int = FAIR_QUEUE_CAPACITY,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     status.configure({CallKind.IMAGE: images_per_minute, CallKind.TEXT: text_per_minute})
-    limiter = _RateLimiter(status)
-    metrics.QUEUE_CAPACITY.labels(FAIR_QUEUE_METRIC).set(FAIR_QUEUE_CAPACITY)
+    limiter = _RateLimiter(status, queue_capacity)
+    metrics.QUEUE_CAPACITY.labels(FAIR_QUEUE_METRIC).set(queue_capacity)
     limiter.queue_changed()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(limiter.receive_jobs, jobs_recv)
@@ -69,9 +81,10 @@ async def run(
 class _RateLimiter:
     """One run of the actor: its tasks, and the wake-ups between them."""
 
-    def __init__(self, status: RateLimiterStatus):
+    def __init__(self, status: RateLimiterStatus, queue_capacity: int):
         self.status = status
         self.queue = status.fair_queue
+        self.queue_capacity = queue_capacity
         self._queue_lot = ParkingLot()  # the fair queue changed
         self._kind_lots = {kind: ParkingLot() for kind in status.kinds}  # requests or outcomes
         self._jobs_ended = False
@@ -84,7 +97,7 @@ class _RateLimiter:
 
     async def receive_jobs(self, jobs_recv: trio.MemoryReceiveChannel) -> None:
         while True:
-            while len(self.queue) >= FAIR_QUEUE_CAPACITY:
+            while len(self.queue) >= self.queue_capacity:
                 await self._queue_lot.park()
             try:
                 job = await jobs_recv.receive()

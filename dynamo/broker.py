@@ -159,7 +159,9 @@ async def open_broker(amqp_url: str | None):
         return
     connection = await connect_at_startup(
         functools.partial(aio_as_trio(aio_pika.connect_robust), amqp_url),
-        system="broker", within_s=STARTUP_CONNECT_S)
+        system="broker",
+        within_s=STARTUP_CONNECT_S,
+    )
     try:
         broker = Broker(connection)
         await broker._declare()

@@ -386,9 +386,16 @@ async def _save_image(pool, request_id, url: str, color: str) -> bool:
 async def open_database(dsn: str):
     """A connected `Database` (inside a trio-asyncio loop), closed on exit."""
     pool = await connect_at_startup(
-        functools.partial(aio_as_trio(asyncpg.create_pool), dsn, min_size=1,
-                          max_size=POOL_MAX_SIZE, init=_init_connection),
-        system="database", within_s=STARTUP_CONNECT_S)
+        functools.partial(
+            aio_as_trio(asyncpg.create_pool),
+            dsn,
+            min_size=1,
+            max_size=POOL_MAX_SIZE,
+            init=_init_connection,
+        ),
+        system="database",
+        within_s=STARTUP_CONNECT_S,
+    )
     try:
         yield Database(pool)
     finally:

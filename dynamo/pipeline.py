@@ -49,6 +49,15 @@ class InFlight:
     def finish(self, request_id: uuid.UUID) -> None:
         self._ids.discard(request_id)
 
+    async def route(self, job, channel) -> None:
+        """Sends a job just `add()`ed; if the send is cancelled (shutdown), the job is not
+        in the pipeline after all and the resume sweep will route it."""
+        try:
+            await channel.send(job)
+        except BaseException:
+            self.finish(job.id)
+            raise
+
     @contextmanager
     def holding(self, actor: str, request_id: uuid.UUID):
         self._held[actor].add(request_id)
@@ -188,14 +197,16 @@ async def serve_jobs(
 
 
 async def _serve_job(job: Job, actor, inflight: InFlight, step, outboxes, limiter) -> None:
+    # The slot is held until the job is handed on: while the next channel is full, this
+    # stage stops taking jobs, and so backpressure reaches intake and RabbitMQ.
     try:
         with inflight.holding(actor, job.id):
             outcome = await step(job)
+            outbox = outboxes.get(outcome)
+            if outbox is not None:
+                await outbox.send(job)
     finally:
         limiter.release_on_behalf_of(job.id)
-    outbox = outboxes.get(outcome)
-    if outbox is not None:
-        await outbox.send(job)
 
 
 def _description(style: Style | None, inputs: dict) -> str:

@@ -58,8 +58,8 @@ class Router:
             Step.REFUNDED: results_send,
         }
 
-    async def route(self, job: Job) -> None:
-        await self._channels[job.step].send(job)
+    def channel_for(self, job: Job):
+        return self._channels[job.step]
 
 
 async def reap_dead_neighbours(db, worker_id, hostname: str) -> None:
@@ -104,7 +104,7 @@ async def run(*, pipeline: Pipeline, router: Router, task_status=trio.TASK_STATU
                 job = pipeline.job_from_row(row)
                 if pipeline.inflight.add(job.id):
                     log.info("resuming request from step %s", job.step.value, extra=job.log_extra)
-                    await router.route(job)
+                    await pipeline.inflight.route(job, router.channel_for(job))
             await trio.sleep(SWEEP_INTERVAL_S)
     finally:
         with trio.move_on_after(2, shield=True):

@@ -276,11 +276,17 @@ async def retrying(
         await trio.sleep(delay_s)
 
 
-async def connect_at_startup(connect: Callable[[], Awaitable[T]], *, system: str,
-                             within_s: float) -> T:
+async def connect_at_startup(
+    connect: Callable[[], Awaitable[T]], *, system: str, within_s: float
+) -> T:
     """`await connect()`, retried while the system comes up (a container started before
     its broker or database); after `within_s` the last error comes out, so that a wrong
     address still fails startup with its own message."""
     return await retrying(
-        connect, system=system, deadline=trio.current_time() + within_s, max_attempts=None,
-        classify=lambda exc: Transient(f"{type(exc).__name__}: {exc}"), backoff_cap_s=5.0)
+        connect,
+        system=system,
+        deadline=trio.current_time() + within_s,
+        max_attempts=None,
+        classify=lambda exc: Transient(f"{type(exc).__name__}: {exc}"),
+        backoff_cap_s=5.0,
+    )

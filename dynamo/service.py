@@ -255,6 +255,9 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
                 images_per_minute=settings.images_per_minute,
                 text_per_minute=settings.text_requests_per_minute,
                 status=limiter_status,
+                queue_capacity=rate_limiter.fair_queue_capacity(
+                    settings.images_per_minute, settings.request_timeout_s
+                ),
                 task_status=task_status,
             ),
         )

@@ -82,7 +82,7 @@ async def test_five_per_minute_schedule_with_a_backlog_of_12(autojump_clock):
             async with trio.open_nursery() as callers:
                 for _ in range(12):
                     callers.start_soon(one)
-            assert grants == [0, 12, 24, 36, 48, 60, 72, 84, 96, 108, 120, 132]
+            assert grants == [0, 12, 24, 36, 48, 60.5, 72.5, 84.5, 96.5, 108.5, 121, 133]
             assert most_in_any_window(grants) == 5
 
 
@@ -295,3 +295,9 @@ async def test_a_restarted_actor_continues_where_it_stopped(autojump_clock):
             await limiter.acquire()
             assert trio.current_time() - start == 12  # the window survived: no new burst
             assert (await limiter.generate_recv.receive()).viewer.twitch_user_id == "a"
+
+
+def test_the_fair_queue_holds_no_more_than_a_third_of_a_timeout_of_images():
+    assert rate_limiter.fair_queue_capacity(5, 900) == 25
+    assert rate_limiter.fair_queue_capacity(600, 900) == rate_limiter.FAIR_QUEUE_CAPACITY
+    assert rate_limiter.fair_queue_capacity(1, 60) == rate_limiter.MIN_FAIR_QUEUE_CAPACITY

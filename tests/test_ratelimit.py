@@ -36,7 +36,8 @@ def schedule(window, calls, start=0.0):
 
 def test_five_per_minute_is_spread_evenly_from_the_first_call():
     times = schedule(SlidingWindow(5), 12)
-    assert times == [0, 12, 24, 36, 48, 60, 72, 84, 96, 108, 120, 132]
+    # Every 12 s; a call that refills the window waits EDGE_MARGIN_S more (60.5, not 60).
+    assert times == [0, 12, 24, 36, 48, 60.5, 72.5, 84.5, 96.5, 108.5, 121, 133]
     assert most_in_any_window(times) == 5
 
 
@@ -130,7 +131,7 @@ def test_a_success_showing_a_lower_limit_lowers_at_once():
 
 def test_a_429_within_the_known_limit_slows_down_then_recovers():
     limit = AdaptiveLimit(10)
-    limit.on_rate_limited(0, 1, {"x-ratelimit-limit-requests": "10"})
+    limit.on_rate_limited(0, 10, {"x-ratelimit-limit-requests": "10"})
     assert limit.effective_limit == 8
     limit.on_success(59, None)
     assert limit.effective_limit == 8
@@ -138,6 +139,14 @@ def test_a_429_within_the_known_limit_slows_down_then_recovers():
     assert limit.effective_limit == 9
     limit.on_success(120, None)
     assert limit.effective_limit == 10
+
+
+def test_a_short_429_within_the_known_limit_only_pauses():
+    """A call that arrived a few ms before its predecessor left the API's window: the
+    limit is right, the timing was not. Waiting is enough."""
+    limit = AdaptiveLimit(60)
+    limit.on_rate_limited(60.0, 0.006, {"x-ratelimit-limit-requests": "60"})
+    assert limit.effective_limit == 60 and limit.paused_until == 60.006
 
 
 def test_a_429_without_headers_lowers_to_what_the_server_took():
@@ -155,12 +164,12 @@ def test_a_429_without_headers_lowers_to_what_the_server_took():
 def test_429s_for_calls_made_before_the_pause_do_not_compound():
     limit = AdaptiveLimit(10)
     shown = {"x-ratelimit-limit-requests": "10"}
-    limit.on_rate_limited(0, 5, shown)
+    limit.on_rate_limited(0, 10, shown)
     assert limit.effective_limit == 8
-    limit.on_rate_limited(0.5, 5, shown)  # in flight when the first came back
-    limit.on_rate_limited(1, 5, shown)
-    assert limit.effective_limit == 8 and limit.paused_until == 6
-    limit.on_rate_limited(2, 5, {"x-ratelimit-limit-requests": "4"})
+    limit.on_rate_limited(0.5, 10, shown)  # in flight when the first came back
+    limit.on_rate_limited(1, 10, shown)
+    assert limit.effective_limit == 8 and limit.paused_until == 11
+    limit.on_rate_limited(2, 10, {"x-ratelimit-limit-requests": "4"})
     assert limit.effective_limit == 4  # a limit the API shows still applies
 
 
