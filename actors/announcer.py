@@ -30,7 +30,7 @@ from dynamo import events, metrics, retry
 from dynamo.broker import ONSCREEN_EXCHANGE, RESULTS_EXCHANGE
 from dynamo.jobs import Job, Reason, Step
 from dynamo.messages import failure
-from dynamo.pipeline import Pipeline
+from dynamo.pipeline import Pipeline, serve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +56,20 @@ async def run(
     task_status=trio.TASK_STATUS_IGNORED,
 ):
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_alerts_loop, broker, pipeline, announce_recv, finalize_send)
+        # One alert at a time, in order: the overlay shows them as they come.
+        nursery.start_soon(
+            functools.partial(
+                serve_jobs,
+                announce_recv,
+                actor=ACTOR,
+                inflight=pipeline.inflight,
+                concurrency=1,
+                step=functools.partial(_announce, broker, pipeline),
+                outboxes={True: finalize_send, False: finalize_send},
+            )
+        )
         nursery.start_soon(_results_loop, broker, pipeline, results_recv, discord_send)
         task_status.started()
-
-
-async def _alerts_loop(broker, pipeline: Pipeline, announce_recv, finalize_send):
-    async for job in announce_recv:
-        with pipeline.inflight.holding(ACTOR, job.id):
-            announced = await _announce(broker, pipeline, job)
-        if announced is not None:
-            await finalize_send.send(job)
 
 
 async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:

@@ -27,7 +27,7 @@ from dynamo import metrics, prompts, retry
 from dynamo.jobs import Job, Reason, Step, Style
 from dynamo.messages import failure
 from dynamo.permits import CallKind, CallOutcome, acquire_permit, report_outcome
-from dynamo.pipeline import Pipeline
+from dynamo.pipeline import Pipeline, serve_jobs
 
 log = logging.getLogger(__name__)
 
@@ -47,46 +47,27 @@ async def run(
     moderation: bool,
     task_status=trio.TASK_STATUS_IGNORED,
 ):
-    worker = functools.partial(
-        _worker,
-        generator,
-        pipeline,
-        permits_send,
-        upload_send,
-        finalize_send,
-        max_attempts,
-        moderation,
+    task_status.started()
+    # One slot per worker: the rate limiter's send completes only when a slot is free.
+    await serve_jobs(
+        generate_recv,
+        actor=ACTOR,
+        inflight=pipeline.inflight,
+        concurrency=workers,
+        step=functools.partial(
+            _generate,
+            generator,
+            pipeline,
+            permits_send,
+            max_attempts=max_attempts,
+            moderation=moderation,
+        ),
+        outboxes={"generated": upload_send, "failed": finalize_send},
     )
-    async with trio.open_nursery() as nursery:
-        for _ in range(workers):
-            nursery.start_soon(worker, generate_recv.clone())
-        task_status.started()
-
-
-async def _worker(
-    generator,
-    pipeline,
-    permits_send,
-    upload_send,
-    finalize_send,
-    max_attempts,
-    moderation,
-    generate_recv,
-):
-    with generate_recv:
-        async for job in generate_recv:
-            with pipeline.inflight.holding(ACTOR, job.id):
-                outcome = await _generate(
-                    generator, pipeline, permits_send, job, max_attempts, moderation
-                )
-            if outcome == "generated":
-                await upload_send.send(job)
-            elif outcome == "failed":
-                await finalize_send.send(job)
 
 
 async def _generate(
-    generator, pipeline: Pipeline, permits_send, job: Job, max_attempts: int, moderation: bool
+    generator, pipeline: Pipeline, permits_send, job: Job, *, max_attempts: int, moderation: bool
 ) -> str:
     """Returns "generated", "failed" or "dropped" (cancelled meanwhile)."""
     call = functools.partial(_call_openai, permits_send, job, max_attempts)

@@ -188,17 +188,24 @@ async def serve_jobs(
 ) -> None:
     """Runs `await step(job)` for each job received, at most `concurrency` at once, each
     held in `inflight` by `actor`; then sends the job on `outboxes[outcome]` (an outcome
-    without an outbox drops the job: another copy or the resume sweep owns it)."""
-    limiter = trio.CapacityLimiter(concurrency)
+    without an outbox drops the job: another copy or the resume sweep owns it).
+
+    A job is received only once a slot is free, so a sender on a 0-capacity channel hands
+    a job over only when this stage can start it; and the slot is held until the job is
+    handed on, so that a full next channel stops this stage, and backpressure reaches
+    intake and RabbitMQ."""
+    slots = trio.Semaphore(concurrency)
     async with trio.open_nursery() as nursery:
-        async for job in jobs_recv:
-            await limiter.acquire_on_behalf_of(job.id)
-            nursery.start_soon(_serve_job, job, actor, inflight, step, outboxes, limiter)
+        while True:
+            await slots.acquire()
+            try:
+                job = await jobs_recv.receive()
+            except trio.EndOfChannel:
+                return
+            nursery.start_soon(_serve_job, job, actor, inflight, step, outboxes, slots)
 
 
-async def _serve_job(job: Job, actor, inflight: InFlight, step, outboxes, limiter) -> None:
-    # The slot is held until the job is handed on: while the next channel is full, this
-    # stage stops taking jobs, and so backpressure reaches intake and RabbitMQ.
+async def _serve_job(job: Job, actor, inflight: InFlight, step, outboxes, slots) -> None:
     try:
         with inflight.holding(actor, job.id):
             outcome = await step(job)
@@ -206,7 +213,7 @@ async def _serve_job(job: Job, actor, inflight: InFlight, step, outboxes, limite
             if outbox is not None:
                 await outbox.send(job)
     finally:
-        limiter.release_on_behalf_of(job.id)
+        slots.release()
 
 
 def _description(style: Style | None, inputs: dict) -> str:
