@@ -31,6 +31,8 @@ class Permit:
 class PermitRequest:
     kind: CallKind
     reply_send: trio.MemorySendChannel
+    # The call's expected cost against a tokens-per-minute limit (0: not counted in tokens).
+    tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -42,14 +44,18 @@ class CallOutcome:
     headers: Mapping[str, str] | None = None
     auth_failed: bool = False  # a 401/403
     probe: bool = False  # the call was made with a probe permit
+    tokens_used: int | None = None  # what the answer's `usage` says the call cost
 
 
-async def acquire_permit(permits_send: trio.MemorySendChannel, kind: CallKind) -> Permit:
-    """Waits until a call of `kind` may start; make the call right after."""
+async def acquire_permit(
+    permits_send: trio.MemorySendChannel, kind: CallKind, *, tokens: int = 0
+) -> Permit:
+    """Waits until a call of `kind` (expected to cost `tokens`) may start; make the call
+    right after."""
     reply_send, reply_recv = trio.open_memory_channel(REPLY_CAPACITY)
     # Closed on the way out, so that a permit for a caller cancelled meanwhile is not spent.
     with reply_recv:
-        await permits_send.send(PermitRequest(kind, reply_send))
+        await permits_send.send(PermitRequest(kind, reply_send, tokens))
         return await reply_recv.receive()
 
 
