@@ -10,6 +10,7 @@ import sys
 import trio
 
 from dynamo import config, logs, service
+from dynamo.openai_models import ModelsRefused
 from dynamo.supervisor import TooManyRestarts
 
 log = logging.getLogger("dynamo")
@@ -44,13 +45,24 @@ def cli() -> int:
     try:
         trio.run(main, settings, strict_exception_groups=True)
     except BaseExceptionGroup as group:
+        refused, rest = group.split(ModelsRefused)
+        if refused is not None:
+            # One line naming the variable, the model and what the API said.
+            log.critical("%s", _first(refused))
+            return 2
         crashed, rest = group.split(TooManyRestarts)
         if rest is not None:
             raise
-        log.critical("stopping: %s", crashed.exceptions[0])
+        log.critical("stopping: %s", _first(crashed))
         return 1
     log.info("stopped")
     return 0
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 if __name__ == "__main__":

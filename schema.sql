@@ -117,3 +117,19 @@ create table if not exists dynamo.worker (
 alter table dynamo.worker
     add column if not exists hostname text,
     add column if not exists pid integer;
+
+-- Issue 9: what each OpenAI call of a request was, and what it cost. One row per answered
+-- call (moderation, a friend's name, the image): its model, the answer's `usage` as the
+-- API sent it, and its USD cost by the price table. Spend today / this month and the daily
+-- budget are sums over this table, so processes sharing the database share the budget.
+create table if not exists dynamo.openai_call (
+    id               bigserial primary key,
+    image_request_id uuid not null references dynamo.image_request (id),
+    kind             text not null,
+    model            text not null,
+    usage            jsonb not null default '{}',
+    cost_usd         numeric(14, 8) not null default 0,
+    created_at       timestamptz not null default now()
+);
+create index if not exists openai_call_request on dynamo.openai_call (image_request_id);
+create index if not exists openai_call_created on dynamo.openai_call (created_at);

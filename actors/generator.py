@@ -7,10 +7,14 @@ SCREENED, claims the request (SCREENED → GENERATING: from here on it cannot be
 generates the image and persists its raw bytes (GENERATED) before sending the job on
 `upload_send`. Failures go on `finalize_send` for a refund.
 
-Every OpenAI call first takes a permit from the rate limiter and reports its outcome
-back (`permits_send`), so the limiter paces calls and learns from 429s. Transient errors
-are retried up to `max_attempts` within the request's deadline; a 401/403 (a bad key)
-does not fail requests: the call waits for the limiter's circuit to close.
+Every OpenAI call goes through `openai_call.call_openai` (a permit from the rate limiter
+first, its outcome reported after, transient errors retried within the request's
+deadline) and is recorded with its model, usage and cost (`spend`). While today's spend
+is at the daily budget, requests fail at once as `error` with a sentence saying image
+alerts are paused for today (refunded); the budget is checked again right before the
+image is paid for. A reasoning model that leaves no room for the name is asked once more
+with more room; then the friend is named after its subject: never an empty or cut-off
+name on stream.
 
 On shutdown or crash, a job in hand is resumed from its persisted step: a screened
 request is not moderated again, a generated image is not bought again.
@@ -24,14 +28,20 @@ import logging
 import trio
 
 from dynamo import metrics, prompts, retry
-from dynamo.jobs import Job, Reason, Step, Style
+from dynamo.dialect import ImageOrder
+from dynamo.jobs import Failure, Job, Reason, Step, Style
 from dynamo.messages import failure
-from dynamo.permits import CallKind, CallOutcome, acquire_permit, report_outcome
+from dynamo.openai_call import call_openai
+from dynamo.permits import CallKind
 from dynamo.pipeline import Pipeline, serve_jobs
+from dynamo.spend import IMAGE, MODERATION, NAME, Spend
 
 log = logging.getLogger(__name__)
 
 ACTOR = "generator"
+# Asks for a friend's name: the first, and one more with more room (dialect.NAME_ROOM).
+NAME_ATTEMPTS = 2
+BUDGET_PAUSED_MESSAGE = "Image alerts are paused for today. No points were spent."
 
 
 async def run(
@@ -45,6 +55,7 @@ async def run(
     workers: int,
     max_attempts: int,
     moderation: bool,
+    spend: Spend | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ):
     task_status.started()
@@ -56,35 +67,67 @@ async def run(
         concurrency=workers,
         step=functools.partial(
             _generate,
-            generator,
-            pipeline,
-            permits_send,
-            max_attempts=max_attempts,
+            _Worker(generator, pipeline, permits_send, spend, max_attempts),
             moderation=moderation,
         ),
         outboxes={"generated": upload_send, "failed": finalize_send},
     )
 
 
-async def _generate(
-    generator, pipeline: Pipeline, permits_send, job: Job, *, max_attempts: int, moderation: bool
-) -> str:
+class _Worker:
+    """What every job's steps share: the ports, and how one OpenAI call is made."""
+
+    def __init__(self, generator, pipeline: Pipeline, permits_send, spend, max_attempts: int):
+        self.generator = generator
+        self.pipeline = pipeline
+        self.permits_send = permits_send
+        self.spend = spend
+        self.max_attempts = max_attempts
+
+    async def call(self, job: Job, kind: CallKind, what: str, fn, **kwargs):
+        answer = await call_openai(
+            self.permits_send,
+            kind,
+            fn,
+            deadline=job.deadline,
+            max_attempts=self.max_attempts,
+            log_extra=job.log_extra,
+            **kwargs,
+        )
+        if self.spend is not None and answer.model is not None:
+            await self.spend.record(job.id, what, answer)
+        return answer
+
+    async def budget_reached(self) -> bool:
+        return self.spend is not None and await self.spend.paused()
+
+
+async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
     """Returns "generated", "failed" or "dropped" (cancelled meanwhile)."""
-    call = functools.partial(_call_openai, permits_send, job, max_attempts)
+    pipeline, generator = worker.pipeline, worker.generator
     with trio.move_on_at(job.deadline):
         try:
+            if await worker.budget_reached():
+                raise _BudgetReached()
             if job.step is Step.RESERVED:
-                if not await _screen(generator, pipeline, call, job, moderation):
+                if not await _screen(worker, job, moderation):
                     return "failed" if job.failure else "dropped"
             started = trio.current_time()
-            answer = await call(
+            answer = await worker.call(
+                job,
                 CallKind.IMAGE,
-                functools.partial(generator.image, job.prompt, user=job.viewer.twitch_user_id),
-                before_call=functools.partial(_claim, pipeline, job),
+                IMAGE,
+                functools.partial(generator.image, _image_order(job)),
+                tokens=generator.expected_image_tokens(),
+                before_call=functools.partial(_claim, worker, job),
             )
             metrics.STEP_SECONDS.labels("generate").observe(trio.current_time() - started)
         except _Dropped:
             return "dropped"
+        except _BudgetReached:
+            paused = Failure(Reason.ERROR, BUDGET_PAUSED_MESSAGE, "daily OpenAI budget reached")
+            await pipeline.fail(job, paused)
+            return "failed"
         except retry.ContentRejected as exc:
             await pipeline.fail(job, failure(Reason.REJECTED, f"image API refused: {exc}"))
             return "failed"
@@ -95,28 +138,35 @@ async def _generate(
         except retry.Permanent as exc:
             await pipeline.fail(job, failure(Reason.ERROR, f"OpenAI: {exc}"))
             return "failed"
-        if not await pipeline.db.save_generated(job.id, answer.value):
+        image = answer.value
+        if not await pipeline.db.save_generated(job.id, image.data):
             return "dropped"
         job.step = Step.GENERATED
-        log.info("image generated (%d bytes)", len(answer.value), extra=job.log_extra)
+        log.info(
+            "image generated (%d bytes%s)",
+            len(image.data),
+            ", transparent" if image.transparent else "",
+            extra=job.log_extra,
+        )
         return "generated"
     await pipeline.fail(job, failure(Reason.EXPIRED, "deadline passed while generating"))
     return "failed"
 
 
-async def _screen(generator, pipeline: Pipeline, call, job: Job, moderation: bool) -> bool:
+async def _screen(worker: _Worker, job: Job, moderation: bool) -> bool:
     """Moderation, then a friend's name; persists SCREENED. False if the job stops here."""
+    pipeline, generator = worker.pipeline, worker.generator
     started = trio.current_time()
     if moderation:
         subject = job.inputs.get("subject", "")
-        flagged = await call(CallKind.TEXT, functools.partial(generator.moderate, subject))
+        moderate = functools.partial(generator.moderate, subject)
+        flagged = await worker.call(job, CallKind.TEXT, MODERATION, moderate)
         if flagged.value:
             await pipeline.fail(job, failure(Reason.REJECTED, "moderation flagged the subject"))
             return False
     if job.style is Style.FRIEND and not job.name:
         name_prompt = prompts.name_prompt(job.description)
-        answer = await call(CallKind.TEXT, functools.partial(generator.name, name_prompt))
-        job.name = prompts.clean_name(answer.value)
+        job.name = await _name(worker, job, name_prompt)
         await pipeline.db.save_name(job.id, name_prompt, job.name)
     if not await pipeline.db.advance(job.id, [Step.RESERVED], Step.SCREENED):
         return False
@@ -125,90 +175,55 @@ async def _screen(generator, pipeline: Pipeline, call, job: Job, moderation: boo
     return True
 
 
-async def _claim(pipeline: Pipeline, job: Job) -> None:
-    """SCREENED → GENERATING, just before the image is paid for; until then the request
-    can be cancelled, also while it waits for its permit."""
+async def _name(worker: _Worker, job: Job, name_prompt: str) -> str:
+    """The model's name for the friend; if it gives none (empty, or cut off by the token
+    limit) twice, a name made from the subject."""
+    from_subject = prompts.name_from_subject(job.inputs.get("subject", ""))
+    for attempt in range(NAME_ATTEMPTS):
+        ask = functools.partial(worker.generator.name, name_prompt, attempt=attempt)
+        answer = await worker.call(job, CallKind.TEXT, NAME, ask)
+        if answer.value.complete:
+            return prompts.clean_name(answer.value.text, fallback=from_subject)
+        log.info(
+            "the name model gave %s (attempt %d of %d)",
+            "a cut-off name" if answer.value.text.strip() else "no name",
+            attempt + 1,
+            NAME_ATTEMPTS,
+            extra=job.log_extra,
+        )
+    log.warning(
+        "no usable name from %s: the friend is named %r after its subject",
+        worker.generator.text_model,
+        from_subject,
+        extra=job.log_extra,
+    )
+    return from_subject
+
+
+def _image_order(job: Job) -> ImageOrder:
+    without_background = None
+    if job.style is Style.FRIEND:
+        without_background = prompts.friend_prompt(
+            job.inputs["color"], job.inputs["subject"], chroma_key=False
+        )
+    return ImageOrder(job.style, job.prompt, job.viewer.twitch_user_id, without_background)
+
+
+async def _claim(worker: _Worker, job: Job) -> None:
+    """Right before the image is paid for: the budget once more, then SCREENED →
+    GENERATING; until then the request can be cancelled, also while it waits for its
+    permit."""
+    if await worker.budget_reached():
+        raise _BudgetReached()
     if job.step is Step.SCREENED:
-        if not await pipeline.db.advance(job.id, [Step.SCREENED], Step.GENERATING):
+        if not await worker.pipeline.db.advance(job.id, [Step.SCREENED], Step.GENERATING):
             raise _Dropped()
         job.step = Step.GENERATING
-
-
-async def _call_openai(
-    permits_send, job: Job, max_attempts: int, kind: CallKind, fn, before_call=None
-):
-    """One OpenAI call under the rate limiter and the retry policy."""
-
-    async def attempt():
-        permit = await acquire_permit(permits_send, kind)
-        if before_call is not None:
-            await before_call()
-        try:
-            answer = await fn()
-        except Exception as exc:
-            classified = retry.classify_openai(exc, image_call=kind is CallKind.IMAGE)
-            status = getattr(exc, "status_code", None) or type(exc).__name__
-            metrics.OPENAI_CALLS.labels(kind.value, str(status)).inc()
-            headers = getattr(getattr(exc, "response", None), "headers", None)
-            if isinstance(classified, retry.AuthFailure):
-                log.error(
-                    "OpenAI refused the API key (%s); generation paused",
-                    status,
-                    extra=job.log_extra,
-                )
-                await report_outcome(
-                    permits_send, CallOutcome(kind, auth_failed=True, probe=permit.probe)
-                )
-                # Not the request's fault: wait for the circuit to close, without
-                # spending one of its attempts.
-                raise _AuthPaused() from exc
-            if getattr(exc, "status_code", None) == 429:
-                metrics.OPENAI_RATE_LIMITED.labels(kind.value).inc()
-                await report_outcome(
-                    permits_send,
-                    CallOutcome(
-                        kind,
-                        rate_limited=True,
-                        headers=dict(headers or {}),
-                        retry_after_s=getattr(classified, "retry_after_s", None),
-                        probe=permit.probe,
-                    ),
-                )
-            else:
-                # Reported too, so that a probe's slot is freed at once.
-                await report_outcome(permits_send, CallOutcome(kind, probe=permit.probe))
-            raise classified from exc
-        metrics.OPENAI_CALLS.labels(kind.value, "200").inc()
-        await report_outcome(
-            permits_send,
-            CallOutcome(kind, succeeded=True, headers=answer.headers, probe=permit.probe),
-        )
-        return answer
-
-    while True:
-        try:
-            return await retry.retrying(
-                attempt,
-                system="openai",
-                log_extra=job.log_extra,
-                deadline=job.deadline,
-                max_attempts=max_attempts,
-                classify=_pass_through,
-            )
-        except _AuthPaused:
-            continue
-
-
-class _AuthPaused(Exception):
-    pass
 
 
 class _Dropped(Exception):
     """The request moved on (cancelled) before its image was paid for."""
 
 
-def _pass_through(exc: Exception) -> Exception:
-    """`attempt()` raises errors already classified; _AuthPaused goes straight out."""
-    if isinstance(exc, (retry.CallError, _AuthPaused, _Dropped)):
-        return exc
-    return retry.classify_openai(exc)
+class _BudgetReached(Exception):
+    """Today's OpenAI spend is at the daily budget: no new image is bought today."""

@@ -1,8 +1,12 @@
 """The uploader actor: turns a generated image into the stored alert image.
 
 Receives jobs on `upload_recv` at step GENERATED (the raw image is in the database). A
-ghost becomes a JPEG (quality 80) at `{id}/{id}-0.jpg`; a friend has its background keyed
-out and becomes a WEBP with alpha at `{id}/{id}-0.webp`, its detected color kept. The
+ghost is stored as a JPEG (quality 80) at `{id}/{id}-0.jpg`; a friend as a WEBP with
+alpha at `{id}/{id}-0.webp`. Where the image API sent that format already (a JPEG ghost;
+a WEBP friend with its alpha channel, drawn on a transparent background), the bytes are
+stored as they came after a header check, and a friend's color is the complement its
+chroma-key prompt would have named. Otherwise a ghost is converted, and a friend has its
+solid background keyed out, the detected color kept. The
 image is uploaded (public-read, with its content type), its URL and color recorded and the
 step moved to STORED in one transaction; then the job goes on `announce_send`.
 
@@ -16,10 +20,11 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 
 import trio
 
-from dynamo import imaging, metrics, retry
+from dynamo import imaging, metrics, prompts, retry
 from dynamo.jobs import Job, Reason, Step, Style
 from dynamo.messages import failure
 from dynamo.pipeline import Pipeline, serve_jobs
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 ACTOR = "uploader"
 # Uploads in flight at once: enough to overlap network waits with processing.
 UPLOAD_CONCURRENCY = 4
+# A ghost's color in dynamo.image, as the original service stored it.
+GHOST_COLOR = "#000000"
 # Image processing is CPU-bound numpy/Pillow work: one thread per core of this machine.
 PROCESSING_THREADS = trio.CapacityLimiter(2)
 
@@ -40,11 +47,17 @@ def image_key(job: Job) -> tuple[str, str]:
     return f"{job.id}/{job.id}-0.jpg", "image/jpeg"
 
 
-def process_image(style: Style, raw: bytes) -> tuple[bytes, str]:
+def process_image(style: Style, raw: bytes, inputs: Mapping | None = None) -> tuple[bytes, str]:
     """The stored bytes and the `#rrggbb` color for a generated image."""
+    header = imaging.sniff(raw)
+    stored_as_is = header is not None and header.sane
     if style is Style.FRIEND:
+        if stored_as_is and header.format == "WEBP" and header.alpha:
+            return raw, imaging.color_hex(prompts.COMPLEMENTS[(inputs or {})["color"]])
         return imaging.key_out_background(raw)
-    return imaging.to_jpeg(raw, quality=80), "#000000"
+    if stored_as_is and header.format == "JPEG":
+        return raw, GHOST_COLOR
+    return imaging.to_jpeg(raw, quality=80), GHOST_COLOR
 
 
 async def run(
@@ -78,9 +91,9 @@ async def _store(storage, pipeline: Pipeline, job: Job) -> str:
         return "failed"
     try:
         data, color = await trio.to_thread.run_sync(
-            process_image, job.style, raw, limiter=PROCESSING_THREADS
+            process_image, job.style, raw, job.inputs, limiter=PROCESSING_THREADS
         )
-    except ValueError as exc:  # not a decodable image
+    except (ValueError, KeyError) as exc:  # not a decodable image; a friend without a color
         await pipeline.fail(job, failure(Reason.ERROR, f"image could not be processed: {exc}"))
         return "failed"
     key, content_type = image_key(job)

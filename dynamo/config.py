@@ -9,12 +9,23 @@ line each, logged by the caller from `Settings.defaults_used`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
 import dotenv
+
+from dynamo import pricing
+
+# Models OpenAI serves today with no announced shutdown (checked on 2026-12-01 against the
+# deprecations page; README "Models and what they cost" says why these two).
+DEFAULT_IMAGE_MODEL = "gpt-image-2.6-flare"
+DEFAULT_TEXT_MODEL = "gpt-6-luna"
+IMAGE_QUALITIES = ("low", "medium", "high")
+# Crisp clip-art outlines and a clean alpha edge over video, for ~1.3 cents an image.
+DEFAULT_IMAGE_QUALITY = "medium"
 
 
 class ConfigError(Exception):
@@ -58,6 +69,9 @@ class Settings:
     moderation: bool
     log_format: str
     admin_token: str | None = dataclasses.field(repr=False)
+    image_quality: str = DEFAULT_IMAGE_QUALITY
+    daily_budget_usd: float | None = None
+    prices: dict = dataclasses.field(default_factory=dict)  # DYNAMO_PRICES: model -> Prices
     defaults_used: tuple[str, ...] = ()  # WARNING lines for the development profile
 
 
@@ -97,6 +111,21 @@ class _Reader:
             self.errors.append(f"{name} must be at least {minimum}, got {raw!r}")
             return default
         return value
+
+    def optional_number(self, name: str, *, minimum: float) -> float | None:
+        if self.text(name) is None:
+            return None
+        return self.number(name, 0.0, minimum=minimum)
+
+    def prices(self, name: str) -> dict:
+        raw = self.text(name)
+        if raw is None:
+            return {}
+        try:
+            return pricing.parse_overrides(json.loads(raw))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            self.errors.append(f"{name}: {exc}")
+            return {}
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = (self.text(name) or default).lower()
@@ -197,8 +226,11 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
         max_attempts=int(r.number("DYNAMO_MAX_ATTEMPTS", 6, minimum=1, integer=True)),
         request_timeout_s=r.number("DYNAMO_REQUEST_TIMEOUT_S", 900.0, minimum=1),
         points_cost=int(r.number("DYNAMO_POINTS_COST", 200, minimum=0, integer=True)),
-        image_model=r.text("DYNAMO_IMAGE_MODEL", "dall-e-3"),
-        text_model=r.text("DYNAMO_TEXT_MODEL", "gpt-4o-mini"),
+        image_model=r.text("DYNAMO_IMAGE_MODEL", DEFAULT_IMAGE_MODEL),
+        text_model=r.text("DYNAMO_TEXT_MODEL", DEFAULT_TEXT_MODEL),
+        image_quality=r.choice("DYNAMO_IMAGE_QUALITY", DEFAULT_IMAGE_QUALITY, IMAGE_QUALITIES),
+        daily_budget_usd=r.optional_number("DYNAMO_DAILY_BUDGET_USD", minimum=0),
+        prices=r.prices("DYNAMO_PRICES"),
         moderation=r.choice("DYNAMO_MODERATION", "on", ("on", "off", "true", "false", "1", "0"))
         in ("on", "true", "1"),
         log_format=r.choice("DYNAMO_LOG_FORMAT", "text", ("text", "json")),

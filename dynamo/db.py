@@ -42,7 +42,9 @@ REQUEST_COLUMNS = """
     r.announced_at, r.discord_posted_at, r.orphan_suspected,
     (select a.value from dynamo.answer a where a.image_request_id = r.id limit 1) as name,
     (select i.url from dynamo.image i where i.image_request_id = r.id and i.index = 0) as image_url,
-    (select i.color from dynamo.image i where i.image_request_id = r.id and i.index = 0) as image_color
+    (select i.color from dynamo.image i where i.image_request_id = r.id and i.index = 0) as image_color,
+    (select coalesce(sum(c.cost_usd), 0) from dynamo.openai_call c
+     where c.image_request_id = r.id) as cost_usd
 """
 
 

@@ -1,6 +1,8 @@
 """Image processing (contract §4): ghosts to JPEG, friends keyed out to WEBP with alpha.
 
-Also draws the placeholder images of the offline development generator. Every function
+Where the image API already sent the stored format (a JPEG ghost, a WEBP friend with its
+alpha channel), `sniff()` reads its header only, format, size and alpha, so that the
+bytes are stored as they came: no decoding, no re-encoding. Also draws the placeholder images of the offline development generator. Every function
 here is CPU-bound and blocking (a 1024x1024 image takes tens of milliseconds), so actors
 call them through `trio.to_thread.run_sync`. Inputs come from the network: decoding
 accepts only PNG, WEBP and JPEG of a sane size and raises ValueError for anything else.
@@ -8,8 +10,10 @@ accepts only PNG, WEBP and JPEG of a sane size and raises ValueError for anythin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import struct
 import textwrap
 
 import numpy as np
@@ -53,6 +57,98 @@ PLACEHOLDER_SIZE = 1024  # the size the image API is asked for
 _GHOST_BACKGROUND = (14, 12, 24)
 _GHOST_PALE = (222, 228, 240)
 _PLACEHOLDER_TITLE = "OFFLINE PLACEHOLDER"
+
+
+def color_hex(name: str) -> str:
+    """`#rrggbb` of one of the 13 friend colors."""
+    red, green, blue = COLOR_RGB[name]
+    return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What an encoded image's header says; `whole`: its container is complete."""
+
+    format: str  # "PNG", "JPEG" or "WEBP"
+    width: int
+    height: int
+    alpha: bool
+    whole: bool = True
+
+    @property
+    def sane(self) -> bool:
+        return self.whole and 0 < self.width * self.height <= MAX_INPUT_PIXELS
+
+
+# JPEG start-of-frame markers (they carry the size); C4, C8 and CC are other markers.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_WEBP_ALPHA_FLAG = 0x10
+_WEBP_ANIMATION_FLAG = 0x02
+
+
+def sniff(data: bytes) -> Header | None:
+    """The format, size and alpha of a PNG, JPEG or WEBP from its header alone (cheap: no
+    pixel is decoded); None for anything else or a header that does not parse."""
+    try:
+        if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            return Header("PNG", width, height, alpha=data[25] in (4, 6))
+        if data.startswith(b"\xff\xd8"):
+            return _sniff_jpeg(data)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _sniff_webp(data)
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _sniff_jpeg(data: bytes) -> Header | None:
+    position = 2
+    while position + 9 < len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
+            return Header("JPEG", width, height, alpha=False, whole=data.endswith(b"\xff\xd9"))
+        (length,) = struct.unpack(">H", data[position + 2 : position + 4])
+        position += 2 + length
+    return None
+
+
+def _sniff_webp(data: bytes) -> Header | None:
+    (riff_size,) = struct.unpack("<I", data[4:8])
+    whole = riff_size + 8 == len(data)
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        flags = data[20]
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+        if flags & _WEBP_ANIMATION_FLAG:
+            return None  # an animation: not what was asked for
+        alpha = bool(flags & _WEBP_ALPHA_FLAG) and _webp_has_chunk(data, (b"ALPH", b"VP8L"))
+        return Header("WEBP", width, height, alpha, whole)
+    if chunk == b"VP8L" and data[20] == 0x2F:
+        (bits,) = struct.unpack("<I", data[21:25])
+        width, height = 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        return Header("WEBP", width, height, bool((bits >> 28) & 1), whole)
+    if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return Header("WEBP", width & 0x3FFF, height & 0x3FFF, alpha=False, whole=whole)
+    return None
+
+
+def _webp_has_chunk(data: bytes, names: tuple[bytes, ...]) -> bool:
+    """Whether an extended WEBP holds one of the chunks `names` (its alpha data)."""
+    position = 12
+    while position + 8 <= len(data):
+        name = data[position : position + 4]
+        (size,) = struct.unpack("<I", data[position + 4 : position + 8])
+        if name in names:
+            return True
+        position += 8 + size + (size & 1)  # chunks are padded to an even size
+    return False
 
 
 def _decode(image_bytes: bytes) -> Image.Image:

@@ -70,6 +70,7 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
     # Libraries' per-request chatter would drown the events that matter.
     for noisy in (
         "httpx",
+        "httpx2",  # the openai SDK's own copy of httpx
         "httpcore",
         "hpack",
         "aiormq",

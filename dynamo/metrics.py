@@ -62,3 +62,15 @@ DISCORD_POSTS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+OPENAI_SPEND_USD = Counter(
+    "dynamo_openai_spend_usd_total",
+    "USD spent on OpenAI calls (usage x the price table), by model and kind of call",
+    ["model", "kind"],
+    registry=REGISTRY,
+)
+MODEL_SHUTDOWN_DAYS = Gauge(
+    "dynamo_model_shutdown_days",
+    "Days until a configured model's announced shutdown (absent: none announced)",
+    ["model"],
+    registry=REGISTRY,
+)

@@ -49,8 +49,13 @@ COMPLEMENTS: dict[str, str] = {
 
 # Names longer than this would overflow the alert overlay; real names are far shorter.
 MAX_NAME_CHARS = 60
-# Used when the model answers with nothing usable: a friend always has a name.
+# Used when the model answers with nothing usable and there is no subject to name it by.
 FALLBACK_NAME = "Friend"
+# Words a name made from the subject does not end on ("Caterpillar in a Top Hat", not
+# "Caterpillar in a"), and that stay lower case inside it.
+_SMALL_WORDS = frozenset(
+    {"a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "with", "for"}
+)
 
 # A leading article, only when something follows it ("a" alone is left alone).
 _LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+(?=\S)", re.IGNORECASE)
@@ -60,9 +65,10 @@ _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
 _GHOST_TEMPLATE = "a ghostly image of {subject}, with glitchy VHS artifacts, dark background"
 _FRIEND_TEMPLATE = (
     "{color_with_article} {bare_subject}, illustrated in the style of 1990s digital clip art"
-    " images, with a limited 256-color palette and sharp black outlines, with a solid"
-    " {background} background suitable for chroma keying"
+    " images, with a limited 256-color palette and sharp black outlines"
 )
+# Left out where the image model draws the background transparent itself (contract §4).
+_CHROMA_KEY_CLAUSE = ", with a solid {background} background suitable for chroma keying"
 _NAME_TEMPLATE = (
     "Please come up with a name for a friendly mascot character who is {description}."
     " Please answer with a single name, and no additional text."
@@ -84,12 +90,13 @@ def ghost_prompt(subject: str) -> str:
     return _GHOST_TEMPLATE.format(subject=subject.strip())
 
 
-def friend_prompt(color: str, subject: str) -> str:
-    return _FRIEND_TEMPLATE.format(
-        color_with_article=_with_article(color),
-        bare_subject=bare_subject(subject),
-        background=COMPLEMENTS[color],
+def friend_prompt(color: str, subject: str, *, chroma_key: bool = True) -> str:
+    prompt = _FRIEND_TEMPLATE.format(
+        color_with_article=_with_article(color), bare_subject=bare_subject(subject)
     )
+    if chroma_key:
+        prompt += _CHROMA_KEY_CLAUSE.format(background=COMPLEMENTS[color])
+    return prompt
 
 
 def friend_description(subject: str) -> str:
@@ -115,8 +122,28 @@ def name_prompt(description: str) -> str:
     return _NAME_TEMPLATE.format(description=description)
 
 
-def clean_name(answer: str) -> str:
-    """A friend's name from the model's answer, safe to show whatever it said."""
+def name_from_subject(subject: str) -> str:
+    """A friend's name when the model gave none: its subject, title-cased, cut at a word.
+
+    "caterpillar in a top hat" → "Caterpillar in a Top Hat".
+    """
+    words = " ".join(bare_subject(subject).split()).strip(_QUOTES + ".").split()
+    name: list[str] = []
+    for word in words:
+        if len(" ".join([*name, word])) > MAX_NAME_CHARS:
+            if not name:  # one very long word: cut it
+                name.append(word[:1].upper() + word[1:MAX_NAME_CHARS])
+            break
+        small = name and word.lower() in _SMALL_WORDS
+        name.append(word.lower() if small else word[:1].upper() + word[1:])
+    while len(name) > 1 and name[-1].lower() in _SMALL_WORDS:
+        name.pop()
+    return " ".join(name) or FALLBACK_NAME
+
+
+def clean_name(answer: str, fallback: str = FALLBACK_NAME) -> str:
+    """A friend's name from the model's answer, safe to show whatever it said; `fallback`
+    when nothing usable is left."""
     # Newlines and tabs become spaces: a name is one line on the overlay.
     name = " ".join(answer.split())
     # Strip quotes and a trailing period in turns: models write both `"Bob".` and `"Bob."`.
@@ -125,4 +152,4 @@ def clean_name(answer: str) -> str:
         previous = name
         name = name.strip().strip(_QUOTES).rstrip(".").strip()
     name = name[:MAX_NAME_CHARS].rstrip()
-    return name or FALLBACK_NAME
+    return name or fallback

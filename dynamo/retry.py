@@ -1,9 +1,11 @@
 """The one retry policy for every external call: classification, backoff, and `retrying`.
 
-An external error is classified into one of four kinds, and only `Transient` is retried:
+An external error is classified into one of four kinds, and only `Transient` is retried
+(each port classifies its own: `classify_http_status` for httpx-based ports here,
+`openai_errors.classify_openai` for the OpenAI port):
 
-- `Transient`: try again later (429, 408, 409 from OpenAI, 5xx, connection errors, timeouts);
-  carries the server's `retry_after_s` when it gave one.
+- `Transient`: try again later (429, 408, 5xx, connection errors, timeouts); carries the
+  server's `retry_after_s` when it gave one.
 - `Permanent`: trying again cannot help (other 4xx, an exhausted quota); fail the request.
 - `AuthFailure`: the API key was refused (401/403); not the request's fault.
 - `ContentRejected`: the content filter refused the prompt or the image.
@@ -23,7 +25,6 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-import openai
 import trio
 
 from dynamo import metrics
@@ -35,11 +36,6 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_JITTER_S = 0.5
 # 2**attempt overflows a float near 1024; the cap is reached long before this anyway.
 _MAX_EXPONENT = 32
-# OpenAI's answer when the content filter refused the prompt (or the generated image).
-_CONTENT_POLICY_CODE = "content_policy_violation"
-_CONTENT_POLICY_WORDS = ("content policy", "content_policy", "safety system")
-# A 429 that no amount of waiting fixes: the account is out of credit.
-_QUOTA_CODE = "insufficient_quota"
 
 T = TypeVar("T")
 
@@ -170,59 +166,6 @@ def classify_port_error(exc: Exception, *, unknown=Permanent, passthrough=()) ->
     if isinstance(exc, (CallError, *passthrough)):
         return exc
     return unknown(f"{type(exc).__name__}: {exc}")
-
-
-def classify_openai(exc: BaseException, *, image_call: bool = False) -> CallError:
-    """Maps an exception of the openai SDK to one of the four kinds (others: `Permanent`).
-
-    A 400 is `ContentRejected` when its code is content_policy_violation or its message
-    speaks of the content policy / safety system; with `image_call=True` every 400 of type
-    invalid_request_error is (the original service's rule for the image endpoint).
-    """
-    if isinstance(exc, CallError):
-        return exc
-    message = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-        return Transient(message)
-    if isinstance(exc, openai.ContentFilterFinishReasonError):
-        return ContentRejected(message)
-    if not isinstance(exc, openai.APIStatusError):
-        return Permanent(message)
-    status = exc.status_code
-    headers = dict(exc.response.headers)
-    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)) or status in (
-        401,
-        403,
-    ):
-        return AuthFailure(message, status_code=status, headers=headers)
-    if status == 429:
-        if exc.code == _QUOTA_CODE:
-            return Permanent(message, status_code=status, headers=headers)
-        return Transient(
-            message,
-            retry_after_s=retry_after_from_headers(headers),
-            status_code=status,
-            headers=headers,
-        )
-    if status == 400 and _content_rejected(exc, image_call=image_call):
-        return ContentRejected(message, status_code=status, headers=headers)
-    if status in (408, 409) or status >= 500:
-        return Transient(
-            message,
-            retry_after_s=retry_after_from_headers(headers),
-            status_code=status,
-            headers=headers,
-        )
-    return Permanent(message, status_code=status, headers=headers)
-
-
-def _content_rejected(exc: openai.APIStatusError, *, image_call: bool) -> bool:
-    if exc.code == _CONTENT_POLICY_CODE:
-        return True
-    if exc.type != "invalid_request_error":
-        return False
-    text = (exc.message or "").lower()
-    return image_call or any(words in text for words in _CONTENT_POLICY_WORDS)
 
 
 async def retrying(

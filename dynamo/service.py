@@ -16,6 +16,7 @@ pipeline gets `SHUTDOWN_GRACE_S` to bring what is in hand to a persisted step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import uuid
@@ -24,16 +25,29 @@ import httpx
 import trio
 import trio_asyncio
 
-from actors import announcer, discord, generator, http, intake, ledger, rate_limiter, uploader
+from actors import (
+    announcer,
+    discord,
+    generator,
+    http,
+    intake,
+    ledger,
+    model_watch,
+    rate_limiter,
+    uploader,
+)
 from dynamo import embedded_pg, resume
 from dynamo.broker import open_broker
 from dynamo.config import Settings
 from dynamo.db import open_database
 from dynamo.generation import OfflineGenerator, OpenAIGenerator
+from dynamo.openai_models import ModelsStatus, check_and_report
 from dynamo.pipeline import Pipeline
 from dynamo.points import FreePoints, Points
+from dynamo.pricing import PriceTable
 from dynamo.ratelimit import RateLimiterStatus
 from dynamo.readiness import Readiness
+from dynamo.spend import Spend
 from dynamo.storage import LocalStorage, S3Storage
 from dynamo.supervisor import Supervisor
 
@@ -79,6 +93,7 @@ def make_generator(settings: Settings):
         base_url=settings.openai_base_url,
         image_model=settings.image_model,
         text_model=settings.text_model,
+        image_quality=settings.image_quality,
     )
 
 
@@ -115,20 +130,42 @@ def admin_token_for(settings: Settings) -> str | None:
 async def serve(
     settings: Settings, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Runs dynamo until `shutdown` is set. task_status.started(http_url) once it serves."""
+    """Runs dynamo until `shutdown` is set. task_status.started(http_url) once it serves.
+
+    Raises ModelsRefused (production) when a configured model is unknown or shut down."""
     for warning in settings.defaults_used:
         log.warning(warning)
-    async with trio_asyncio.open_loop():
-        async with (
-            open_database_for(settings) as db,
-            open_broker(settings.amqp_url) as broker,
-            httpx.AsyncClient(timeout=HTTP_CLIENT_TIMEOUT_S) as http_client,
-        ):
-            await db.apply_schema()
-            await _run_graph(settings, db, broker, http_client, shutdown, task_status)
+    gen = make_generator(settings)
+    try:
+        models = ModelsStatus(
+            image_model=gen.image_model, text_model=gen.text_model, offline=gen.offline
+        )
+        # Before anything else: a model that cannot be used stops a production start.
+        await check_and_report(gen, models, profile=settings.profile, at_startup=True)
+        async with trio_asyncio.open_loop():
+            async with (
+                open_database_for(settings) as db,
+                open_broker(settings.amqp_url) as broker,
+                httpx.AsyncClient(timeout=HTTP_CLIENT_TIMEOUT_S) as http_client,
+            ):
+                await db.apply_schema()
+                ports = _Ports(db, broker, http_client, gen, models)
+                await _run_graph(settings, ports, shutdown, task_status)
+    finally:
+        await gen.aclose()
 
 
-async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task_status) -> None:
+@dataclasses.dataclass
+class _Ports:
+    db: object
+    broker: object
+    http_client: httpx.AsyncClient
+    generator: object
+    models: ModelsStatus
+
+
+async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -> None:
+    db, broker, http_client, gen = ports.db, ports.broker, ports.http_client, ports.generator
     pipeline = Pipeline(
         db,
         worker_id=uuid.uuid4(),
@@ -138,8 +175,8 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
     supervisor = Supervisor(on_restart=pipeline.inflight.take_orphans)
     public_http_url = f"http://{settings.http_host}:{settings.http_port}"
     storage = make_storage(settings, public_http_url)
-    gen = make_generator(settings)
     points = make_points(settings, http_client)
+    spend = Spend(db, PriceTable(settings.prices), daily_budget_usd=settings.daily_budget_usd)
     limiter_status = RateLimiterStatus()
     readiness = Readiness(db=db, broker=broker, limiter_status=limiter_status)
 
@@ -241,9 +278,21 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
                 workers=settings.generator_workers,
                 max_attempts=settings.max_attempts,
                 moderation=settings.moderation,
+                spend=spend,
                 task_status=task_status,
             ),
         )
+        if not gen.offline:
+            await start(
+                pipeline_nursery,
+                "model_watch",
+                lambda task_status: model_watch.run(
+                    generator=gen,
+                    models=ports.models,
+                    profile=settings.profile,
+                    task_status=task_status,
+                ),
+            )
         await start(
             pipeline_nursery,
             "rate_limiter",
@@ -295,6 +344,8 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
                 http_client=http_client,
                 admin_token=admin_token_for(settings),
                 auth_configured=settings.auth_shared_secret is not None,
+                models=ports.models,
+                spend=spend,
             )
             url = await start(
                 intake_nursery,

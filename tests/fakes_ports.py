@@ -8,7 +8,8 @@ offers `wait_until(predicate)` so that a test waits for an outcome instead of sl
   the same compare-and-set semantics; rows are dicts with the `REQUEST_COLUMNS` keys.
 - `FakeBroker` / `FakeDelivery`: input deliveries from a list, recorded publishes.
 - `FakePoints`: the auth + ledger port, with scriptable 409s and outages.
-- `FakeGenerator`: the OpenAI port, answering `Answer`s or raising real `openai` errors.
+- `FakeGenerator`: the OpenAI port, answering `Answer`s or raising real `openai` errors,
+  classified as the real port does; `FakeSpend`: the spend port.
 - `FakeStorage`: the storage port, with scriptable outages.
 
 All times given to the fakes are `trio.current_time()` values, i.e. the test's mock clock.
@@ -38,21 +39,31 @@ from PIL import Image
 
 from dynamo import prompts, retry
 from dynamo.db import _ADVANCE_COLUMNS, REQUEST_COLUMNS
-from dynamo.generation import Answer
+from dynamo.dialect import ImageOrder
+from dynamo.generation import Answer, GeneratedImage, NameAnswer
 from dynamo.jobs import Step, Style, state_for
+from dynamo.openai_errors import classify_openai
 from dynamo.pipeline import Pipeline
 from dynamo.points import AlreadyFinalized, InsufficientPoints
+
+
+def _without_parentheses(sql: str) -> str:
+    """`sql` with every parenthesized part (subqueries, calls, nested too) taken out."""
+    while (stripped := re.sub(r"\([^()]*\)", "", sql)) != sql:
+        sql = stripped
+    return sql
+
 
 # The keys of a row as `Database.load_request` returns it, read from its own SELECT list so
 # that the fake cannot drift from the real query.
 ROW_KEYS: tuple[str, ...] = tuple(
     column.split()[-1].split(".")[-1]
-    for column in re.sub(r"\([^()]*\)", "", REQUEST_COLUMNS).split(",")
+    for column in _without_parentheses(REQUEST_COLUMNS).split(",")
 )
 
 
 def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 class _Observable:
@@ -83,6 +94,7 @@ class MemoryDatabase(_Observable):
         self.images: dict[uuid.UUID, dict[str, str]] = {}  # dynamo.image index 0: url, color
         self.generated: dict[uuid.UUID, bytes] = {}  # dynamo.generated_image
         self.advances: list[tuple[uuid.UUID, Step, Step, bool]] = []  # (id, from, to, moved)
+        self.openai_calls: list[dict[str, Any]] = []  # dynamo.openai_call, through `execute`
 
     # -- what tests use to set up and to look -----------------------------------------
 
@@ -288,7 +300,9 @@ class MemoryDatabase(_Observable):
         image = self.images.get(row["id"])
         joined = dict(row, name=answer["value"] if answer else None,
                       image_url=image["url"] if image else None,
-                      image_color=image["color"] if image else None)
+                      image_color=image["color"] if image else None,
+                      cost_usd=sum(call["cost_usd"] for call in self.openai_calls
+                                   if call["image_request_id"] == row["id"]))
         return copy.deepcopy({key: joined[key] for key in ROW_KEYS})
 
 
@@ -305,7 +319,7 @@ class Published:
 class FakeDelivery:
     """One input message; records whether it was acked or dead-lettered (and why)."""
 
-    def __init__(self, broker: "FakeBroker", body: bytes, message_id: str | None,
+    def __init__(self, broker: FakeBroker, body: bytes, message_id: str | None,
                  redelivered: bool) -> None:
         self._broker = broker
         self.body = body
@@ -504,24 +518,37 @@ def solid_png(color: tuple[int, int, int], *, size: tuple[int, int] = (64, 64),
 
 class FakeGenerator(_Observable):
     """The OpenAI port. Each operation answers from its script (an `Answer`'s value, or an
-    exception to raise), then with its default once the script is used up.
+    exception to raise), then with its default once the script is used up. An `openai`
+    SDK exception is raised as the real port raises it: classified into the service's
+    error classes (`openai_errors.classify_openai`).
 
     `calls` records every attempt as (operation, argument): the moderated text, the name
-    prompt, or the image prompt and user.
+    prompt, or the image prompt and user; `orders` the image calls' `ImageOrder`s and
+    `name_attempts` the names' `attempt` argument.
     """
 
     offline = False
-    image_model = "dall-e-3"
-    text_model = "gpt-4o-mini"
+    image_model = "gpt-image-2.6-flare"
+    text_model = "gpt-6-luna"
+    image_quality = "medium"
 
     def __init__(self, *, flagged: bool = False, name: str = "Sir Hatsworth",
-                 image: bytes | None = None, headers: dict[str, str] | None = None) -> None:
+                 image: bytes | None = None, headers: dict[str, str] | None = None,
+                 image_tokens: int = 0) -> None:
         super().__init__()
         self.defaults = {"moderate": flagged, "name": name,
                          "image": image if image is not None else solid_png((12, 10, 18))}
         self.headers = headers or {"x-ratelimit-remaining-requests": "99"}
         self.scripts: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.calls: list[tuple[str, Any]] = []
+        self.orders: list[ImageOrder] = []
+        self.name_attempts: list[int] = []
+        self.image_tokens = image_tokens
+        # The `usage` each operation's answers carry (None: none, as moderation).
+        self.usage: dict[str, dict | None] = {"moderate": None, "name": None, "image": None}
+
+    def expected_image_tokens(self) -> int:
+        return self.image_tokens
 
     def script(self, operation: str, *outcomes: Any) -> None:
         """The next answers of `operation`, in order: values, or exceptions to raise."""
@@ -534,7 +561,7 @@ class FakeGenerator(_Observable):
     def count(self, operation: str) -> int:
         return sum(1 for op, _ in self.calls if op == operation)
 
-    async def _answer(self, operation: str, argument: Any) -> Answer:
+    async def _answer(self, operation: str, argument: Any, model: str | None) -> Answer:
         await trio.lowlevel.checkpoint()
         self.calls.append((operation, argument))
         self._notify()
@@ -542,21 +569,55 @@ class FakeGenerator(_Observable):
         outcome = script.popleft() if script else self.defaults[operation]
         if callable(outcome):  # a factory: a fresh exception for each call
             outcome = outcome()
+        if isinstance(outcome, openai.OpenAIError):
+            raise classify_openai(outcome, image_call=operation == "image") from outcome
         if isinstance(outcome, BaseException):
             raise outcome
-        return Answer(outcome, dict(self.headers))
+        return Answer(outcome, dict(self.headers), model, self.usage.get(operation))
 
     async def moderate(self, text: str) -> Answer[bool]:
-        return await self._answer("moderate", text)
+        return await self._answer("moderate", text, "omni-moderation-latest")
 
-    async def name(self, prompt: str) -> Answer[str]:
-        return await self._answer("name", prompt)
+    async def name(self, prompt: str, *, attempt: int = 0) -> Answer[NameAnswer]:
+        self.name_attempts.append(attempt)
+        answer = await self._answer("name", prompt, self.text_model)
+        if isinstance(answer.value, str):  # a plain name: complete unless empty
+            answer.value = NameAnswer(answer.value, bool(answer.value.strip()))
+        return answer
 
-    async def image(self, prompt: str, *, user: str) -> Answer[bytes]:
-        return await self._answer("image", (prompt, user))
+    async def image(self, order: ImageOrder) -> Answer[GeneratedImage]:
+        self.orders.append(order)
+        answer = await self._answer("image", (order.prompt, order.user), self.image_model)
+        if isinstance(answer.value, bytes):
+            answer.value = GeneratedImage(answer.value, transparent=False)
+        return answer
 
     async def aclose(self) -> None:
         return None
+
+
+class FakeSpend:
+    """The spend port: calls recorded in `calls` (and the database's `openai_calls`), a
+    budget that is reached when the test says so (`reached`)."""
+
+    def __init__(self, db: MemoryDatabase | None = None) -> None:
+        self.db = db
+        self.calls: list[tuple[uuid.UUID, str, str | None, dict | None]] = []
+        self.reached = False
+        self.checks = 0
+
+    async def record(self, request_id: uuid.UUID, kind: str, answer) -> float:
+        await trio.lowlevel.checkpoint()
+        self.calls.append((request_id, kind, answer.model, answer.usage))
+        if self.db is not None:
+            self.db.openai_calls.append({"image_request_id": request_id, "kind": kind,
+                                         "model": answer.model, "cost_usd": 0.0})
+        return 0.0
+
+    async def paused(self) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.checks += 1
+        return self.reached
 
 
 # -- storage --------------------------------------------------------------------------

@@ -6,11 +6,17 @@ import collections
 import trio
 
 from actors import generator
-from dynamo.generation import Answer
+from dynamo.generation import Answer, GeneratedImage
 from dynamo.jobs import Reason, Step, Style
 from dynamo.permits import CallKind, CallOutcome, Permit, PermitRequest
 from tests.fakes_ports import (
-    FakeGenerator, MemoryDatabase, channel, make_pipeline, nothing_within, openai_error, running,
+    FakeGenerator,
+    MemoryDatabase,
+    channel,
+    make_pipeline,
+    nothing_within,
+    openai_error,
+    running,
     solid_png,
 )
 
@@ -344,7 +350,7 @@ async def test_deadline_passing_during_the_image_call_expires_the_request(autoju
         async def never_answers():
             await trio.sleep_forever()
 
-        actor.openai.image = lambda prompt, *, user: never_answers()
+        actor.openai.image = lambda order: never_answers()
         job = await actor.job()
         async with actor.run():
             await actor.generate_send.send(job)
@@ -416,13 +422,13 @@ async def test_workers_generate_side_by_side(autojump_clock):
         in_call = 0
         most_in_call = 0
 
-        async def slow_image(prompt, *, user):
+        async def slow_image(order):
             nonlocal in_call, most_in_call
             in_call += 1
             most_in_call = max(most_in_call, in_call)
             await trio.sleep(30)
             in_call -= 1
-            return Answer(IMAGE, {})
+            return Answer(GeneratedImage(IMAGE, transparent=False), {})
 
         actor.openai.image = slow_image
         jobs = [await actor.job(step=Step.SCREENED) for _ in range(2)]

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_asyncio import aio_as_trio
 
 from dynamo import broker as topology
-from tests.fakes.pictures import hex_color
+from dynamo import imaging
 from tests.support import infra
 from tests.support.amqp import bodies
 
@@ -27,6 +27,13 @@ pytestmark = pytest.mark.integration
 GHOST = {"type": "image", "viewer": {"twitch_user_id": "90790024", "twitch_display_name": "wasabimilkshake"}, "state": {"broadcast_id": 13, "screening_id": "96d1ca5c-7658-48c9-8193-9d1739854467", "tape_id": 124}, "payload": {"style": "ghost", "inputs": {"subject": "a seal"}}}
 FRIEND = {"type": "image", "viewer": {"twitch_user_id": "90790024", "twitch_display_name": "wasabimilkshake"}, "state": {"broadcast_id": 0, "screening_id": "00000000-0000-0000-0000-000000000000", "tape_id": 0}, "payload": {"style": "friend", "inputs": {"color": "yellow", "subject": "caterpillar in a top hat"}}}
 VIEWER = GHOST["viewer"]
+
+
+def _jpeg_tables(quality: int) -> dict:
+    """The quantization tables of a JPEG that Pillow encodes at `quality`."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "JPEG", quality=quality)
+    return Image.open(buffer).quantization
 
 
 async def fetch_rows(database: str, sql: str, *args):
@@ -71,9 +78,9 @@ async def test_ghost_and_friend_from_rabbitmq_to_the_screen(
         assert details["image_url"] == f"{fake_s3.endpoint_url}/{fake_s3.bucket}/{friend_id}/{friend_id}-0.webp"
         assert details["description"] == "a caterpillar in a top hat"
         assert details["name"] == "Sir Hatsworth"
-        expected = hex_color("indigo")  # yellow's complement is the background
-        got = details["background_color"]
-        assert all(abs(int(got[i:i + 2], 16) - int(expected[i:i + 2], 16)) <= 6 for i in (1, 3, 5)), got
+        # The default image model draws the friend on a transparent background itself; the
+        # color is the complement its chroma-key prompt would have named (yellow: indigo).
+        assert details["background_color"] == imaging.color_hex("indigo") == "#4b0082"
 
         # The results: success, published after the debit was accepted.
         by_id = {r["request_id"]: r for r in bodies(results)}
@@ -91,9 +98,24 @@ async def test_ghost_and_friend_from_rabbitmq_to_the_screen(
         assert jpeg.status_code == 200 and webp.status_code == 200
         ghost_image = Image.open(io.BytesIO(jpeg.content))
         assert ghost_image.format == "JPEG" and ghost_image.size == (1024, 1024)
+        assert ghost_image.quantization == _jpeg_tables(quality=80)  # JPEG quality 80
         friend_image = Image.open(io.BytesIO(webp.content))
         assert friend_image.format == "WEBP" and friend_image.mode == "RGBA"
         assert friend_image.getpixel((2, 2))[3] == 0 and friend_image.getpixel((512, 512))[3] == 255
+        # Asked in the stored format (ghost: JPEG at 80; friend: transparent WEBP without
+        # the chroma-key clause) and stored as the API sent them: no re-encoding.
+        asked = {("friend" if "clip art" in c.body["prompt"] else "ghost"): c
+                 for c in fake_openai.calls_to("images")}
+        assert asked["ghost"].body["output_format"] == "jpeg"
+        assert asked["ghost"].body["output_compression"] == 80
+        assert asked["friend"].body["background"] == "transparent"
+        assert asked["friend"].body["output_format"] == "webp"
+        assert "chroma" not in asked["friend"].body["prompt"]
+        for call in asked.values():
+            assert call.body["model"] == "gpt-image-2.6-flare" and call.body["quality"] == "medium"
+            assert "response_format" not in call.body and "style" not in call.body
+        assert jpeg.content == asked["ghost"].extra["image"]
+        assert webp.content == asked["friend"].extra["image"]
 
         # The ledger: exactly two accepted 200-point debits, nothing pending.
         assert fake_ledger.pending() == []

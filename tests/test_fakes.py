@@ -51,7 +51,7 @@ def openai_client(fake: FakeOpenAI, api_key: str = "sk-test") -> openai.AsyncOpe
 
 async def generate(client: openai.AsyncOpenAI, prompt: str = GHOST_PROMPT, **kwargs):
     return await client.images.generate(
-        model="dall-e-3", prompt=prompt, size="1024x1024", n=1, user="90790024", **kwargs
+        model="gpt-image-2.6-flare", prompt=prompt, size="1024x1024", n=1, user="90790024", **kwargs
     )
 
 
@@ -80,9 +80,9 @@ async def test_moderation_flags_only_listed_words(fake_openai: FakeOpenAI) -> No
 async def test_image_b64_json_draws_the_chroma_background(fake_openai: FakeOpenAI) -> None:
     with trio.fail_after(TEST_DEADLINE_S):
         async with openai_client(fake_openai) as client:
-            answer = await generate(client, FRIEND_PROMPT, response_format="b64_json")
+            answer = await generate(client, FRIEND_PROMPT)
     item = answer.data[0]
-    assert item.url is None and item.revised_prompt
+    assert item.url is None and item.b64_json
     image = open_png(base64.b64decode(item.b64_json))
     assert image.size == (1024, 1024)
     assert image.getpixel((0, 0)) == image.getpixel((1023, 1023)) == CHROMA_RGB["indigo"]
@@ -123,7 +123,7 @@ async def test_image_rate_limit_is_a_sliding_window(
     jumped_s = 30 + 31
     with trio.fail_after(TEST_DEADLINE_S + jumped_s):
         async with openai_client(fake_openai) as client:
-            first = await client.images.with_raw_response.generate(model="dall-e-3", prompt="a seal")
+            first = await client.images.with_raw_response.generate(model="gpt-image-2.6-flare", prompt="a seal")
             real_speed_clock.jump(30)
             await generate(client)
             with pytest.raises(openai.RateLimitError) as refused:
@@ -460,7 +460,7 @@ SUBPROCESS_CLIENT = """
 import os, httpx, openai
 client = openai.OpenAI(max_retries=0)  # OPENAI_API_KEY and OPENAI_BASE_URL from the environment
 assert client.moderations.create(input="a seal").results[0].flagged is False
-image = client.images.generate(model="dall-e-3", prompt="a seal", size="1024x1024", n=1)
+image = client.images.generate(model="gpt-image-2.6-flare", prompt="a seal", size="1024x1024", n=1)
 assert image.data[0].b64_json
 ledger = httpx.post(os.environ["LEDGER_URL"] + "/outflow", json={}, headers={"authorization": "Bearer x"})
 assert ledger.status_code == 401, ledger.status_code

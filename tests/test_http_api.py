@@ -24,8 +24,8 @@ from dynamo import config, genreq, metrics
 from dynamo.api import create_app, openapi
 from dynamo.db import open_database
 from dynamo.jobs import Reason, Step, Viewer
-from dynamo.pipeline import Pipeline
 from dynamo.permits import CallKind
+from dynamo.pipeline import Pipeline
 from dynamo.ratelimit import RateLimiterStatus
 from dynamo.readiness import Readiness
 from dynamo.storage import LocalStorage
@@ -38,6 +38,7 @@ VIEWER_TOKEN, OTHER_TOKEN, BROADCASTER_TOKEN = "viewer-token", "other-token", "b
 ALICE, BOB, CASTER = ("1001", "Alice"), ("1002", "Bob"), ("42", "GoldenVCR")
 ADMIN_TOKEN = "admin-token-for-tests"
 TABLES = ("dynamo.idempotency_key, dynamo.generated_image, dynamo.answer, dynamo.image, "
+          "dynamo.openai_call, "
           "dynamo.image_request")
 
 
@@ -342,6 +343,7 @@ async def test_viewers_read_their_own_requests_and_the_broadcaster_any(api):
             "prompt": body["prompt"],
             "viewer": {"twitch_user_id": BOB[0], "twitch_display_name": BOB[1]},
             "finished_at": None, "images": [], "name": "Sir Hatsworth", "failure": None,
+            "cost_usd": 0.0,
         }
         assert body["prompt"].startswith("a red caterpillar in a top hat")
         for bad in ("not-a-uuid", str(uuid.uuid4())):

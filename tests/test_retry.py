@@ -1,18 +1,24 @@
-"""The retry policy: backoff, retry-after, `retrying`, and classification of real SDK errors."""
+"""The retry policy: backoff, retry-after, `retrying`, and the HTTP status classification."""
 
 import email.utils
 import random
 import time
 
 import httpx2
-import openai
 import pytest
 import trio
 
 from dynamo import metrics, retry
 from dynamo.retry import (
-    AuthFailure, ContentRejected, GaveUp, Permanent, Transient, backoff_s,
-    classify_http_status, classify_openai, retry_after_from_headers, retrying,
+    AuthFailure,
+    ContentRejected,
+    GaveUp,
+    Permanent,
+    Transient,
+    backoff_s,
+    classify_http_status,
+    retry_after_from_headers,
+    retrying,
 )
 
 
@@ -183,95 +189,3 @@ async def test_cancellation_is_never_swallowed(autojump_clock):
             await retrying(hangs, system="test", deadline=trio.current_time() + 1000,
                            max_attempts=None, classify=lambda exc: Transient(str(exc)))
         assert scope.cancelled_caught
-
-
-# Real SDK exceptions: an AsyncOpenAI client (SDK retries off) whose transport answers.
-
-async def sdk_error(status=None, body=None, headers=None, raises=None, image=True):
-    def answer(request):
-        if raises is not None:
-            raise raises
-        return httpx2.Response(status, headers=headers or {}, json=body)
-
-    client = openai.AsyncOpenAI(api_key="sk-test", max_retries=0,
-                                http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)))
-    try:
-        if image:
-            await client.images.generate(prompt="a seal", model="dall-e-3")
-        else:
-            await client.moderations.create(input="a seal")
-    except openai.OpenAIError as exc:
-        return exc
-    raise AssertionError("the SDK did not raise")
-
-
-def error_body(message, type_="invalid_request_error", code=None):
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
-
-
-async def test_classify_rate_limit_with_retry_after():
-    exc = await sdk_error(429, error_body("Rate limit reached", "requests", "rate_limit_exceeded"),
-                          {"retry-after-ms": "1500", "x-ratelimit-limit-requests": "5"})
-    assert isinstance(exc, openai.RateLimitError)
-    classified = classify_openai(exc)
-    assert isinstance(classified, Transient)
-    assert classified.retry_after_s == 1.5
-    assert classified.rate_limited
-    assert classified.headers["x-ratelimit-limit-requests"] == "5"
-
-
-async def test_classify_exhausted_quota_is_permanent():
-    exc = await sdk_error(429, error_body("You exceeded your current quota", "insufficient_quota",
-                                          "insufficient_quota"))
-    assert isinstance(classify_openai(exc), Permanent)
-
-
-async def test_classify_content_policy():
-    exc = await sdk_error(400, error_body("Your request was rejected as a result of our safety "
-                                          "system.", code="content_policy_violation"))
-    assert isinstance(exc, openai.BadRequestError)
-    assert isinstance(classify_openai(exc), ContentRejected)
-    # Older answers: no code, the safety system named in the message.
-    exc = await sdk_error(400, error_body("Your request was rejected as a result of our safety "
-                                          "system. Your prompt may contain text that is not allowed."))
-    assert isinstance(classify_openai(exc), ContentRejected)
-
-
-async def test_classify_other_bad_requests():
-    exc = await sdk_error(400, error_body("Invalid size", code="invalid_size"))
-    assert isinstance(classify_openai(exc), Permanent)
-    # The original service treated every invalid_request_error of the image API as rejected.
-    assert isinstance(classify_openai(exc, image_call=True), ContentRejected)
-
-
-@pytest.mark.parametrize("status, sdk_type, expected", [
-    (401, openai.AuthenticationError, AuthFailure),
-    (403, openai.PermissionDeniedError, AuthFailure),
-    (404, openai.NotFoundError, Permanent),
-    (408, openai.APIStatusError, Transient),
-    (409, openai.ConflictError, Transient),
-    (422, openai.UnprocessableEntityError, Permanent),
-    (500, openai.InternalServerError, Transient),
-    (503, openai.InternalServerError, Transient),
-])
-async def test_classify_status_errors(status, sdk_type, expected):
-    exc = await sdk_error(status, error_body("nope", "server_error"), image=False)
-    assert type(exc) is sdk_type
-    classified = classify_openai(exc)
-    assert type(classified) is expected
-    assert classified.status_code == status
-
-
-async def test_classify_connection_errors_and_timeouts():
-    exc = await sdk_error(raises=httpx2.ConnectError("refused"))
-    assert type(exc) is openai.APIConnectionError
-    assert isinstance(classify_openai(exc), Transient)
-    exc = await sdk_error(raises=httpx2.ReadTimeout("slow"))
-    assert type(exc) is openai.APITimeoutError
-    assert isinstance(classify_openai(exc), Transient)
-
-
-def test_classify_anything_else_is_permanent():
-    assert isinstance(classify_openai(ValueError("bug")), Permanent)
-    already = Transient("x")
-    assert classify_openai(already) is already

@@ -44,6 +44,8 @@ def request_json(row) -> dict:
         "images": images,
         "name": row["name"],
         "failure": failure,
+        # What its OpenAI calls cost, by the price table (0 until one was answered).
+        "cost_usd": float(row.get("cost_usd") or 0),
     }
 
 

@@ -32,6 +32,8 @@ class ApiContext:
     http_client: httpx.AsyncClient  # for the auth service
     admin_token: str | None = dataclasses.field(repr=False)
     auth_configured: bool = False
+    models: Any = None  # dynamo.openai_models.ModelsStatus (`.as_json()`), for /status
+    spend: Any = None  # dynamo.spend.Spend: /status `spend`, a request's calls and cost
 
 
 def current_api() -> ApiContext:

@@ -171,6 +171,16 @@ _SCHEMAS = {
                 },
             },
             "name": {"type": ["string", "null"], "description": "A friend's generated name."},
+            "cost_usd": {
+                "type": "number",
+                "minimum": 0,
+                "description": "What the request's OpenAI calls cost, by the price table.",
+            },
+            "openai_calls": {
+                "type": "array",
+                "description": "GET /requests/{id} only: each answered OpenAI call.",
+                "items": _ref("OpenAICall"),
+            },
             "failure": {
                 "oneOf": [
                     {"type": "null"},
@@ -261,6 +271,62 @@ _SCHEMAS = {
                 "without their id stored: reconcile them.",
             },
             "in_flight": {"type": "integer", "minimum": 0},
+            "models": {
+                "description": "The configured models as the API's catalogue knows them.",
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["image", "text"],
+                        "properties": {"image": _ref("ModelState"), "text": _ref("ModelState")},
+                    },
+                ],
+            },
+            "spend": {"oneOf": [{"type": "null"}, _ref("Spend")]},
+        },
+    },
+    "OpenAICall": {
+        "type": "object",
+        "required": ["kind", "model", "usage", "cost_usd", "created_at"],
+        "properties": {
+            "kind": {"enum": ["image", "name", "moderation"]},
+            "model": {"type": "string"},
+            "usage": {"type": "object", "description": "The answer's `usage`, as sent."},
+            "cost_usd": {"type": "number", "minimum": 0},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "ModelState": {
+        "type": "object",
+        "required": ["id", "state", "shutdown_date", "days_left"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": {
+                "enum": [
+                    "ok",
+                    "retiring",
+                    "shut-down",
+                    "unknown",
+                    "unreachable",
+                    "unchecked",
+                    "offline",
+                ]
+            },
+            "shutdown_date": {"type": ["string", "null"], "format": "date"},
+            "days_left": {"type": ["integer", "null"]},
+            "checked_at": {"type": ["string", "null"], "format": "date-time"},
+            "error": {"type": ["string", "null"]},
+        },
+    },
+    "Spend": {
+        "type": "object",
+        "required": ["today_usd", "month_usd", "daily_budget_usd", "paused", "paused_until"],
+        "properties": {
+            "today_usd": {"type": "number", "minimum": 0},
+            "month_usd": {"type": "number", "minimum": 0},
+            "daily_budget_usd": {"type": ["number", "null"], "minimum": 0},
+            "paused": {"type": "boolean"},
+            "paused_until": {"type": ["string", "null"], "format": "date-time"},
         },
     },
 }

@@ -57,6 +57,8 @@ async def status():
         "requests": counts,
         "orphan_debits": await api.pipeline.db.orphan_debit_count(),
         "in_flight": len(api.pipeline.inflight),
+        "models": api.models.as_json() if api.models is not None else None,
+        "spend": await api.spend.status_json() if api.spend is not None else None,
     }
 
 

@@ -39,7 +39,10 @@ async def get_request(request_id: str):
     api = current_api()
     caller = await authenticate()
     row = await _visible_row(api, caller, request_id)
-    return bodies.request_json(row)
+    answer = bodies.request_json(row)
+    if api.spend is not None:
+        answer["openai_calls"] = await api.spend.request_calls(row["id"])
+    return answer
 
 
 async def _visible_row(api, caller: Caller, request_id: str):

@@ -1,10 +1,13 @@
-"""The fake image model: PNGs that are cheap to make and easy to check.
+"""The fake image model: pictures that are cheap to make and easy to check.
 
 A friend prompt ("... a solid {color} background suitable for chroma keying") gets a
 solid background of exactly `CHROMA_RGB[color]` with a differently coloured, black
 outlined blob in the middle, so that keying can be checked to the pixel. Any other
-prompt (ghosts) gets a dark image with a pale shape. Encoded PNGs are cached, so a
-test that generates hundreds of images stays fast.
+prompt (ghosts) gets a dark image with a pale shape. With a transparent background the
+same figure (a friend's in its own color, "a yellow caterpillar ...") is drawn on pixels
+of alpha 0. `encode()` gives the picture in the requested format and compression, as the
+GPT image models do. Encoded pictures are cached, so a test that generates hundreds of
+images stays fast.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ GHOST_FIGURE = (220, 225, 235)
 OUTLINE_PX = 10
 
 CHROMA_PATTERN = re.compile(r"a solid ([a-z-]+) background suitable for chroma keying")
+# A friend prompt starts with its own color: "a yellow caterpillar in a top hat, ...".
+FRIEND_PATTERN = re.compile(r"^an? ([a-z-]+) .*illustrated in the style of 1990s digital clip art")
 
 
 def chroma_color(prompt: str) -> str | None:
@@ -78,4 +83,45 @@ def _png(color: str | None, size: tuple[int, int]) -> bytes:
         draw.ellipse(box, fill=figure, outline=(0, 0, 0), width=OUTLINE_PX)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def friend_color(prompt: str) -> str | None:
+    """A friend's own color, from the start of its prompt, if it is one of the 13."""
+    match = FRIEND_PATTERN.search(prompt.lower())
+    if match and match.group(1) in CHROMA_RGB:
+        return match.group(1)
+    return None
+
+
+def transparent_png_for_prompt(prompt: str, size: tuple[int, int] = (1024, 1024)) -> bytes:
+    """The figure alone on a transparent background (alpha 0 around it)."""
+    return _transparent_png(friend_color(prompt), size)
+
+
+@lru_cache(maxsize=64)
+def _transparent_png(color: str | None, size: tuple[int, int]) -> bytes:
+    width, height = size
+    box = (width * 0.3, height * 0.25, width * 0.7, height * 0.8)
+    image = Image.new("RGBA", size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    fill = (*CHROMA_RGB[color], 255) if color else (*GHOST_FIGURE, 255)
+    draw.ellipse(box, fill=fill, outline=(0, 0, 0, 255), width=OUTLINE_PX)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=64)
+def encode(png: bytes, output_format: str, compression: int = 100) -> bytes:
+    """`png` as `output_format` ("png", "jpeg" or "webp") at `compression` (0-100, the
+    API's output_compression: JPEG and WEBP quality)."""
+    if output_format == "png":
+        return png
+    image = Image.open(io.BytesIO(png))
+    buffer = io.BytesIO()
+    if output_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=compression)
+    else:
+        image.save(buffer, format="WEBP", quality=compression)
     return buffer.getvalue()
