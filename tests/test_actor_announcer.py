@@ -5,14 +5,7 @@ import trio
 
 from actors import announcer
 from dynamo.jobs import Reason, Step
-from tests.fakes_ports import (
-    FakeBroker,
-    MemoryDatabase,
-    channel,
-    make_pipeline,
-    nothing_within,
-    running,
-)
+from tests.fakes_ports import FakeBroker, MemoryDatabase, channel, make_pipeline, nothing_within, running
 
 TEST_TIMEOUT_S = 3600
 QUIET_S = 60

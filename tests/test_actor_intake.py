@@ -10,14 +10,7 @@ from actors import intake
 from dynamo.jobs import Reason, Step, Style
 from dynamo.messages import VIEWER_MESSAGES
 from dynamo.readiness import Readiness
-from tests.fakes_ports import (
-    FakeBroker,
-    MemoryDatabase,
-    channel,
-    make_pipeline,
-    nothing_within,
-    running,
-)
+from tests.fakes_ports import FakeBroker, MemoryDatabase, channel, make_pipeline, nothing_within, running
 
 TEST_TIMEOUT_S = 60
 # Long enough (in virtual time, so instant) that anything the actor would still send is sent.

@@ -6,14 +6,7 @@ import trio
 from actors import ledger
 from dynamo import metrics
 from dynamo.jobs import Reason, Step
-from tests.fakes_ports import (
-    FakePoints,
-    MemoryDatabase,
-    channel,
-    make_pipeline,
-    nothing_within,
-    running,
-)
+from tests.fakes_ports import FakePoints, MemoryDatabase, channel, make_pipeline, nothing_within, running
 
 TEST_TIMEOUT_S = 6 * 3600  # virtual seconds: the outage tests span hours, instantly
 QUIET_S = 60

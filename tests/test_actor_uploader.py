@@ -10,13 +10,7 @@ from PIL import Image
 from actors import uploader
 from dynamo.jobs import Reason, Step
 from tests.fakes_ports import (
-    FakeStorage,
-    MemoryDatabase,
-    channel,
-    make_pipeline,
-    nothing_within,
-    running,
-    solid_png,
+    FakeStorage, MemoryDatabase, channel, make_pipeline, nothing_within, running, solid_png,
     threads_pause_the_clock,
 )
 

@@ -1,21 +1,16 @@
 """The rate limiter's pure logic: the window's schedule, adaptation, circuit, fair queue."""
 
+import math
 import uuid
 
 import pytest
 
-from dynamo.fair_queue import FairQueue
 from dynamo.jobs import Job, Style, Viewer
+from dynamo.fair_queue import FairQueue
 from dynamo.permits import CallKind, CallOutcome
 from dynamo.ratelimit import (
-    PROBE_LEASE_S,
-    AdaptiveLimit,
-    AuthCircuit,
-    KindLimiter,
-    RateLimiterStatus,
-    SlidingWindow,
-    duration_s,
-    parse_ratelimit_headers,
+    PROBE_LEASE_S, AdaptiveLimit, AuthCircuit, KindLimiter, RateLimiterStatus, SlidingWindow,
+    duration_s, parse_ratelimit_headers,
 )
 
 

@@ -18,7 +18,7 @@ class Rabbit:
         self.collected: dict[str, list[aio_pika.abc.AbstractIncomingMessage]] = {}
 
     @classmethod
-    async def connect(cls, url: str) -> Rabbit:
+    async def connect(cls, url: str) -> "Rabbit":
         connection = await aio_as_trio(aio_pika.connect_robust)(url)
         rabbit = cls(connection)
         rabbit.channel = await aio_as_trio(connection.channel)(publisher_confirms=True)
