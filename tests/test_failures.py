@@ -120,7 +120,7 @@ async def test_invalid_request_with_a_viewer_fails_and_is_dead_lettered(
         assert row["flow_id"] is None
         assert len(await checks.request_rows(pg_database)) == 1
         checks.check_no_points_moved(fake_auth, fake_ledger)
-        assert fake_openai.calls == []
+        assert checks.paid_openai_calls(fake_openai) == []
         await check_nothing_on_stream(rabbit)
 
 
@@ -186,7 +186,7 @@ async def test_viewer_without_enough_points_gets_no_image_call(
         assert fake_ledger.statuses("outflow") == [409]
         assert fake_ledger.count("accept") == 0 and fake_ledger.count("refund") == 0
         assert fake_ledger.flows == {}
-        assert fake_openai.calls == []
+        assert checks.paid_openai_calls(fake_openai) == []
         await check_nothing_on_stream(rabbit)
 
 
@@ -303,7 +303,8 @@ async def test_points_outage_delays_a_request_without_failing_it(
         [flow] = fake_ledger.flows_for(body["request_id"])
         assert flow.state == "accepted" and fake_ledger.pending() == []
         # The debit was reserved before any paid call, so no OpenAI call during the outage.
-        assert fake_openai.calls and min(call.time for call in fake_openai.calls) >= back_at
+        paid = checks.paid_openai_calls(fake_openai)
+        assert paid and min(call.time for call in paid) >= back_at
         # Refused while down, answered since (auth is also asked again for the accept).
         statuses = fake.statuses(endpoint)
         back = statuses.index(200)

@@ -191,6 +191,11 @@ def check_refunded(fake_ledger, request_id: str, *, cost: int = POINTS_COST,
         assert fake_ledger.pending() == [] and fake_ledger.accepted() == []
 
 
+def paid_openai_calls(fake_openai) -> list:
+    """The fake OpenAI's calls but the (free) model catalogue reads made at startup."""
+    return [call for call in fake_openai.calls if call.endpoint != "models"]
+
+
 def check_no_points_moved(fake_auth, fake_ledger) -> None:
     """Not one call to auth or the ledger: nothing reserved, nothing to refund."""
     assert fake_ledger.calls == [] and fake_ledger.flows == {}
