@@ -45,6 +45,7 @@ class PermitServer:
 
     def __init__(self):
         self.requests: list[CallKind] = []
+        self.tokens: list[tuple[CallKind, int]] = []  # each request's expected tokens
         self.outcomes: list[CallOutcome] = []
         self.withholding = False
         self.held: collections.deque[PermitRequest] = collections.deque()
@@ -55,6 +56,7 @@ class PermitServer:
         async for message in permits_recv:
             if isinstance(message, PermitRequest):
                 self.requests.append(message.kind)
+                self.tokens.append((message.kind, message.tokens))
                 if self.withholding:
                     self.held.append(message)
                 else:

@@ -7,55 +7,32 @@ from __future__ import annotations
 
 import trio
 
+from actors import generator
 from dynamo.generation import NameAnswer, ParameterLearned
 from dynamo.jobs import Reason, Step, Style
-from dynamo.permits import CallKind, PermitRequest
-from tests.fakes_ports import FakeSpend, nothing_within
+from dynamo.permits import CallKind
+from tests.fakes_ports import FakeSpend, nothing_within, running
 from tests.test_actor_generator import (
-    FRIEND_PROMPT, NAME_PROMPT, QUIET_S, TEST_TIMEOUT_S, VIEWER_ID, Generator, PermitServer,
+    FRIEND_PROMPT,
+    NAME_PROMPT,
+    QUIET_S,
+    TEST_TIMEOUT_S,
+    VIEWER_ID,
+    Generator,
 )
 
 IMAGE_USAGE = {"input_tokens": 40, "output_tokens": 439, "total_tokens": 479}
 
 
-class TokenPermitServer(PermitServer):
-    """Also keeps each permit request's expected tokens."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens: list[tuple[CallKind, int]] = []
-
-    async def serve(self, permits_recv, *, task_status=trio.TASK_STATUS_IGNORED):
-        async def keep(message):
-            if isinstance(message, PermitRequest):
-                self.tokens.append((message.kind, message.tokens))
-
-        recording_send, recording_recv = trio.open_memory_channel(0)
-
-        async def forward():
-            async with recording_send:
-                async for message in permits_recv:
-                    await keep(message)
-                    await recording_send.send(message)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(forward)
-            await nursery.start(super().serve, recording_recv)
-            task_status.started()
-
-
 def generator_with_spend(**kwargs) -> Generator:
     actor = Generator(**kwargs)
     actor.spend = FakeSpend(actor.db)
-    actor.permits = TokenPermitServer()
     actor.openai.image_tokens = 503
     actor.openai.usage["image"] = IMAGE_USAGE
     return actor
 
 
 async def _start_with_spend(actor: Generator, *, task_status=trio.TASK_STATUS_IGNORED):
-    from actors import generator
-
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.permits.serve, actor.permits_recv)
         await nursery.start(lambda task_status: generator.run(
@@ -67,8 +44,6 @@ async def _start_with_spend(actor: Generator, *, task_status=trio.TASK_STATUS_IG
 
 
 def running_with_spend(actor: Generator):
-    from tests.fakes_ports import running
-
     return running(_start_with_spend, actor=actor)
 
 
