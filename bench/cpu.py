@@ -18,6 +18,7 @@ Images are as large as real 1024x1024 generations by default (`--plain-images`: 
 fake's ~8 KB PNGs), since decoding and encoding cost grows with the data.
 
     python -m bench.cpu [--ghosts 30] [--friends 30] [--repeat 20] [--plain-images]
+                        [--image-model gpt-image-2]
 """
 
 from __future__ import annotations
@@ -96,13 +97,19 @@ async def main(args) -> None:
     async with harness.open_environment() as env:
         if not args.plain_images:
             harness.use_realistic_images(env.openai)
-            # Made before any measurement: the ghost's picture and every background's.
+            # Made before any measurement: the ghost's picture, every background's, and
+            # every friend drawn on a transparent background.
             for color in (None, *CHROMA_RGB):
                 background = f"a solid {color} background suitable for chroma keying"
                 env.openai.png_for(background if color else "a ghostly image", (1024, 1024))
+                if color and hasattr(env.openai, "transparent_png_for"):
+                    friend = f"a {color} cat, illustrated in the style of 1990s digital clip art"
+                    env.openai.transparent_png_for(friend, (1024, 1024))
         record_answers(env.openai)
         alerts = await env.watch(topology.ONSCREEN_EXCHANGE)
+        models = {"DYNAMO_IMAGE_MODEL": args.image_model} if args.image_model else {}
         service = await env.start_service(
+            **models,
             DYNAMO_IMAGES_PER_MINUTE=harness.UNLIMITED_PER_MINUTE,
             DYNAMO_TEXT_REQUESTS_PER_MINUTE=harness.UNLIMITED_PER_MINUTE)
         # Warm-up: connections, imports, the first JPEG and WEBP encoders.
@@ -121,13 +128,15 @@ async def main(args) -> None:
     ghost_step = process_image_seconds(Style.GHOST, ghost_raw, {"subject": "a seal"}, args.repeat)
     friend_step = process_image_seconds(Style.FRIEND, friend_raw, friend_inputs, args.repeat)
     images = "~8 KB PNGs" if args.plain_images else "images as large as real ones"
+    if args.image_model:
+        images += f", DYNAMO_IMAGE_MODEL={args.image_model}"
     harness.print_table(
         f"CPU per request, dynamo's process ({images}; idle: {idle_ms_per_s:.1f} ms CPU/s)",
         ("", "CPU per request", "image bytes from the API"),
         [(f"ghost, end to end ({args.ghosts})", f"{ghost_ms:.1f} ms", f"{len(ghost_raw):,} ({_kind(ghost_raw)})"),
          (f"friend, end to end ({args.friends})", f"{friend_ms:.1f} ms", f"{len(friend_raw):,} ({_kind(friend_raw)})"),
-         (f"ghost, image step alone ({args.repeat} runs)", f"{ghost_step * 1000:.1f} ms", ""),
-         (f"friend, image step alone ({args.repeat} runs)", f"{friend_step * 1000:.1f} ms", "")])
+         (f"ghost, image step alone ({args.repeat} runs)", f"{ghost_step * 1000:.3f} ms", ""),
+         (f"friend, image step alone ({args.repeat} runs)", f"{friend_step * 1000:.3f} ms", "")])
 
 
 def _kind(data: bytes) -> str:
@@ -145,6 +154,8 @@ if __name__ == "__main__":
     parser.add_argument("--ghosts", type=int, default=30)
     parser.add_argument("--friends", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--image-model", help="DYNAMO_IMAGE_MODEL (default: dynamo's default); "
+                        "gpt-image-2 has no transparency, so its friends are keyed out by dynamo")
     parser.add_argument("--plain-images", action="store_true",
                         help="the fake's ~8 KB PNGs instead of images as large as real ones")
     harness.run(main, parser.parse_args())

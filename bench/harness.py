@@ -275,29 +275,37 @@ def hide_rate_limit_headers(fake: FakeOpenAI) -> None:
 def use_realistic_images(fake: FakeOpenAI) -> None:
     """The fake's pictures become about as large as real 1024x1024 generations (~1.7 MB
     of PNG instead of ~8 KB): noise on the figure, faint noise on a friend's background
-    (which still keys out). One picture per color, made once."""
+    (which still keys out); a transparent picture keeps its transparent pixels clear. One
+    picture per color, made once; the fake then encodes it as each request asks."""
     import io
 
     import numpy as np
     from PIL import Image
 
     made: dict[bytes, bytes] = {}
-    png_for = fake.png_for
 
-    def noisy(prompt: str, size: tuple[int, int]) -> bytes:
-        plain = png_for(prompt, size)
-        if plain not in made:
-            rgb = np.asarray(Image.open(io.BytesIO(plain)).convert("RGB")).astype(np.int16)
-            background = np.all(rgb == rgb[0, 0], axis=-1)
-            amplitude = np.where(background, REALISTIC_BACKGROUND_NOISE, REALISTIC_FIGURE_NOISE)
-            noise = np.random.default_rng(0).standard_normal(rgb.shape) * amplitude[..., None]
-            pixels = np.clip(rgb + noise.astype(np.int16), 0, 255).astype(np.uint8)
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, "PNG")
-            made[plain] = buffer.getvalue()
-        return made[plain]
+    def noisy(make):
+        def picture(prompt: str, size: tuple[int, int]) -> bytes:
+            plain = make(prompt, size)
+            if plain not in made:
+                image = Image.open(io.BytesIO(plain))
+                pixels = np.asarray(image.convert("RGBA")).astype(np.int16)
+                rgb, alpha = pixels[..., :3], pixels[..., 3]
+                background = np.all(rgb == rgb[0, 0], axis=-1) | (alpha == 0)
+                amplitude = np.where(background, REALISTIC_BACKGROUND_NOISE, REALISTIC_FIGURE_NOISE)
+                noise = np.random.default_rng(0).standard_normal(rgb.shape) * amplitude[..., None]
+                rgb = np.clip(rgb + noise.astype(np.int16), 0, 255).astype(np.uint8)
+                mode = "RGBA" if image.mode == "RGBA" else "RGB"
+                channels = np.dstack([rgb, alpha.astype(np.uint8)]) if mode == "RGBA" else rgb
+                buffer = io.BytesIO()
+                Image.fromarray(channels, mode).save(buffer, "PNG")
+                made[plain] = buffer.getvalue()
+            return made[plain]
 
-    fake.png_for = noisy
+        return picture
+
+    fake.png_for = noisy(fake.png_for)
+    fake.transparent_png_for = noisy(fake.transparent_png_for)
 
 
 class Watcher:

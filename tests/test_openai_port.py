@@ -299,3 +299,20 @@ async def test_errors_leave_the_port_as_the_service_classes(fake_openai):
     assert [type(error) for error in raised] == [Transient, AuthFailure, ContentRejected, Transient]
     assert raised[0].rate_limited and raised[0].retry_after_s is not None
     assert all(not isinstance(error, openai.OpenAIError) for error in raised)
+
+
+async def test_an_opaque_answer_to_a_transparent_request_is_keyed_and_learned(fake_openai, caplog):
+    fake_openai.opaque_models = {"gpt-image-2.6-flare"}
+    with trio.fail_after(TEST_TIMEOUT_S), caplog.at_level(logging.WARNING):
+        generator = port(fake_openai)
+        opaque = await generator.image(FRIEND)
+        after = await generator.image(FRIEND)
+        await generator.aclose()
+    header = imaging.sniff(opaque.value.data)
+    assert (header.format, header.alpha, opaque.value.transparent) == ("WEBP", False, False)
+    first, second = (call.body for call in fake_openai.calls_to("images"))
+    assert first["background"] == "transparent"
+    assert "background" not in second and second["prompt"] == FRIEND.prompt  # keyed from now on
+    assert after.value.transparent is False
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "opaque image" in warning
