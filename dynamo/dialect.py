@@ -188,6 +188,8 @@ class Dialect:
         param = param or _named_parameter(said)
         if param is None or param in NEVER_ADJUSTED or param not in sent:
             return False
+        if code is None and "not supported" in (said or "").lower():
+            code = VALUE_CODE  # e.g. "Transparent background is not supported for this model."
         if code == VALUE_CODE:
             refused = (param, str(sent[param]))
             if refused in self._refused_values[model]:

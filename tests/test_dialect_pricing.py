@@ -84,6 +84,14 @@ def test_learning_drops_renames_and_warns_once_per_model(caplog):
     assert again["safety_identifier"] == "1" and "user" not in again
 
 
+def test_a_refusal_without_a_code_that_says_not_supported_is_a_refused_value():
+    talk = Dialect()
+    plan = talk.image_request("gpt-image-9", FRIEND, quality="low")
+    assert talk.learn("gpt-image-9", plan.params, "background", None,
+                      "Transparent background is not supported for this model.")
+    assert not talk.image_request("gpt-image-9", FRIEND, quality="low").transparent
+
+
 def test_nothing_to_learn_from_other_refusals():
     talk = Dialect()
     plan = talk.image_request("gpt-image-2.6-flare", GHOST, quality="low")
