@@ -181,7 +181,14 @@ async def _call_openai(
         metrics.OPENAI_CALLS.labels(kind.value, "200").inc()
         await report_outcome(
             permits_send,
-            CallOutcome(kind, succeeded=True, headers=answer.headers, probe=permit.probe),
+            CallOutcome(
+                kind,
+                succeeded=True,
+                headers=answer.headers,
+                probe=permit.probe,
+                tokens_used=getattr(answer, "tokens_used", None),
+                permit=permit,
+            ),
         )
         return answer
 

@@ -36,6 +36,7 @@ CALL_TIMEOUT_S = 120.0
 class Answer(Generic[T]):
     value: T
     headers: Mapping[str, str]
+    tokens_used: int | None = None  # the answer's usage.total_tokens, where it has one
 
 
 class OpenAIGenerator:
@@ -70,7 +71,9 @@ class OpenAIGenerator:
         raw = await self._client.images.with_raw_response.generate(
             model=self.image_model, prompt=prompt, n=1, size=IMAGE_SIZE, user=user, **extra
         )
-        image = raw.parse().data[0]
+        parsed = raw.parse()
+        image = parsed.data[0]
+        tokens_used = getattr(getattr(parsed, "usage", None), "total_tokens", None)
         if image.b64_json:
             data = base64.b64decode(image.b64_json)
         else:
@@ -83,7 +86,7 @@ class OpenAIGenerator:
                     request=httpx.Request("GET", image.url),
                 ) from exc
             data = response.content
-        return Answer(data, dict(raw.headers))
+        return Answer(data, dict(raw.headers), tokens_used)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -25,10 +25,14 @@ import trio
 import trio_asyncio
 
 from actors import announcer, discord, generator, http, intake, ledger, rate_limiter, uploader
+from actors import fleet as fleet_actor
 from dynamo import embedded_pg, resume
 from dynamo.broker import open_broker
+from dynamo.budget import Budget
 from dynamo.config import Settings
 from dynamo.db import open_database
+from dynamo.fleet import Fleet
+from dynamo.fleet_db import FleetQueries, PostgresStore
 from dynamo.generation import OfflineGenerator, OpenAIGenerator
 from dynamo.pipeline import Pipeline
 from dynamo.points import FreePoints, Points
@@ -140,7 +144,15 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
     storage = make_storage(settings, public_http_url)
     gen = make_generator(settings)
     points = make_points(settings, http_client)
-    limiter_status = RateLimiterStatus()
+    # The OpenAI limits are the account's: every process of a fleet shares one budget.
+    budget = Budget(PostgresStore(db, pipeline.worker_id), worker=str(pipeline.worker_id))
+    limiter_status = RateLimiterStatus(budget=budget)
+    fleet_view = Fleet(
+        FleetQueries(db),
+        worker_id=pipeline.worker_id,
+        http_addr=f"{settings.http_host}:{settings.http_port}",
+        inflight=pipeline.inflight,
+    )
     readiness = Readiness(db=db, broker=broker, limiter_status=limiter_status)
 
     reserve_send, reserve_recv = trio.open_memory_channel(RESERVE_CAPACITY)
@@ -253,6 +265,7 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
                 permits_recv=permits_recv,
                 failures_send=finalize_send,
                 images_per_minute=settings.images_per_minute,
+                image_tokens_per_minute=settings.image_tokens_per_minute,
                 text_per_minute=settings.text_requests_per_minute,
                 status=limiter_status,
                 queue_capacity=rate_limiter.fair_queue_capacity(
@@ -267,6 +280,11 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
             lambda task_status: resume.run(
                 pipeline=pipeline, router=router, task_status=task_status
             ),
+        )
+        await start(
+            pipeline_nursery,
+            "fleet",
+            lambda task_status: fleet_actor.run(fleet=fleet_view, task_status=task_status),
         )
 
         async with trio.open_nursery() as intake_nursery:
@@ -291,6 +309,7 @@ async def _run_graph(settings: Settings, db, broker, http_client, shutdown, task
                 supervisor=supervisor,
                 channels=channels,
                 limiter_status=limiter_status,
+                fleet=fleet_view,
                 local_storage=storage if isinstance(storage, LocalStorage) else None,
                 http_client=http_client,
                 admin_token=admin_token_for(settings),

@@ -32,6 +32,7 @@ class ApiContext:
     http_client: httpx.AsyncClient  # for the auth service
     admin_token: str | None = dataclasses.field(repr=False)
     auth_configured: bool = False
+    fleet: Any = None  # dynamo.fleet.Fleet (`await .status()`); None: not shown
 
 
 def current_api() -> ApiContext:

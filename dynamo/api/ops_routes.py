@@ -57,6 +57,7 @@ async def status():
         "requests": counts,
         "orphan_debits": await api.pipeline.db.orphan_debit_count(),
         "in_flight": len(api.pipeline.inflight),
+        "fleet": await api.fleet.status() if api.fleet is not None else None,
     }
 
 
