@@ -49,7 +49,8 @@ BUDGET_STEPS = Counter(
 )
 BUDGET_STEP_SECONDS = Histogram(
     "dynamo_budget_step_seconds",
-    "Time one step of the OpenAI budget took (a database transaction for a fleet)",
+    "Time one step of the OpenAI budget took (a database transaction for a fleet), by kind",
+    ["kind"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
     registry=metrics.REGISTRY,
 )
@@ -203,6 +204,6 @@ class Budget:
         started = trio.current_time()
         result, now, limiter = await self.store.transact(kind, self.configs[kind], step)
         finished = trio.current_time()
-        BUDGET_STEP_SECONDS.observe(finished - started)
+        BUDGET_STEP_SECONDS.labels(kind.value).observe(finished - started)
         self._seen[kind] = _Seen(limiter, now, finished)
         return result
