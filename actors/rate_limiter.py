@@ -178,6 +178,7 @@ class _RateLimiter:
         waiting = self.status.waiting[kind]
         changed = self._kind_lots[kind]
         unreachable_s = 0.0
+        just_granted = False
         while waiting or not self._permits_ended:
             while waiting and _abandoned(waiting[0]):
                 waiting.popleft()  # its caller stopped waiting: the turn goes to the next
@@ -185,6 +186,13 @@ class _RateLimiter:
                 await changed.park()
                 continue
             request = waiting[0]
+            if just_granted and (early_s := budget.wait_hint(kind, request.tokens)) > 0:
+                # Right after a grant the next slot is known: no use asking before it.
+                just_granted = False
+                with trio.move_on_after(early_s):
+                    await changed.park()
+                continue
+            just_granted = False
             try:
                 decision = await budget.try_grant(kind, request.tokens)
             except BudgetUnavailable as exc:
@@ -205,6 +213,7 @@ class _RateLimiter:
                 continue
             if waiting and waiting[0] is request and _deliver(request, decision.permit):
                 waiting.popleft()
+                just_granted = True
                 continue
             if request in waiting:  # it left while the budget was deciding
                 waiting.remove(request)

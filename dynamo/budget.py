@@ -163,6 +163,18 @@ class Budget:
         BUDGET_STEPS.labels(kind.value, "granted" if decision.permit else "wait").inc()
         return decision
 
+    def wait_hint(self, kind: CallKind, tokens: int = 0) -> float:
+        """Seconds until a permit could be granted, by the limiter as this process last saw
+        it (0: now, or unknown). Other processes' grants and pauses only make the real
+        answer later, so waiting this out first just saves asking too early. An open
+        circuit may have been closed by another process meanwhile: then ask."""
+        seen = self._seen.get(kind)
+        if seen is None or seen.limiter.circuit.is_open:
+            return 0.0
+        now = seen.now()
+        at = seen.limiter.next_grant_at(now, self.expected_tokens(kind, tokens))
+        return max(0.0, at - now)
+
     async def release(self, kind: CallKind, permit: Permit) -> None:
         """Gives back a permit nobody used (its caller left before it was handed over)."""
 

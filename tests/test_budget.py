@@ -208,7 +208,7 @@ async def test_two_limiters_share_one_limit_exactly_and_take_turns(autojump_cloc
             # In turns, once both are waiting (at the start, one may ask again before the
             # other has asked at all).
             whose = [who for _, who in grants]
-            assert all(whose[n] != whose[n + 1] for n in range(2, len(whose) - 1)), whose
+            assert all(whose[n] != whose[n + 1] for n in range(2, len(whose) - 1)), [(n, grants[n]) for n in range(2, len(whose) - 1) if whose[n] == whose[n + 1]]
             assert abs(whose.count("a") - whose.count("b")) <= 2
             # What one learns applies to both: a 429 reported by b pauses a too.
             await report_outcome(permits_b, CallOutcome(CallKind.IMAGE, rate_limited=True,
