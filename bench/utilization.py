@@ -164,6 +164,10 @@ def report(args, env, alerts, published, status) -> None:
             ("achieved token rate, first to last call", f"{tokens_rate:.0f}/min",
              f"{tokens_rate / args.tokens:.1%} of {args.tokens} tokens/min"),
             ("most tokens accepted in any 60 s", harness.most_in_any_window(starts) * cost, ""),
+            # A window holds whole calls: with a limit not a multiple of the cost, the rest
+            # of it cannot be used by anyone.
+            ("whole calls a 60-s window can hold", min(limit, args.tokens // cost),
+             f"achieved {per_minute(starts) / min(limit, args.tokens // cost):.1%} of that"),
         ]
     if refused:
         last = refused[-1].time

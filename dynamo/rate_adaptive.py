@@ -232,6 +232,7 @@ class AdaptiveLimit:
     def state(self) -> dict:
         return {
             "effective": self.window.limit,
+            "configured": self._configured,
             "paused_until": _finite(self.paused_until),
             "learned": self._learned,
             "learned_at": _finite(self._learned_at),
@@ -242,8 +243,14 @@ class AdaptiveLimit:
         }
 
     def restore(self, state: Mapping) -> None:
-        """Takes the learned state over; the configured limits stay this process's own."""
-        self.window.limit = min(self._configured, max(self._floor, state["effective"]))
+        """Takes the learned state over; the configured limits stay this process's own.
+        An effective limit at its writer's configured one was not lowered by anything the
+        API said: this process follows its own configuration (a raised limit applies at
+        once); a lowered one holds for every process, under its own configured limit."""
+        effective = state["effective"]
+        if effective >= state["configured"]:
+            effective = self._configured
+        self.window.limit = min(self._configured, max(self._floor, effective))
         self.paused_until = _time(state["paused_until"])
         self._learned, self._learned_at = state["learned"], _time(state["learned_at"])
         self._learned_tokens = state["learned_tokens"]

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from actors import rate_limiter
-from dynamo.budget import Budget, KindConfig, MemoryStore
+from dynamo.budget import Budget, BudgetUnavailable, KindConfig, MemoryStore
 from dynamo.permits import CallKind, CallOutcome, acquire_permit, report_outcome
 from dynamo.rate_kind import KindLimiter
 from dynamo.rate_window import WINDOW_S, Grant, SlidingWindow
@@ -276,3 +276,47 @@ async def serve_queue(status, permits_send, order):
         status.fair_queue.served(job)
         await acquire_permit(permits_send, CallKind.IMAGE)
         order.append((trio.current_time(), job.viewer.twitch_user_id))
+
+
+# ---- the store unreachable ------------------------------------------------------------
+
+
+class UnreachableStore(MemoryStore):
+    """A store whose database is down until `back_at`."""
+
+    def __init__(self, back_at: float):
+        super().__init__()
+        self.back_at = back_at
+
+    async def transact(self, kind, config, step):
+        if trio.current_time() < self.back_at:
+            raise BudgetUnavailable("ConnectionRefusedError: [Errno 111] Connection refused")
+        return await super().transact(kind, config, step)
+
+
+async def test_no_permit_is_granted_blind_while_the_budget_is_unreachable(autojump_clock):
+    with trio.fail_after(100):
+        start = trio.current_time()
+        status = RateLimiterStatus(budget=Budget(UnreachableStore(back_at=start + 10)))
+        async with running(status) as (permits_send, nursery):
+            # An answer that cannot be learned from is logged, and the actor goes on.
+            await report_outcome(permits_send, CallOutcome(CallKind.TEXT, succeeded=True))
+            await acquire_permit(permits_send, CallKind.IMAGE)
+            waited = trio.current_time() - start
+            assert 10 <= waited <= 10 + rate_limiter.STORE_RETRY_CAP_S
+            await acquire_permit(permits_send, CallKind.TEXT)  # and text goes on as well
+
+
+def test_a_raised_configured_limit_applies_at_once_a_learned_one_holds():
+    """The fleet's state carries what the API taught, not one process's configuration: a
+    rolling deploy raising DYNAMO_IMAGES_PER_MINUTE is not held back by the old value."""
+    written_at_5 = KindLimiter(CallKind.IMAGE, 5).state()
+    read_at_10 = KindLimiter(CallKind.IMAGE, 10)
+    read_at_10.restore(written_at_5, [])
+    assert read_at_10.limit.effective_limit == 10
+    taught = KindLimiter(CallKind.IMAGE, 5)
+    taught.on_outcome(CallOutcome(CallKind.IMAGE, rate_limited=True, retry_after_s=1,
+                                  headers={"x-ratelimit-limit-requests": "4"}), now=0)
+    read_at_10 = KindLimiter(CallKind.IMAGE, 10)
+    read_at_10.restore(taught.state(), [])
+    assert read_at_10.limit.effective_limit == 4

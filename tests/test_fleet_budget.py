@@ -15,7 +15,7 @@ import pytest
 import trio
 from trio_asyncio import aio_as_trio
 
-from dynamo.budget import Budget, KindConfig
+from dynamo.budget import Budget, BudgetUnavailable, KindConfig
 from dynamo.db import open_database
 from dynamo.fleet_db import LOCK_KEYS, FleetQueries, PostgresStore
 from dynamo.permits import CallKind, CallOutcome
@@ -126,3 +126,15 @@ async def test_a_process_killed_inside_a_transaction_holds_nothing(db, pg_databa
         assert blocked.cancelled_caught  # waiting for the lock
         conn.terminate()  # as the kernel closes a killed process's socket
         assert (await budget.try_grant(CallKind.IMAGE)).permit is not None
+
+
+async def test_a_database_that_cannot_answer_makes_the_budget_unavailable():
+    """The port is sealed: the rate limiter sees BudgetUnavailable, never asyncpg's or the
+    socket's exceptions (and then grants nothing: tests/test_budget.py)."""
+    class DownDatabase:
+        async def run_with_pool(self, fn, *args):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    store = PostgresStore(DownDatabase(), uuid.uuid4())
+    with pytest.raises(BudgetUnavailable, match="ConnectionRefusedError"):
+        await store.transact(CallKind.IMAGE, KindConfig(5), lambda limiter, now: None)
