@@ -18,7 +18,6 @@ import argparse
 import time
 import uuid
 
-import trio
 import trio_asyncio
 
 from bench import harness
