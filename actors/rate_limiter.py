@@ -29,7 +29,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from dynamo import metrics
-from dynamo.budget import BudgetUnavailable, KindConfig
+from dynamo.budget import BudgetUnavailable, Decision, KindConfig
 from dynamo.jobs import Reason
 from dynamo.messages import failure
 from dynamo.permits import CallKind, CallOutcome, PermitRequest
@@ -102,6 +102,7 @@ class _RateLimiter:
         self._jobs_ended = False
         self._permits_ended = False
         self._handover: trio.CancelScope | None = None  # waiting for a worker, until a deadline
+        self._unreachable_s = {kind: 0.0 for kind in status.kinds}  # the budget's store down
 
     def queue_changed(self) -> None:
         metrics.QUEUE_DEPTH.labels(FAIR_QUEUE_METRIC).set(len(self.queue))
@@ -174,53 +175,58 @@ class _RateLimiter:
             lot.unpark_all()
 
     async def grant_permits(self, kind: CallKind) -> None:
-        budget = self.status.budget
-        waiting = self.status.waiting[kind]
-        changed = self._kind_lots[kind]
-        unreachable_s = 0.0
-        just_granted = False
+        waiting, changed = self.status.waiting[kind], self._kind_lots[kind]
         while waiting or not self._permits_ended:
             while waiting and _abandoned(waiting[0]):
                 waiting.popleft()  # its caller stopped waiting: the turn goes to the next
             if not waiting:
                 await changed.park()
                 continue
-            request = waiting[0]
-            if just_granted and (early_s := budget.wait_hint(kind, request.tokens)) > 0:
-                # Right after a grant the next slot is known: no use asking before it.
-                just_granted = False
-                with trio.move_on_after(early_s):
-                    await changed.park()
-                continue
-            just_granted = False
-            try:
-                decision = await budget.try_grant(kind, request.tokens)
-            except BudgetUnavailable as exc:
-                if not unreachable_s:
-                    log.warning(
-                        "openai %s: no permits while the budget is unreachable: %s", kind.value, exc
-                    )
-                unreachable_s = min(STORE_RETRY_CAP_S, 2 * unreachable_s or STORE_RETRY_S)
-                await trio.sleep(unreachable_s)
-                continue
-            if unreachable_s:
-                log.warning("openai %s: the budget is reachable again", kind.value)
-                unreachable_s = 0.0
-            if decision.permit is None:
-                # An outcome may move the grant (a 429 pause, a closed circuit): look again.
+            decision = await self._ask_budget(kind, waiting[0], more=len(waiting) > 1)
+            if decision is None:
+                continue  # unreachable: it waited a little already
+            if decision.permit is not None:
+                await self._hand_over(kind, waiting[0], decision.permit)
+            # Until this process's turn comes; an outcome may move it (a 429 pause, a
+            # closed circuit), and a new caller after none: look again then.
+            if waiting and decision.retry_in_s > 0:
                 with trio.move_on_after(decision.retry_in_s):
                     await changed.park()
-                continue
-            if waiting and waiting[0] is request and _deliver(request, decision.permit):
-                waiting.popleft()
-                just_granted = True
-                continue
-            if request in waiting:  # it left while the budget was deciding
-                waiting.remove(request)
-            try:
-                await budget.release(kind, decision.permit)
-            except BudgetUnavailable:
-                pass  # the unused permit just counts, as if the call was made
+
+    async def _ask_budget(
+        self, kind: CallKind, request: PermitRequest, *, more: bool
+    ) -> Decision | None:
+        """The budget's decision; None (after a growing wait) while it is unreachable."""
+        try:
+            decision = await self.status.budget.try_grant(kind, request.tokens, more=more)
+        except BudgetUnavailable as exc:
+            if not self._unreachable_s[kind]:
+                log.warning(
+                    "openai %s: no permits while the budget is unreachable: %s", kind.value, exc
+                )
+            self._unreachable_s[kind] = min(
+                STORE_RETRY_CAP_S, 2 * self._unreachable_s[kind] or STORE_RETRY_S
+            )
+            await trio.sleep(self._unreachable_s[kind])
+            return None
+        if self._unreachable_s[kind]:
+            log.warning("openai %s: the budget is reachable again", kind.value)
+            self._unreachable_s[kind] = 0.0
+        return decision
+
+    async def _hand_over(self, kind: CallKind, request: PermitRequest, permit) -> None:
+        """Gives the permit to the request it was decided for; if that caller left while the
+        budget was deciding, gives the permit back."""
+        waiting = self.status.waiting[kind]
+        if waiting and waiting[0] is request and _deliver(request, permit):
+            waiting.popleft()
+            return
+        if request in waiting:
+            waiting.remove(request)
+        try:
+            await self.status.budget.release(kind, permit)
+        except BudgetUnavailable:
+            pass  # the unused permit just counts, as if the call had been made
 
 
 def _abandoned(request: PermitRequest) -> bool:

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Histogram
 
 from dynamo import metrics
 from dynamo.permits import CallKind, CallOutcome, Permit
-from dynamo.rate_kind import TURN_GRACE_S, KindLimiter
+from dynamo.rate_kind import KindLimiter
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class KindConfig:
 
 @dataclasses.dataclass
 class Decision:
-    permit: Permit | None  # granted; None: ask again in `retry_in_s`
+    permit: Permit | None  # granted, or None
+    # When to ask (again, or for the next caller after a grant): the process's turn.
     retry_in_s: float = 0.0
 
 
@@ -142,38 +143,28 @@ class Budget:
     def expected_tokens(self, kind: CallKind, requested: int = 0) -> int:
         return max(requested, max(self._recent_costs.get(kind, ()), default=0))
 
-    async def try_grant(self, kind: CallKind, tokens: int = 0) -> Decision:
+    async def try_grant(self, kind: CallKind, tokens: int = 0, *, more: bool = False) -> Decision:
         """A permit for a call of `kind` expected to cost `tokens`, if it may start now and it
-        is this process's turn; else when to ask again."""
+        is this process's turn; else when to ask again. `more`: other callers here wait
+        too; then the process queues up for its next turn at once, and the decision says
+        when that turn is due (so that it need not ask before)."""
         expected = self.expected_tokens(kind, tokens)
 
         def attempt(limiter: KindLimiter, now: float) -> Decision:
             at = limiter.next_grant_at(now, expected)
-            ahead = limiter.ahead_of(self.worker, now)
-            if at <= now and ahead is None:
-                permit = limiter.permit()
-                limiter.granted(now, permit, expected)
-                limiter.end_turn(self.worker)
+            if at > now or limiter.ahead_of(self.worker, now) is not None:
+                return Decision(None, limiter.wait_turn(self.worker, now, at) - now)
+            permit = limiter.permit()
+            limiter.granted(now, permit, expected)
+            limiter.end_turn(self.worker)
+            if not more:
                 return Decision(permit)
-            back_at = at if ahead is None else max(at, ahead + TURN_GRACE_S)
-            limiter.wait_turn(self.worker, now, back_at)
-            return Decision(None, back_at - now)
+            next_at = limiter.next_grant_at(now, expected)
+            return Decision(permit, limiter.wait_turn(self.worker, now, next_at) - now)
 
         decision = await self._step(kind, attempt)
         BUDGET_STEPS.labels(kind.value, "granted" if decision.permit else "wait").inc()
         return decision
-
-    def wait_hint(self, kind: CallKind, tokens: int = 0) -> float:
-        """Seconds until a permit could be granted, by the limiter as this process last saw
-        it (0: now, or unknown). Other processes' grants and pauses only make the real
-        answer later, so waiting this out first just saves asking too early. An open
-        circuit may have been closed by another process meanwhile: then ask."""
-        seen = self._seen.get(kind)
-        if seen is None or seen.limiter.circuit.is_open:
-            return 0.0
-        now = seen.now()
-        at = seen.limiter.next_grant_at(now, self.expected_tokens(kind, tokens))
-        return max(0.0, at - now)
 
     async def release(self, kind: CallKind, permit: Permit) -> None:
         """Gives back a permit nobody used (its caller left before it was handed over)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from dynamo.permits import CallKind, CallOutcome, Permit
 from dynamo.rate_adaptive import AdaptiveLimit
-from dynamo.rate_window import Grant
+from dynamo.rate_window import WINDOW_S, Grant
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ PROBE_CAP_S = 60.0
 # A probe whose outcome is never reported (its caller crashed) frees the turn after this.
 PROBE_LEASE_S = 120.0
 # A process waiting for its turn keeps it while it comes back within this long of the
-# time it was told; one that does not (it died, or is late) loses it to the next.
+# time it was told; one that does not (it died, or is late) loses it to the next, which
+# is due one call's spacing later: a process that dies in line costs the fleet one call.
 TURN_GRACE_S = 0.5
 
 
@@ -136,8 +137,8 @@ class KindLimiter:
     # -- turns: processes waiting for a permit are served in the order they came --------
 
     def ahead_of(self, worker: str, now: float) -> float | None:
-        """When a process waiting longer than `worker` (and still expected) comes back for
-        its permit; None if `worker` is first in line. One not yet in line is last."""
+        """When the last of the processes ahead of `worker` in line (still expected) comes
+        back for its permit; None if `worker` is first. One not yet in line is last."""
         mine = self.turns[worker][0] if worker in self.turns else math.inf
         backs = [
             back_at
@@ -146,16 +147,23 @@ class KindLimiter:
         ]
         return max(backs) if backs else None
 
-    def wait_turn(self, worker: str, now: float, back_at: float) -> None:
+    def wait_turn(self, worker: str, now: float, at: float) -> float:
+        """Puts `worker` in line (keeping its place if it is in it already), due back when
+        its call may start: at `at`, or one call's spacing after the last process ahead
+        of it. Returns that time."""
+        for other, (_, back_at) in list(self.turns.items()):
+            if now >= back_at + TURN_GRACE_S:
+                del self.turns[other]  # it stopped coming back: its place is lost
         if worker in self.turns:
             ticket = self.turns[worker][0]
         else:
             ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
-        self.turns[worker] = (ticket, back_at)
-        # Forget processes that stopped coming back: their place is lost anyway.
-        for other, (_, other_back_at) in list(self.turns.items()):
-            if now >= other_back_at + TURN_GRACE_S:
-                del self.turns[other]
+        self.turns[worker] = (ticket, at)
+        ahead = self.ahead_of(worker, now)
+        if ahead is not None:
+            at = max(at, ahead + WINDOW_S / self.limit.pace_per_minute(now))
+            self.turns[worker] = (ticket, at)
+        return at
 
     def end_turn(self, worker: str) -> None:
         """`worker` got its permit: if it needs another, it queues up behind the others."""

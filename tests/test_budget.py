@@ -11,6 +11,7 @@ import functools
 from contextlib import asynccontextmanager
 
 import trio
+import trio.testing
 
 from actors import rate_limiter
 from dynamo.budget import Budget, BudgetUnavailable, KindConfig, MemoryStore
@@ -213,6 +214,7 @@ async def test_two_limiters_share_one_limit_exactly_and_take_turns(autojump_cloc
             # What one learns applies to both: a 429 reported by b pauses a too.
             await report_outcome(permits_b, CallOutcome(CallKind.IMAGE, rate_limited=True,
                                                         retry_after_s=30))
+            await trio.testing.wait_all_tasks_blocked()  # b's limiter took the report
             paused_at, before = trio.current_time(), len(grants)
             await trio.sleep(29)
             assert len(grants) == before
@@ -223,22 +225,21 @@ async def test_two_limiters_share_one_limit_exactly_and_take_turns(autojump_cloc
 
 
 async def test_a_limiter_that_stops_asking_loses_its_turn(autojump_clock):
-    """A process that waits for its turn and then never comes back (it died) holds the
-    others up by at most TURN_GRACE_S once."""
+    """A process that waits in line and then never comes back (it died) costs the others
+    one call: the next in line is due one call's spacing after it, and goes then."""
     with trio.fail_after(100):
         store = MemoryStore()
         budgets = {name: Budget(store, worker=name) for name in "ab"}
         for budget in budgets.values():
             budget.configure({CallKind.IMAGE: KindConfig(30)})
         start = trio.current_time()
-        assert (await budgets["a"].try_grant(CallKind.IMAGE)).permit is not None
-        refused = await budgets["a"].try_grant(CallKind.IMAGE)  # a waits for its turn at 2
-        assert refused.permit is None and refused.retry_in_s == 2
-        behind = await budgets["b"].try_grant(CallKind.IMAGE)  # b queues up behind a
-        assert behind.permit is None and behind.retry_in_s == 2.5
-        await trio.sleep(2.5)  # a never comes back
+        granted = await budgets["a"].try_grant(CallKind.IMAGE, more=True)
+        assert granted.permit is not None and granted.retry_in_s == 2  # a is due back at 2
+        behind = await budgets["b"].try_grant(CallKind.IMAGE)
+        assert behind.permit is None and behind.retry_in_s == 4  # one spacing after a
+        await trio.sleep(4)  # a never comes back
         granted = await budgets["b"].try_grant(CallKind.IMAGE)
-        assert granted.permit is not None and trio.current_time() - start == 2.5
+        assert granted.permit is not None and trio.current_time() - start == 4
 
 
 async def test_one_viewer_in_one_process_is_not_starved_by_a_flood_in_both(autojump_clock):
