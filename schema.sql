@@ -133,3 +133,30 @@ create table if not exists dynamo.openai_call (
 );
 create index if not exists openai_call_request on dynamo.openai_call (image_request_id);
 create index if not exists openai_call_created on dynamo.openai_call (created_at);
+-- The fleet: what each process has in hand, and where its HTTP API is, for GET /status.
+alter table dynamo.worker
+    add column if not exists in_hand integer not null default 0,
+    add column if not exists http_addr text;
+
+-- The OpenAI account's budget, shared by every dynamo process (dynamo.fleet_db): each
+-- permit granted in the last minutes (times are the database clock's epoch seconds), and
+-- per kind of call what was learned from the API (limits, pauses, the auth circuit).
+create table if not exists dynamo.permit_grant (
+    id         uuid primary key,
+    kind       text not null,
+    worker_id  uuid,
+    granted_at double precision not null,
+    tokens     integer not null default 0,
+    is_call    boolean not null default true
+);
+create index if not exists permit_grant_kind_time on dynamo.permit_grant (kind, granted_at);
+create index if not exists permit_grant_time on dynamo.permit_grant (granted_at);
+
+create table if not exists dynamo.rate_limit_state (
+    kind       text primary key,
+    state      jsonb not null,
+    updated_at timestamptz not null default now()
+);
+
+-- Every request load and list page looks up its friend's name by request id.
+create index if not exists answer_image_request_id on dynamo.answer (image_request_id);

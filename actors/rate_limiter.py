@@ -6,17 +6,19 @@ the ledger and intake. Sends them on `generate_send` (capacity 0: a send complet
 when a generator worker is free), one viewer at a time, round robin. A job whose deadline
 passed is not generated: it goes on `failures_send` as expired (its debit is refunded there).
 
-Serves the permit protocol of `dynamo.ratelimit` on `permits_recv`: a `PermitRequest` is
-answered with a `Permit` once its kind's window, 429 pause and auth circuit allow (FIFO
-per kind; image and text are paced independently, so waiting image calls never hold up
-text calls); a `CallOutcome` teaches the kind's limit and circuit.
+Serves the permit protocol of `dynamo.permits` on `permits_recv`: a `PermitRequest` is
+answered with a `Permit` once the account's budget (`dynamo.budget`: its windows of calls
+and tokens, 429 pause and auth circuit, shared with every process of a fleet) grants it
+(FIFO per kind; image and text are paced independently, so waiting image calls never hold
+up text calls); a `CallOutcome` teaches the budget.
 
-Persists nothing in the database: its whole state lives in the `RateLimiterStatus` it is
-given (also the live view for GET /status), which outlives the actor. A restarted actor
-continues with the same windows (the 60-s ceiling holds across a crash), learned limits,
-circuits, waiting permit requests and queued jobs. It never closes the channel ends it is
-given: the graph owns them. On cancellation it just stops; a job being handed over when
-cancelled stays queued.
+Persists nothing itself: the budget's store does (PostgreSQL for a fleet), and the rest of
+its state lives in the `RateLimiterStatus` it is given (also the live view for GET
+/status), which outlives the actor. A restarted actor continues with the same budget (the
+60-s ceiling holds across a crash), waiting permit requests and queued jobs. While the
+budget's store is unreachable no permit is granted: calls wait, they are not made blind.
+It never closes the channel ends it is given: the graph owns them. On cancellation it just
+stops; a job being handed over when cancelled stays queued.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from dynamo import metrics
+from dynamo.budget import BudgetUnavailable, Decision, KindConfig
 from dynamo.jobs import Reason
 from dynamo.messages import failure
 from dynamo.permits import CallKind, CallOutcome, PermitRequest
@@ -51,6 +54,9 @@ def fair_queue_capacity(images_per_minute: float, request_timeout_s: float) -> i
 
 # The name of the fair queue in the dynamo_channel_* metrics.
 FAIR_QUEUE_METRIC = "rate_limiter.fair_queue"
+# While the budget's store cannot be reached, ask it again after this long, doubling.
+STORE_RETRY_S = 0.5
+STORE_RETRY_CAP_S = 5.0
 
 
 async def run(
@@ -62,10 +68,16 @@ async def run(
     images_per_minute: float,
     text_per_minute: float,
     status: RateLimiterStatus,
+    image_tokens_per_minute: float | None = None,
     queue_capacity: int = FAIR_QUEUE_CAPACITY,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    status.configure({CallKind.IMAGE: images_per_minute, CallKind.TEXT: text_per_minute})
+    status.configure(
+        {
+            CallKind.IMAGE: KindConfig(images_per_minute, image_tokens_per_minute),
+            CallKind.TEXT: KindConfig(text_per_minute),
+        }
+    )
     limiter = _RateLimiter(status, queue_capacity)
     metrics.QUEUE_CAPACITY.labels(FAIR_QUEUE_METRIC).set(queue_capacity)
     limiter.queue_changed()
@@ -90,6 +102,7 @@ class _RateLimiter:
         self._jobs_ended = False
         self._permits_ended = False
         self._handover: trio.CancelScope | None = None  # waiting for a worker, until a deadline
+        self._unreachable_s = {kind: 0.0 for kind in status.kinds}  # the budget's store down
 
     def queue_changed(self) -> None:
         metrics.QUEUE_DEPTH.labels(FAIR_QUEUE_METRIC).set(len(self.queue))
@@ -140,42 +153,89 @@ class _RateLimiter:
 
     async def serve_permits(self, permits_recv: trio.MemoryReceiveChannel) -> None:
         async for message in permits_recv:
-            limiter = self.status.kinds.get(getattr(message, "kind", None))
-            if limiter is None:
+            kind = getattr(message, "kind", None)
+            waiting = self.status.waiting.get(kind)
+            if waiting is None or not isinstance(message, PermitRequest | CallOutcome):
                 log.error("permit protocol: ignoring %r", message)
                 continue
             if isinstance(message, PermitRequest):
-                limiter.waiting.append(message)
-            elif isinstance(message, CallOutcome):
-                limiter.on_outcome(message, trio.current_time())
-            else:
-                log.error("permit protocol: ignoring %r", message)
+                waiting.append(message)
+                if len(waiting) == 1:
+                    self._kind_lots[kind].unpark_all()
                 continue
-            self._kind_lots[limiter.kind].unpark_all()
+            try:
+                learned = await self.status.budget.report(message)
+            except BudgetUnavailable as exc:
+                log.warning("openai %s: an answer not learned from: %s", kind.value, exc)
+                continue
+            if learned:  # a pause or a circuit may move the next grant: look again
+                self._kind_lots[kind].unpark_all()
         self._permits_ended = True
         for lot in self._kind_lots.values():
             lot.unpark_all()
 
     async def grant_permits(self, kind: CallKind) -> None:
-        limiter = self.status.kinds[kind]
-        changed = self._kind_lots[kind]
-        while limiter.waiting or not self._permits_ended:
-            if not limiter.waiting:
+        waiting, changed = self.status.waiting[kind], self._kind_lots[kind]
+        while waiting or not self._permits_ended:
+            while waiting and _abandoned(waiting[0]):
+                waiting.popleft()  # its caller stopped waiting: the turn goes to the next
+            if not waiting:
                 await changed.park()
                 continue
-            now = trio.current_time()
-            grant_at = limiter.next_grant_at(now)
-            if grant_at > now:
-                # An outcome may move grant_at (a 429 pause, a closed circuit): look again.
-                with trio.move_on_at(grant_at):
+            decision = await self._ask_budget(kind, waiting[0], more=len(waiting) > 1)
+            if decision is None:
+                continue  # unreachable: it waited a little already
+            if decision.permit is not None:
+                await self._hand_over(kind, waiting[0], decision.permit)
+            # Until this process's turn comes; an outcome may move it (a 429 pause, a
+            # closed circuit), and a new caller after none: look again then.
+            if waiting and decision.retry_in_s > 0:
+                with trio.move_on_after(decision.retry_in_s):
                     await changed.park()
-                continue
-            request = limiter.waiting[0]
-            permit = limiter.permit()
-            try:
-                request.reply_send.send_nowait(permit)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-                pass  # the caller stopped waiting: the turn goes to the next one, unspent
-            else:
-                limiter.granted(now, permit)
-            limiter.waiting.popleft()
+
+    async def _ask_budget(
+        self, kind: CallKind, request: PermitRequest, *, more: bool
+    ) -> Decision | None:
+        """The budget's decision; None (after a growing wait) while it is unreachable."""
+        try:
+            decision = await self.status.budget.try_grant(kind, request.tokens, more=more)
+        except BudgetUnavailable as exc:
+            if not self._unreachable_s[kind]:
+                log.warning(
+                    "openai %s: no permits while the budget is unreachable: %s", kind.value, exc
+                )
+            self._unreachable_s[kind] = min(
+                STORE_RETRY_CAP_S, 2 * self._unreachable_s[kind] or STORE_RETRY_S
+            )
+            await trio.sleep(self._unreachable_s[kind])
+            return None
+        if self._unreachable_s[kind]:
+            log.warning("openai %s: the budget is reachable again", kind.value)
+            self._unreachable_s[kind] = 0.0
+        return decision
+
+    async def _hand_over(self, kind: CallKind, request: PermitRequest, permit) -> None:
+        """Gives the permit to the request it was decided for; if that caller left while the
+        budget was deciding, gives the permit back."""
+        waiting = self.status.waiting[kind]
+        if waiting and waiting[0] is request and _deliver(request, permit):
+            waiting.popleft()
+            return
+        if request in waiting:
+            waiting.remove(request)
+        try:
+            await self.status.budget.release(kind, permit)
+        except BudgetUnavailable:
+            pass  # the unused permit just counts, as if the call had been made
+
+
+def _abandoned(request: PermitRequest) -> bool:
+    return request.reply_send.statistics().open_receive_channels == 0
+
+
+def _deliver(request: PermitRequest, permit) -> bool:
+    try:
+        request.reply_send.send_nowait(permit)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+        return False
+    return True

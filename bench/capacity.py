@@ -14,6 +14,10 @@ with py-spy and prints where its threads spend their time; `--profile cprofile` 
 under `python -m cProfile` instead (main thread only, large overhead).
 
     python -m bench.capacity [--ghosts 100 --friends 100] [--profile py-spy|cprofile|none]
+    python -m bench.capacity --processes 2 --profile none     # a fleet of two
+
+`--processes N` runs N dynamo processes on the one database and vhost (competing
+consumers, one shared OpenAI budget); their CPU is summed under "dynamo".
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ PY_SPY_RATE = 200
 TOP = 25
 
 
-def group_of(process: psutil.Process, dynamo_pid: int) -> str | None:
+def group_of(process: psutil.Process, dynamo_pids: set[int]) -> str | None:
     name = process.info["name"] or ""
-    if process.pid == dynamo_pid:
+    if process.pid in dynamo_pids:
         return "dynamo"
     if process.pid == os.getpid():
         return "bench (fakes, moto S3)"
@@ -57,12 +61,12 @@ def group_of(process: psutil.Process, dynamo_pid: int) -> str | None:
     return None
 
 
-def cpu_by_process(dynamo_pid: int) -> dict[int, tuple[str, float]]:
+def cpu_by_process(dynamo_pids: set[int]) -> dict[int, tuple[str, float]]:
     """{pid: (group, CPU seconds so far)} for the processes of the groups above."""
     found = {}
     for process in psutil.process_iter(["name"]):
         try:
-            group = group_of(process, dynamo_pid)
+            group = group_of(process, dynamo_pids)
             if group is not None:
                 times = process.cpu_times()
                 found[process.pid] = (group, times.user + times.system)
@@ -83,6 +87,9 @@ async def main(args) -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="dynamo-capacity-"))
     out.mkdir(parents=True, exist_ok=True)
     profile = args.profile
+    if args.processes > 1 and profile != "none":
+        print("profiling one process of a fleet would mislead: running without a profile")
+        profile = "none"
     if profile == "py-spy" and not shutil.which("py-spy", path=str(Path(sys.executable).parent)):
         print("py-spy is not installed (pip install py-spy): running without a profile")
         profile = "none"
@@ -100,10 +107,12 @@ async def main(args) -> None:
                 env.openai.png_for(background if color else "a ghostly image", (1024, 1024))
         alerts = await env.watch(topology.ONSCREEN_EXCHANGE)
         results = await env.watch(topology.RESULTS_EXCHANGE)
-        service = await env.start_service(
+        services = await env.start_services(
+            args.processes,
             python_args=python_args,
             DYNAMO_IMAGES_PER_MINUTE=harness.UNLIMITED_PER_MINUTE,
             DYNAMO_TEXT_REQUESTS_PER_MINUTE=harness.UNLIMITED_PER_MINUTE)
+        service, pids = services[0], {each.pid for each in services}
         spy = None
         if profile == "py-spy":
             spy = subprocess.Popen(
@@ -112,7 +121,7 @@ async def main(args) -> None:
                  "--output", str(out / "dynamo.pyspy.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             await trio.sleep(1.0)  # py-spy attaches
-        cpu_before, machine_before = cpu_by_process(service.pid), psutil.cpu_times()
+        cpu_before, machine_before = cpu_by_process(pids), psutil.cpu_times()
         started = trio.current_time()
         for body in bodies:
             await env.publish(body)
@@ -121,11 +130,12 @@ async def main(args) -> None:
             await alerts.wait_for(total)
             await results.wait_for(total)
         done = trio.current_time()
-        cpu_after, machine_after = cpu_by_process(service.pid), psutil.cpu_times()
+        cpu_after, machine_after = cpu_by_process(pids), psutil.cpu_times()
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             await trio.to_thread.run_sync(spy.wait)
-        await service.stop()
+        for each in services:
+            await each.stop()
 
     outcomes = collections.Counter(
         __import__("json").loads(m.body)["outcome"] for _, m in results.arrived)
@@ -139,8 +149,8 @@ async def main(args) -> None:
         ("completed per second", f"{total / wall:.1f}"),
     ]
     images = "~1.7 MB" if args.realistic_images else "~8 KB"
-    harness.print_table(f"capacity, zero-latency OpenAI, no rate limit, {images} PNGs "
-                        f"(profile: {profile})",
+    harness.print_table(f"capacity, zero-latency OpenAI, no rate limit, {images} PNGs, "
+                        f"{args.processes} process(es) (profile: {profile})",
                         ("", ""), rows)
     busy = sum(getattr(machine_after, f) - getattr(machine_before, f)
                for f in ("user", "system", "nice", "irq", "softirq"))
@@ -253,6 +263,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ghosts", type=int, default=100)
     parser.add_argument("--friends", type=int, default=100)
+    parser.add_argument("--processes", type=int, default=1, help="dynamo processes (a fleet)")
     parser.add_argument("--profile", choices=("py-spy", "cprofile", "none"), default="py-spy")
     parser.add_argument("--realistic-images", action="store_true",
                         help="~1.7 MB PNGs, as large as real generations (default: the fake's ~8 KB)")

@@ -158,6 +158,26 @@ class Environment:
             await service.wait_ready()
         return service
 
+    async def start_services(self, count: int, **kwargs) -> list[BenchService]:
+        """A fleet: `count` processes with the same configuration, started together."""
+        services = [self.service(**kwargs) for _ in range(count)]
+        for service in services:
+            service.start()
+        with trio.fail_after(READY_S * count):
+            for service in services:
+                await service.wait_ready()
+        return services
+
+    async def metrics(self, service: BenchService) -> dict[tuple[str, tuple], float]:
+        """A process's /metrics: {(sample name, sorted labels): value}."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"{service.url}/metrics")).text
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
     async def watch(self, exchange: str) -> Watcher:
         watcher = Watcher(self.rabbit, exchange)
         await self.nursery.start(watcher.run)

@@ -9,9 +9,19 @@ ghosts are published at once. dynamo is configured at `--configured` times the l
 `--hide-headers` makes the fake send no x-ratelimit-* headers (429s keep retry-after), so
 that dynamo can only learn from its 429s.
 
+`--processes N` runs a fleet: N dynamo processes on the one database, vhost and fake
+OpenAI account, each configured the same; the figures are the account's. `--tokens T`
+makes the fake limit image tokens to T per minute as well (each image's `usage`, counted
+as the real API does); dynamo learns that limit from the headers, or is told it with
+`--configure-tokens`. The utilization is then reported against whichever limit binds.
+Each process's /metrics gives the database cost of its shared budget
+(dynamo_budget_steps_total, dynamo_budget_step_seconds).
+
     python -m bench.utilization                                  # 200 requests, ~3.5 min
     python -m bench.utilization --configured 2 --hide-headers    # the 429 learning case
     python -m bench.utilization --requests 60                    # a 1-minute smoke run
+    python -m bench.utilization --processes 3 --limit 30 --requests 90   # a fleet
+    python -m bench.utilization --limit 100 --tokens 21120 --requests 80 # tokens bind
 
 Times per request: publish, the fake's start and end of its successful image call, and
 the alert's arrival on `onscreen-events`. "outside the image call" is end to end minus
@@ -41,27 +51,66 @@ async def main(args) -> None:
     published: dict[str, float] = {}
     async with harness.open_environment() as env:
         env.openai.images_per_minute = limit
+        env.openai.image_tokens_per_minute = args.tokens
         env.openai.latency_s = {"images": args.latency}
         if args.hide_headers:
             harness.hide_rate_limit_headers(env.openai)
         alerts = await env.watch(topology.ONSCREEN_EXCHANGE)
-        service = await env.start_service(DYNAMO_IMAGES_PER_MINUTE=f"{configured:g}")
+        settings = {"DYNAMO_IMAGES_PER_MINUTE": f"{configured:g}"}
+        if args.tokens and args.configure_tokens:
+            settings["DYNAMO_IMAGE_TOKENS_PER_MINUTE"] = f"{args.tokens * args.configured:g}"
+        services = await env.start_services(args.processes, **settings)
         for subject in subjects:
             published[subject] = await env.publish(harness.ghost(subject))
         print(f"published {args.requests} ghosts in {trio.current_time() - min(published.values()):.1f} s; "
-              f"limit {limit}/min, configured {configured:g}/min, image latency {args.latency} s")
-        expected_s = args.requests * 60 / limit
+              f"limit {limit}/min, {args.tokens or 'no'} tokens/min; {args.processes} process(es) "
+              f"configured {settings}; image latency {args.latency} s")
+        expected_s = args.requests * 60 / binding_rate(args, env.openai)
         with trio.fail_after(expected_s * 1.5 + 180):
             while len(alerts.arrived) < args.requests:
                 with trio.move_on_after(PROGRESS_S):
                     await alerts.wait_for(args.requests)
                 print(f"  {len(alerts.arrived)}/{args.requests} alerts, "
                       f"{env.openai.statuses('images').count(429)} 429s so far", flush=True)
-        status = await env.status(service)
+        status = await env.status(services[0])
+        scraped = [await env.metrics(service) for service in services]
 
     report(args, env, alerts, published, status)
+    report_fleet(env, scraped)
     if args.dump:
         dump(args.dump, env, alerts, published)
+
+
+def image_cost(fake) -> int:
+    """What one of the benchmark's ghosts costs in tokens (the fake's `usage`)."""
+    return fake.image_usage({"prompt": "a ghostly image of a seal number 100, with glitchy VHS "
+                                       "artifacts, dark background"})["total_tokens"]
+
+
+def binding_rate(args, fake) -> float:
+    """Images per minute the account allows: its image limit, or fewer when tokens bind."""
+    return min(args.limit, args.tokens / image_cost(fake)) if args.tokens else args.limit
+
+
+def report_fleet(env, scraped) -> None:
+    """Per process: its image calls, and what the shared budget cost it in the database."""
+    rows, steps_total, seconds_total, calls_total = [], 0.0, 0.0, 0.0
+    for number, figures in enumerate(scraped):
+        calls = figures.get(("dynamo_openai_calls_total", (("kind", "image"), ("status", "200"))), 0)
+        steps = {step: figures.get(("dynamo_budget_steps_total", (("kind", "image"), ("step", step))), 0)
+                 for step in ("granted", "wait", "outcome", "outcome-skipped", "released")}
+        taken = sum(n for step, n in steps.items() if step != "outcome-skipped")
+        seconds = figures.get(("dynamo_budget_step_seconds_sum", (("kind", "image"),)), 0.0)
+        steps_total, seconds_total, calls_total = steps_total + taken, seconds_total + seconds, calls_total + calls
+        rows.append((f"process {number}", f"{calls:g}", " / ".join(f"{steps[s]:g}" for s in steps),
+                     f"{taken / calls:.2f}" if calls else "-",
+                     f"{seconds / taken * 1000:.2f} ms" if taken else "-"))
+    rows.append(("fleet", f"{calls_total:g}", "", f"{steps_total / calls_total:.2f}" if calls_total else "-",
+                 f"{seconds_total / steps_total * 1000:.2f} ms" if steps_total else "-"))
+    harness.print_table(
+        "the shared budget, per process (image kind): a step is one database transaction",
+        ("", "image calls", "steps granted / wait / outcome / skipped / released",
+         "steps per image call", "mean step"), rows)
 
 
 def dump(path: str, env, alerts, published) -> None:
@@ -93,17 +142,33 @@ def report(args, env, alerts, published, status) -> None:
         return (len(times) - 1) / (times[-1] - times[0]) * 60 if len(times) > 1 else math.nan
 
     starts = [c.time for c in ok]
+    binding = binding_rate(args, env.openai)
     rows = [
         ("requests", len(published), ""),
         ("image calls: 200 / 429", f"{len(ok)} / {len(refused)}", ""),
-        ("achieved image rate, first to last call", f"{per_minute(starts):.1f}/min",
-         f"{per_minute(starts) / limit:.1%} of the limit"),
+        ("binding limit", f"{binding:.2f} images/min",
+         "tokens" if binding < limit else "images per minute"),
+        ("achieved image rate, first to last call", f"{per_minute(starts):.2f}/min",
+         f"{per_minute(starts) / binding:.1%} of the binding limit"),
         ("most calls accepted in any 60 s", harness.most_in_any_window(starts), f"limit {limit}"),
         ("most calls made in any 60 s", harness.most_in_any_window([c.time for c in calls]), ""),
         ("first image call, after the first publish", f"{start - min(published.values()):.3f} s", ""),
         ("wall time, first publish to last alert",
          f"{max(alert_at.values()) - min(published.values()):.1f} s", ""),
     ]
+    if args.tokens:
+        cost = image_cost(env.openai)
+        tokens_rate = (len(ok) - 1) * cost / (starts[-1] - starts[0]) * 60
+        rows += [
+            ("tokens per image (the fake's usage)", cost, ""),
+            ("achieved token rate, first to last call", f"{tokens_rate:.0f}/min",
+             f"{tokens_rate / args.tokens:.1%} of {args.tokens} tokens/min"),
+            ("most tokens accepted in any 60 s", harness.most_in_any_window(starts) * cost, ""),
+            # A window holds whole calls: with a limit not a multiple of the cost, the rest
+            # of it cannot be used by anyone.
+            ("whole calls a 60-s window can hold", min(limit, args.tokens // cost),
+             f"achieved {per_minute(starts) / min(limit, args.tokens // cost):.1%} of that"),
+        ]
     if refused:
         last = refused[-1].time
         after = [c.time for c in ok if c.time > last]
@@ -115,9 +180,11 @@ def report(args, env, alerts, published, status) -> None:
         ]
     image_kind = status["rate_limiter"]["kinds"]["image"]
     rows.append(("dynamo's image limit at the end",
-                 f"{image_kind['effective_per_minute']}/min",
+                 f"{image_kind['effective_per_minute']}/min, "
+                 f"{image_kind['tokens_per_minute'] or 'no'} tokens/min",
                  f"configured {image_kind['configured_per_minute']:g}/min"))
-    harness.print_table(f"image rate limit {limit}/min, {args.latency} s per image", ("", "", ""), rows)
+    harness.print_table(f"image rate limit {limit}/min, {args.tokens or 'no'} tokens/min, "
+                        f"{args.processes} process(es), {args.latency} s per image", ("", "", ""), rows)
 
     minutes = {}
     for call in calls:
@@ -154,5 +221,9 @@ if __name__ == "__main__":
                         help="DYNAMO_IMAGES_PER_MINUTE as a multiple of the real limit")
     parser.add_argument("--hide-headers", action="store_true",
                         help="no x-ratelimit-* headers in the fake's answers")
+    parser.add_argument("--processes", type=int, default=1, help="dynamo processes sharing the account")
+    parser.add_argument("--tokens", type=int, help="the fake's image tokens per minute")
+    parser.add_argument("--configure-tokens", action="store_true",
+                        help="tell dynamo the token limit (else it learns it from the headers)")
     parser.add_argument("--dump", metavar="FILE", help="write the raw timeline as JSON")
     harness.run(main, parser.parse_args())

@@ -72,6 +72,8 @@ class Settings:
     image_quality: str = DEFAULT_IMAGE_QUALITY
     daily_budget_usd: float | None = None
     prices: dict = dataclasses.field(default_factory=dict)  # DYNAMO_PRICES: model -> Prices
+    # The image API's tokens per minute; None: learned from the answers' headers.
+    image_tokens_per_minute: float | None = None
     defaults_used: tuple[str, ...] = ()  # WARNING lines for the development profile
 
 
@@ -222,6 +224,7 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
         data_dir=Path(r.text("DYNAMO_DATA_DIR", "./.dynamo")),
         images_per_minute=r.number("DYNAMO_IMAGES_PER_MINUTE", 5.0, minimum=0.01),
         text_requests_per_minute=r.number("DYNAMO_TEXT_REQUESTS_PER_MINUTE", 500.0, minimum=0.01),
+        image_tokens_per_minute=r.number("DYNAMO_IMAGE_TOKENS_PER_MINUTE", None, minimum=1),
         generator_workers=int(r.number("DYNAMO_GENERATOR_WORKERS", 4, minimum=1, integer=True)),
         max_attempts=int(r.number("DYNAMO_MAX_ATTEMPTS", 6, minimum=1, integer=True)),
         request_timeout_s=r.number("DYNAMO_REQUEST_TIMEOUT_S", 900.0, minimum=1),

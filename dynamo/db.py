@@ -75,6 +75,11 @@ class Database:
     async def _run(self, fn, *args):
         return await aio_as_trio(fn)(self._pool, *args)
 
+    async def run_with_pool(self, fn, *args):
+        """Runs the asyncio coroutine `fn(pool, *args)`: for a port module with its own SQL
+        (`dynamo.fleet_db`); a transaction in it never spans a Trio checkpoint."""
+        return await self._run(fn, *args)
+
     async def fetch(self, sql: str, *args) -> list[asyncpg.Record]:
         return await aio_as_trio(self._pool.fetch)(sql, *args)
 

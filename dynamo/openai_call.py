@@ -54,6 +54,7 @@ async def call_openai(
             headers=answer.headers,
             probe=permit.probe,
             tokens_used=answer.tokens_used,
+            permit=permit,  # so that the budget corrects this call's grant to what it cost
         )
         await report_outcome(permits_send, outcome)
         return answer

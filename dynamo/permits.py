@@ -3,12 +3,18 @@
 A caller `acquire_permit()`s right before each OpenAI call (a `PermitRequest` on the rate
 limiter's `permits` channel, answered with a `Permit`) and `report_outcome()`s the answer
 (a `CallOutcome`), from which the rate limiter learns. `actors/rate_limiter.py` serves it.
+
+Tokens: an image call's request says what it is expected to cost (`tokens`, the
+`usage.total_tokens` the price table predicts), and its outcome what the answer's `usage`
+says it cost (`tokens_used`) with the `permit` it was made under, so that the budget
+counts exactly what the API counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import uuid
 from collections.abc import Mapping
 
 import trio
@@ -25,6 +31,7 @@ class CallKind(str, enum.Enum):
 @dataclasses.dataclass
 class Permit:
     probe: bool = False  # the circuit is open: report the outcome with probe=True
+    grant_id: uuid.UUID | None = None  # the budget's record of this call
 
 
 @dataclasses.dataclass
@@ -45,6 +52,7 @@ class CallOutcome:
     auth_failed: bool = False  # a 401/403
     probe: bool = False  # the call was made with a probe permit
     tokens_used: int | None = None  # what the answer's `usage` says the call cost
+    permit: Permit | None = None  # the permit the call was made under
 
 
 async def acquire_permit(

@@ -36,10 +36,14 @@ from actors import (
     rate_limiter,
     uploader,
 )
+from actors import fleet as fleet_actor
 from dynamo import embedded_pg, resume
 from dynamo.broker import open_broker
+from dynamo.budget import Budget
 from dynamo.config import Settings
 from dynamo.db import open_database
+from dynamo.fleet import Fleet
+from dynamo.fleet_db import FleetQueries, PostgresStore
 from dynamo.generation import OfflineGenerator, OpenAIGenerator
 from dynamo.openai_models import ModelsStatus, check_and_report
 from dynamo.pipeline import Pipeline
@@ -177,7 +181,15 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
     storage = make_storage(settings, public_http_url)
     points = make_points(settings, http_client)
     spend = Spend(db, PriceTable(settings.prices), daily_budget_usd=settings.daily_budget_usd)
-    limiter_status = RateLimiterStatus()
+    # The OpenAI limits are the account's: every process of a fleet shares one budget.
+    budget = Budget(PostgresStore(db, pipeline.worker_id), worker=str(pipeline.worker_id))
+    limiter_status = RateLimiterStatus(budget=budget)
+    fleet_view = Fleet(
+        FleetQueries(db),
+        worker_id=pipeline.worker_id,
+        http_addr=f"{settings.http_host}:{settings.http_port}",
+        inflight=pipeline.inflight,
+    )
     readiness = Readiness(db=db, broker=broker, limiter_status=limiter_status)
 
     reserve_send, reserve_recv = trio.open_memory_channel(RESERVE_CAPACITY)
@@ -302,6 +314,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
                 permits_recv=permits_recv,
                 failures_send=finalize_send,
                 images_per_minute=settings.images_per_minute,
+                image_tokens_per_minute=settings.image_tokens_per_minute,
                 text_per_minute=settings.text_requests_per_minute,
                 status=limiter_status,
                 queue_capacity=rate_limiter.fair_queue_capacity(
@@ -316,6 +329,11 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
             lambda task_status: resume.run(
                 pipeline=pipeline, router=router, task_status=task_status
             ),
+        )
+        await start(
+            pipeline_nursery,
+            "fleet",
+            lambda task_status: fleet_actor.run(fleet=fleet_view, task_status=task_status),
         )
 
         async with trio.open_nursery() as intake_nursery:
@@ -340,6 +358,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
                 supervisor=supervisor,
                 channels=channels,
                 limiter_status=limiter_status,
+                fleet=fleet_view,
                 local_storage=storage if isinstance(storage, LocalStorage) else None,
                 http_client=http_client,
                 admin_token=admin_token_for(settings),

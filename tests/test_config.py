@@ -33,6 +33,12 @@ def test_production_with_everything_configured():
         assert secret not in repr(settings)
 
 
+def test_the_image_token_limit_is_learned_unless_configured():
+    assert config.load(FULL).image_tokens_per_minute is None
+    configured = config.load({**FULL, "DYNAMO_IMAGE_TOKENS_PER_MINUTE": "21120"})
+    assert configured.image_tokens_per_minute == 21120
+
+
 def test_production_names_every_missing_variable_at_once():
     with pytest.raises(config.ConfigError) as error:
         config.load({"DYNAMO_PROFILE": "production"})
@@ -68,6 +74,7 @@ def test_full_urls_and_a_local_s3_server():
     ("DYNAMO_TEXT_REQUESTS_PER_MINUTE", "nan"), ("DYNAMO_GENERATOR_WORKERS", "1.5"),
     ("DYNAMO_MAX_ATTEMPTS", "0"), ("DYNAMO_REQUEST_TIMEOUT_S", "soon"),
     ("DYNAMO_HTTP_ADDR", "localhost"), ("DYNAMO_LOG_FORMAT", "xml"), ("DYNAMO_PROFILE", "prod"),
+    ("DYNAMO_IMAGE_TOKENS_PER_MINUTE", "0"),
 ])
 def test_a_value_that_cannot_be_parsed_names_its_variable(name, value):
     with pytest.raises(config.ConfigError) as error:

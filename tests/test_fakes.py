@@ -38,6 +38,9 @@ FRIEND_PROMPT = (
     "suitable for chroma keying"
 )
 
+# A GPT image model the fake serves today (its tokens per image follow its family).
+MODEL = "gpt-image-2.6-flare"
+
 
 @pytest.fixture
 def real_speed_clock() -> trio.testing.MockClock:
@@ -142,6 +145,39 @@ async def test_image_rate_limit_is_a_sliding_window(
     assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
     assert error.response.headers["x-ratelimit-reset-requests"].endswith("s")
     assert fake_openai.statuses("images") == [200, 200, 429, 200, 429]
+
+
+async def test_image_token_limit_counts_each_answers_usage(
+    fake_openai: FakeOpenAI, real_speed_clock: trio.testing.MockClock
+) -> None:
+    """Tokens per minute bind before images per minute: two 1024x1024 medium images fit,
+    the third is refused with the token headers and message the real API sends."""
+    usage = fake_openai.image_usage({"model": MODEL, "prompt": "a seal", "quality": "medium"})
+    cost = usage["total_tokens"]
+    assert cost == usage["output_tokens"] + usage["input_tokens"] and usage["output_tokens"] > 0
+    fake_openai.images_per_minute, fake_openai.image_tokens_per_minute = 100, 2 * cost
+    with trio.fail_after(TEST_DEADLINE_S + 61):
+        async with openai_client(fake_openai) as client:
+            first = await client.images.with_raw_response.generate(
+                model=MODEL, prompt="a seal", quality="medium")
+            real_speed_clock.jump(20)
+            await client.images.generate(model=MODEL, prompt="a seal", quality="medium")
+            with pytest.raises(openai.RateLimitError) as refused:
+                await client.images.generate(model=MODEL, prompt="a seal", quality="medium")
+            real_speed_clock.jump(41)  # the first call's tokens have left the window
+            await client.images.generate(model=MODEL, prompt="a seal", quality="low")
+    assert first.parse().usage.total_tokens == cost
+    assert first.headers["x-ratelimit-limit-tokens"] == str(2 * cost)
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(cost)
+    assert first.headers["x-ratelimit-reset-tokens"] == "1m0s"
+    assert first.headers["x-ratelimit-remaining-requests"] == "99"
+    error = refused.value
+    assert error.code == "rate_limit_exceeded" and error.type == "tokens"
+    assert "tokens per min (TPM)" in error.message and f"Requested {cost}" in error.message
+    assert 39_000 <= int(error.response.headers["retry-after-ms"]) <= 40_000
+    assert error.response.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "98"
+    assert fake_openai.statuses("images") == [200, 200, 429, 200]
 
 
 async def test_text_rate_limit_covers_chat_and_moderation(fake_openai: FakeOpenAI) -> None:

@@ -144,7 +144,7 @@ async def test_headers_showing_a_lower_limit_slow_the_pace(autojump_clock):
                                              headers={"x-ratelimit-limit-requests": "5"}))
             await limiter.acquire()
             assert trio.current_time() - start == 12  # not at 6
-            assert limiter.status.kinds[CallKind.IMAGE].limit.effective_limit == 5
+            assert limiter.status.limiter(CallKind.IMAGE).limit.effective_limit == 5
 
 
 class FakeImageAPI:

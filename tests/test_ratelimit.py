@@ -1,16 +1,23 @@
 """The rate limiter's pure logic: the window's schedule, adaptation, circuit, fair queue."""
 
-import math
 import uuid
 
 import pytest
+import trio
 
-from dynamo.jobs import Job, Style, Viewer
 from dynamo.fair_queue import FairQueue
+from dynamo.jobs import Job, Style, Viewer
 from dynamo.permits import CallKind, CallOutcome
 from dynamo.ratelimit import (
-    PROBE_LEASE_S, AdaptiveLimit, AuthCircuit, KindLimiter, RateLimiterStatus, SlidingWindow,
-    duration_s, parse_ratelimit_headers,
+    PROBE_LEASE_S,
+    AdaptiveLimit,
+    AuthCircuit,
+    Grant,
+    KindLimiter,
+    RateLimiterStatus,
+    SlidingWindow,
+    duration_s,
+    parse_ratelimit_headers,
 )
 
 
@@ -29,7 +36,7 @@ def schedule(window, calls, start=0.0):
     times, now = [], start
     for _ in range(calls):
         now = window.next_allowed(now)
-        window.record(now)
+        window.record(Grant(now))
         times.append(now)
     return times
 
@@ -69,7 +76,7 @@ def test_a_fractional_limit_stays_under_it():
 
 def test_an_idle_window_allows_a_call_at_once():
     window = SlidingWindow(5)
-    window.record(0)
+    window.record(Grant(0))
     assert window.next_allowed(100) == 100
     assert window.count(100) == 0
     with pytest.raises(ValueError):
@@ -91,7 +98,7 @@ def test_ratelimit_headers():
 
 def test_a_429_pauses_for_the_retry_after():
     limit = AdaptiveLimit(5)
-    limit.record(0)
+    limit.record(Grant(0))
     limit.on_rate_limited(1, 30, None)
     assert limit.paused_until == 31
     assert limit.next_allowed(2) == 31
@@ -101,7 +108,7 @@ def test_a_429_pauses_for_the_retry_after():
 
 def test_a_429_without_retry_after_backs_off():
     limit = AdaptiveLimit(5)
-    limit.record(0)
+    limit.record(Grant(0))
     limit.on_rate_limited(1, None, None)
     assert 1 <= limit.paused_until <= 1 + 60 / limit.effective_limit
 
@@ -152,7 +159,7 @@ def test_a_short_429_within_the_known_limit_only_pauses():
 def test_a_429_without_headers_lowers_to_what_the_server_took():
     limit = AdaptiveLimit(10)
     for t in (0, 6, 12, 18, 24, 30):  # the server took 5, refused the 6th
-        limit.record(t)
+        limit.record(Grant(t))
     limit.on_rate_limited(30.5, 29.5, None)
     assert limit.effective_limit == 5
     limit.on_success(200, None)
@@ -173,14 +180,17 @@ def test_429s_for_calls_made_before_the_pause_do_not_compound():
     assert limit.effective_limit == 4  # a limit the API shows still applies
 
 
-def test_reconfiguring_keeps_what_was_learned():
+async def test_reconfiguring_keeps_what_was_learned():
     status = RateLimiterStatus()
     status.configure({CallKind.IMAGE: 10})
-    image = status.kinds[CallKind.IMAGE].limit
-    image.on_success(0, {"x-ratelimit-limit-requests": "5"})
+    await status.budget.report(CallOutcome(CallKind.IMAGE, succeeded=True,
+                                           headers={"x-ratelimit-limit-requests": "5"}))
     status.configure({CallKind.IMAGE: 10})  # the actor was restarted
+    await status.budget.refresh(CallKind.IMAGE)
+    image = status.limiter(CallKind.IMAGE).limit
     assert image.effective_limit == 5
     status.configure({CallKind.IMAGE: 3})
+    await status.budget.refresh(CallKind.IMAGE)
     assert image.effective_limit == 3 and image.configured == 3
     with pytest.raises(ValueError):
         status.configure({CallKind.IMAGE: -1})
@@ -188,14 +198,14 @@ def test_reconfiguring_keeps_what_was_learned():
 
 def test_a_first_call_429_without_headers_at_most_halves():
     limit = AdaptiveLimit(500)
-    limit.record(0)
+    limit.record(Grant(0))
     limit.on_rate_limited(0.5, 1, None)
     assert limit.effective_limit == 250
 
 
 def test_a_429_without_retry_after_waits_for_the_reset_when_nothing_remains():
     limit = AdaptiveLimit(10)
-    limit.record(0)
+    limit.record(Grant(0))
     limit.on_rate_limited(1, None, {"x-ratelimit-limit-requests": "10",
                                     "x-ratelimit-remaining-requests": "0",
                                     "x-ratelimit-reset-requests": "20s"})
@@ -264,15 +274,18 @@ def test_fair_queue_expiry_keeps_the_others_in_place():
     assert queue.peek() is first and len(queue) == 2 and queue.viewers_waiting == 2
 
 
-def test_status_as_json():
+async def test_status_as_json(autojump_clock):
     status = RateLimiterStatus()
     status.configure({CallKind.IMAGE: 5, CallKind.TEXT: 500})
-    image = status.kinds[CallKind.IMAGE]
-    image.granted(0, image.permit())
-    image.on_outcome(CallOutcome(CallKind.IMAGE, rate_limited=True, retry_after_s=30), now=1)
-    status.kinds[CallKind.TEXT].on_outcome(CallOutcome(CallKind.TEXT, auth_failed=True), now=1)
+    assert status.as_json()["kinds"]["image"]["calls_last_60s"] == 0  # no call yet
+    assert (await status.budget.try_grant(CallKind.IMAGE)).permit is not None
+    await trio.sleep(1)
+    await status.budget.report(CallOutcome(CallKind.IMAGE, rate_limited=True, retry_after_s=30))
+    await status.budget.report(CallOutcome(CallKind.TEXT, auth_failed=True))
     status.fair_queue.push(job_for("a"))
-    data = status.as_json(now=2)
+    await trio.sleep(1)
+    data = status.as_json()
+    assert data["scope"] == "process"
     assert data["kinds"]["image"]["configured_per_minute"] == 5
     assert data["kinds"]["image"]["effective_per_minute"] == 2.5
     assert data["kinds"]["image"]["calls_last_60s"] == 1

@@ -34,6 +34,7 @@ class ApiContext:
     auth_configured: bool = False
     models: Any = None  # dynamo.openai_models.ModelsStatus (`.as_json()`), for /status
     spend: Any = None  # dynamo.spend.Spend: /status `spend`, a request's calls and cost
+    fleet: Any = None  # dynamo.fleet.Fleet (`await .status()`); None: not shown
 
 
 def current_api() -> ApiContext:

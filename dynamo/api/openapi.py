@@ -271,6 +271,12 @@ _SCHEMAS = {
                 "without their id stored: reconcile them.",
             },
             "in_flight": {"type": "integer", "minimum": 0},
+            "fleet": {
+                "type": ["object", "null"],
+                "description": "Every live process sharing the database (id, host, pid, "
+                "http_addr, heartbeat_age_s, requests_in_hand, its share of the OpenAI "
+                "budget over the last 60 s) and the fleet's totals.",
+            },
             "models": {
                 "description": "The configured models as the API's catalogue knows them.",
                 "oneOf": [

@@ -59,6 +59,7 @@ async def status():
         "in_flight": len(api.pipeline.inflight),
         "models": api.models.as_json() if api.models is not None else None,
         "spend": await api.spend.status_json() if api.spend is not None else None,
+        "fleet": await api.fleet.status() if api.fleet is not None else None,
     }
 
 

@@ -17,8 +17,11 @@ family does transparency, else 400) and `quality`, and answer with `usage`
 
 Rate limits are a sliding 60 s window (on `trio.current_time()`) over the calls that
 passed the limit check: `images_per_minute` for images, `text_per_minute` for chat and
-moderations together (the contract has one text limit for both). None is unlimited, and
-then no x-ratelimit-* headers are sent.
+moderations together (the contract has one text limit for both), and
+`image_tokens_per_minute` over the `usage.total_tokens` of image calls (`image_usage`),
+counted when the call arrives. Whichever is exhausted first answers 429, with the
+headers and message the real API sends for it. None is unlimited, and then no
+x-ratelimit-* headers are sent for that limit.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ class FakeOpenAI(FakeService):
         self.reasoning_tokens: int | None = None
         # Models that answer a transparent request with an opaque image anyway.
         self.opaque_models: set[str] = set()
+        self.image_tokens_per_minute: int | None = None
+        self._image_tokens: deque[tuple[float, int]] = deque()  # (arrival, total tokens)
 
     def env(self) -> dict[str, str]:
         return {"OPENAI_API_KEY": self.api_key, "OPENAI_BASE_URL": f"{self.url}/v1"}
@@ -228,24 +233,57 @@ class FakeOpenAI(FakeService):
     def check_rate(self, call: Call) -> Response | None:
         bucket = BUCKET_OF_ENDPOINT.get(call.endpoint)
         limit = self.images_per_minute if bucket == "images" else self.text_per_minute
-        if bucket is None or limit is None:
+        token_limit = self.image_tokens_per_minute if bucket == "images" else None
+        if bucket is None or (limit is None and token_limit is None):
             return None
         window, now = self._windows[bucket], trio.current_time()
         while window and window[0] <= now - WINDOW_S:
             window.popleft()
-        if len(window) >= limit:
+        while self._image_tokens and self._image_tokens[0][0] <= now - WINDOW_S:
+            self._image_tokens.popleft()
+        body = call.body if isinstance(call.body, dict) else {}
+        cost = self.image_usage(body)["total_tokens"] if token_limit is not None else 0
+        used = sum(tokens for _, tokens in self._image_tokens)
+        if limit is not None and len(window) >= limit:
             wait_s = window[0] + WINDOW_S - now
-            call.extra["headers"] = self._limit_headers(limit, 0, wait_s, retry=True)
+            call.extra["headers"] = {
+                **self._limit_headers(limit, 0, wait_s, retry=True),
+                **self._token_headers(token_limit, used, now),
+            }
             what = "images per min" if bucket == "images" else "requests per min (RPM)"
-            message = (
-                f"Rate limit reached for {what} in organization org-fake: Limit {limit}, Used {len(window)}, "
-                f"Requested 1. Please try again in {go_duration(wait_s)}. "
-                "Visit https://platform.openai.com/account/rate-limits to learn more."
-            )
-            return self._answer(call, error_body(message, "requests", "rate_limit_exceeded"), 429)
+            return self._rate_limited(call, what, limit, len(window), 1, wait_s, "requests")
+        if token_limit is not None and used + cost > token_limit:
+            freed, wait_s = 0, WINDOW_S
+            for arrived, tokens in self._image_tokens:  # the oldest leave first
+                freed += tokens
+                if used - freed + cost <= token_limit:
+                    wait_s = arrived + WINDOW_S - now
+                    break
+            call.extra["headers"] = {
+                **self._request_headers(limit, window, now),
+                **self._token_headers(token_limit, used, now),
+                "retry-after": str(math.ceil(wait_s)),
+                "retry-after-ms": str(math.ceil(wait_s * 1000)),
+            }
+            what = "tokens per min (TPM)"
+            return self._rate_limited(call, what, token_limit, used, cost, wait_s, "tokens")
         window.append(now)
-        call.extra["headers"] = self._limit_headers(limit, limit - len(window), window[0] + WINDOW_S - now)
+        if token_limit is not None:
+            self._image_tokens.append((now, cost))
+        call.extra["headers"] = {
+            **self._request_headers(limit, window, now),
+            **self._token_headers(token_limit, used + cost, now),
+        }
         return None
+
+    def _rate_limited(self, call: Call, what: str, limit: int, used: int, requested: int,
+                      wait_s: float, type_: str) -> Response:
+        message = (
+            f"Rate limit reached for {what} in organization org-fake: Limit {limit}, Used {used}, "
+            f"Requested {requested}. Please try again in {go_duration(wait_s)}. "
+            "Visit https://platform.openai.com/account/rate-limits to learn more."
+        )
+        return self._answer(call, error_body(message, type_, "rate_limit_exceeded"), 429)
 
     @staticmethod
     def _limit_headers(limit: int, remaining: int, reset_s: float, retry: bool = False) -> dict[str, str]:
@@ -259,6 +297,24 @@ class FakeOpenAI(FakeService):
             headers["retry-after"] = str(math.ceil(reset_s))
             headers["retry-after-ms"] = str(math.ceil(reset_s * 1000))
         return headers
+
+    def _request_headers(self, limit: int | None, window: deque[float], now: float) -> dict[str, str]:
+        if limit is None:
+            return {}
+        reset_s = window[0] + WINDOW_S - now if window else 0.0
+        return self._limit_headers(limit, limit - len(window), reset_s)
+
+    def _token_headers(self, token_limit: int | None, used: int, now: float) -> dict[str, str]:
+        """x-ratelimit-*-tokens; reset: when every token counted now has left the window
+        (the limit "resets to its initial state")."""
+        if token_limit is None:
+            return {}
+        newest = self._image_tokens[-1][0] if self._image_tokens else now - WINDOW_S
+        return {
+            "x-ratelimit-limit-tokens": str(token_limit),
+            "x-ratelimit-remaining-tokens": str(max(0, token_limit - used)),
+            "x-ratelimit-reset-tokens": go_duration(max(0.0, newest + WINDOW_S - now)),
+        }
 
     # ---- normal answers -----------------------------------------------------------
 
@@ -313,8 +369,10 @@ class FakeOpenAI(FakeService):
         family = catalogue.family_of(str(body.get("model", "")), self.image_families)
         tokens = (family or catalogue.IMAGE_FAMILIES["gpt-image-2.6-"]).tokens
         quality = body.get("quality") or "auto"
-        size = body.get("size") or "1024x1024"
-        width, height = (1024, 1024) if size == "auto" else (int(side) for side in size.split("x"))
+        try:  # called before the request is validated: an odd size counts as 1024x1024
+            width, height = (int(side) for side in str(body.get("size") or "").split("x"))
+        except ValueError:
+            width, height = 1024, 1024
         per_image = round(tokens.get(quality, tokens["medium"]) * width * height / (1024 * 1024))
         output = per_image * max(1, int(body.get("n") or 1))
         text = _text_tokens(str(body.get("prompt", "")))
