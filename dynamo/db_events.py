@@ -39,6 +39,8 @@ HEALTH_CHECK_S = 15.0
 HEALTH_CHECK_DEADLINE_S = 5.0
 CONNECT_DEADLINE_S = 10.0
 CLOSE_DEADLINE_S = 2.0
+# How the LISTEN session shows in pg_stat_activity.
+APPLICATION_NAME = "dynamo-change-feed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +121,9 @@ class RequestChanges:
 
     async def _listen_until_lost(self) -> None:
         with trio.fail_after(CONNECT_DEADLINE_S):
-            conn = await aio_as_trio(asyncpg.connect)(self._dsn)
+            conn = await aio_as_trio(asyncpg.connect)(
+                self._dsn, server_settings={"application_name": APPLICATION_NAME}
+            )
         lost = trio.Event()
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
