@@ -100,7 +100,7 @@ export function finishedItem(request, { onRetry, errorFor }) {
   const failed = request.state === "failed";
   const failure = request.failure || {};
   const cost = request.cost !== undefined ? money(request.cost) : "";
-  return el("li", { class: `finished-item ${request.state}`, "data-id": request.id },
+  return el("li", { class: `finished-item ${request.state}`, "data-id": request.id, "data-step": request.step },
     src
       ? el("a", { href: src, target: "_blank", rel: "noopener", class: `thumb ${request.style}` },
           el("img", { src, alt: `${request.style}: ${describe(request)}`, loading: "lazy",
