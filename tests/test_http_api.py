@@ -25,8 +25,8 @@ from dynamo import config, genreq, metrics
 from dynamo.api import create_app, openapi_document
 from dynamo.db import open_database
 from dynamo.jobs import Reason, Step, Viewer
-from dynamo.pipeline import Pipeline
 from dynamo.permits import CallKind
+from dynamo.pipeline import Pipeline
 from dynamo.ratelimit import RateLimiterStatus
 from dynamo.readiness import Readiness
 from dynamo.storage import LocalStorage

@@ -34,8 +34,8 @@ from actors import http
 from dynamo import config
 from dynamo.api import openapi_document
 from dynamo.db import open_database
-from dynamo.pipeline import Pipeline
 from dynamo.permits import CallKind
+from dynamo.pipeline import Pipeline
 from dynamo.ratelimit import RateLimiterStatus
 from dynamo.readiness import Readiness
 from dynamo.storage import LocalStorage
