@@ -141,18 +141,22 @@ async def test_changes_by_any_process_reach_the_broadcaster_and_the_viewer_their
             nursery.cancel_scope.cancel()
 
 
-async def test_the_feed_reconnects_after_its_connection_is_dropped(api, served, http_database):  # noqa: F811
-    with trio.fail_after(TEST_TIMEOUT_S):
-        async with httpx.AsyncClient(timeout=None) as client, trio.open_nursery() as nursery:
-            caster = Stream()
-            await nursery.start(caster.run, client, served, BROADCASTER_TOKEN)
-            await caster.wait_for(lambda name, _: name == "hello")
+async def test_the_feed_reconnects_after_its_connection_is_dropped(api, http_database):  # noqa: F811
+    """The database port's change feed itself: subscribed before it starts, so that every
+    RESYNC it sends is seen."""
+    changes = api.db.request_changes()
+
+    async def next_item(receive, predicate):
+        async for item in receive:
+            if predicate(item):
+                return item
+
+    with trio.fail_after(TEST_TIMEOUT_S), changes.subscribe() as receive:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(changes.run)
+            await next_item(receive, lambda item: item == db_events.RESYNC)  # listening
             conn = await aio_as_trio(asyncpg.connect)(http_database)
             try:
-                while not await aio_as_trio(conn.fetchval)(
-                        "select count(*) from pg_stat_activity where application_name = $1 "
-                        "and datname = current_database()", db_events.APPLICATION_NAME):
-                    await trio.sleep(0.05)  # the feed connects in the background
                 killed = await aio_as_trio(conn.fetchval)(
                     "select count(pg_terminate_backend(pid)) from pg_stat_activity "
                     "where application_name = $1 and datname = current_database()",
@@ -161,11 +165,12 @@ async def test_the_feed_reconnects_after_its_connection_is_dropped(api, served, 
                 await aio_as_trio(conn.close)()
             assert killed == 1
             # Listening again, the feed says changes may have been missed...
-            await caster.wait_for(lambda name, _: name == "resync")
-            # ...and changes flow again on the same stream.
+            await next_item(receive, lambda item: item == db_events.RESYNC)
+            # ...and changes flow again.
             request_id = await api.store(ALICE, "after the drop")
-            await caster.wait_for(lambda name, data: name == "request"
-                                  and data["id"] == str(request_id))
+            change = await next_item(receive, lambda item: item != db_events.RESYNC)
+            assert (change.request_id, change.viewer_id, change.step) == (
+                request_id, ALICE[0], "received")
             nursery.cancel_scope.cancel()
 
 

@@ -8,11 +8,15 @@ Nothing here measures speed: every wait has a generous deadline, and
 
 from __future__ import annotations
 
+import functools
+
 import httpx
 import pytest
 import trio
 
+from actors import http
 from tests.support.browser import PHONE, in_browser, require_browser, sign_in
+from tests.test_http_api import api, http_database  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -163,8 +167,9 @@ async def test_a_wrong_token_shows_an_error_and_nothing_else(live, tmp_path):
         from playwright.sync_api import expect
 
         page.goto(live.url + "/")
-        page.get_by_label("Bearer token").fill("not-a-valid-token")
-        page.locator("#sign-in-form button").click()
+        # By keyboard alone: the token field has the focus, Enter submits.
+        page.keyboard.type("not-a-valid-token")
+        page.keyboard.press("Enter")
         expect(page.locator("#sign-in-error")).to_have_text("That token was refused.")
         expect(page.locator("#dashboard")).to_be_hidden()
         expect(page.locator("#sign-out")).to_be_hidden()
@@ -186,6 +191,11 @@ async def test_a_viewer_sees_only_their_own_requests(live, tmp_path):
 
             sign_in(page, live.url, ALICE_TOKEN)
             expect(page.locator("#who")).to_have_text("Alice (viewer)")
+            # The API's validation error appears next to its field.
+            page.get_by_label("Subject").fill("   ")
+            page.get_by_role("button", name="Submit").click()
+            expect(page.locator("#subject-error")).to_contain_text("inputs.subject: must be 1 to 120")
+            expect(page.get_by_label("Subject")).to_have_attribute("aria-invalid", "true")
             expect(page.locator("#finished-list li", has_text="alice's own seal")).to_be_visible()
             expect(page.locator("#ops")).to_be_hidden()  # the service's state is not hers
             # While the page is open: Bob's new request first, then hers.
@@ -244,3 +254,47 @@ async def test_the_stream_reconnects_by_itself_after_the_service_restarts(live, 
 
     with trio.fail_after(TEST_TIMEOUT_S):
         await in_browser(steps, screenshot=tmp_path / "reconnected.png")
+
+
+async def test_status_keys_are_rendered_whether_known_or_not(api, tmp_path):  # noqa: F811
+    """/status keys other branches add (models, spend, fleet) and keys nobody has named
+    yet all reach the page: render.js is data-driven. The page's own module, on the
+    in-process app."""
+    require_browser()
+    status = {
+        "actors": {"http": {"name": "http", "state": "restarting", "restarts": 2,
+                            "last_error": "OSError: down"}},
+        "rate_limiter": {"kinds": {"image": {"configured_per_minute": 5, "effective_per_minute": 5,
+                                             "calls_last_60s": 4, "paused_until": None,
+                                             "circuit": "open", "circuit_open": True,
+                                             "permits_waiting": 1}}},
+        "models": {"image": {"id": "gpt-image-1", "shutdown_date": "2027-01-15", "days_left": 45}},
+        "spend": {"today": 1.25, "budget": 5.0, "month": 12.5, "paused": True},
+        "fleet": [{"host": "a", "pid": 10}, {"host": "b", "pid": 11}],
+        "brand_new_key": {"answer": 42},
+    }
+
+    def steps(page):
+        page.goto(url + "/")
+        shown = page.evaluate("""async status => {
+            const render = await import("/web/render.js");
+            document.body.replaceChildren(
+                ...render.warnings(status).map(text => render.el("p", {class: "warning"}, text)),
+                ...render.ops(status),
+                render.finishedItem({id: "x", state: "succeeded", step: "done", style: "ghost",
+                                     inputs: {subject: "a costed seal"}, viewer: {}, images: [],
+                                     cost: {usd: 0.042}}, {onRetry: () => {}, errorFor: () => ""}));
+            return document.body.innerText;
+        }""", status)
+        for text in ("shuts down on 2027-01-15 (45 days left)", "circuit is open",
+                     "paused: today's budget is spent", "Actor http is restarting: OSError: down",
+                     "$1.25 of $5.00", "$12.50", "gpt-image-1", "pid", "11", "brand_new_key",
+                     "42", "$0.0420", "4"):
+            assert text.lower() in shown.lower(), (text, shown)  # captions are upper-cased
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(functools.partial(
+            http.run, api=api.context, host="127.0.0.1", port=0))
+        with trio.fail_after(TEST_TIMEOUT_S):
+            await in_browser(steps, screenshot=tmp_path / "status-keys.png")
+        nursery.cancel_scope.cancel()

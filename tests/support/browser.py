@@ -78,6 +78,9 @@ async def in_browser(
                 page.set_default_timeout(EXPECT_TIMEOUT_MS)
                 errors: list[str] = []
                 page.on("pageerror", lambda error: errors.append(str(error)))
+                # A Content-Security-Policy refusal is only a console message.
+                page.on("console", lambda message: errors.append(message.text)
+                        if "Content Security Policy" in message.text else None)
                 try:
                     steps(page)
                     assert errors == [], f"the page raised: {errors}"
