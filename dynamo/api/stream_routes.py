@@ -97,8 +97,8 @@ async def _stream(api, changes, caller: Caller):
                 status = await _status(api)
                 if status is not None:
                     yield _event("status", status)
+                    last_sent = now
                 next_status = now + STATUS_EVERY_S
-                last_sent = now
             if now - last_sent >= KEEPALIVE_S:
                 yield b": keepalive\n\n"
                 last_sent = now
