@@ -160,3 +160,22 @@ create table if not exists dynamo.rate_limit_state (
 
 -- Every request load and list page looks up its friend's name by request id.
 create index if not exists answer_image_request_id on dynamo.answer (image_request_id);
+-- The live page's change feed (dynamo/db_events.py): every new request and every change
+-- of a request's step or state is announced on channel dynamo_request_changes when its
+-- transaction commits, whichever process wrote it. The payload is small (< 300 bytes).
+create or replace function dynamo.notify_request_change() returns trigger
+language plpgsql as $$
+begin
+    if tg_op = 'INSERT' or new.step is distinct from old.step
+            or new.state is distinct from old.state then
+        perform pg_notify('dynamo_request_changes', json_build_object(
+            'id', new.id, 'viewer', new.twitch_user_id,
+            'step', new.step, 'state', new.state)::text);
+    end if;
+    return null;
+end
+$$;
+drop trigger if exists image_request_notify on dynamo.image_request;
+create trigger image_request_notify
+    after insert or update of step, state on dynamo.image_request
+    for each row execute function dynamo.notify_request_change();

@@ -1,8 +1,10 @@
 """The HTTP API actor: serves `dynamo.api`'s app with hypercorn on host:port.
 
-Receives HTTP requests. Sends new requests into the pipeline on `reserve_send` and
-cancelled ones on `finalize_send` (both in `ApiContext`); persists requests and
-Idempotency-Keys in PostgreSQL through the database port.
+Receives HTTP requests, and the database port's change feed of request steps (for the
+live page's event stream; it runs in this actor's nursery and reconnects by itself).
+Sends new requests into the pipeline on `reserve_send` and cancelled ones on
+`finalize_send` (both in `ApiContext`); persists requests and Idempotency-Keys in
+PostgreSQL through the database port.
 
 `task_status.started(url)` reports the URL it is bound to (the real port when asked for
 port 0) once the socket listens. On shutdown (cancellation) the listener closes and
@@ -41,8 +43,10 @@ async def run(*, api: ApiContext, host: str, port: int, task_status=trio.TASK_ST
     config.accesslog = None  # the app logs one line per request itself, without headers
     config.errorlog = log
     config.keep_alive_timeout = KEEP_ALIVE_S
-    app = create_app(api)
     async with trio.open_nursery() as nursery:
+        request_changes = api.pipeline.db.request_changes()
+        await nursery.start(request_changes.run)
+        app = create_app(api, request_changes=request_changes)
         # hypercorn reports the addresses as its listening sockets see them: port 0
         # comes back as the port the system chose.
         binds = await nursery.start(partial(hypercorn.trio.serve, app, config))

@@ -22,6 +22,8 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
+from dynamo import db_events, db_reads
+from dynamo.db_errors import DatabaseUnavailable, DataRejected, driver_errors_mapped
 from dynamo.jobs import Step, state_for
 from dynamo.retry import connect_at_startup
 
@@ -60,8 +62,7 @@ _INSERT_REQUEST_SQL = """
 """
 
 
-class DataRejected(Exception):
-    """PostgreSQL refused a value (out of range, bad encoding): retrying cannot help."""
+__all__ = ["Database", "DatabaseUnavailable", "DataRejected", "open_database"]
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -69,11 +70,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 class Database:
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, dsn: str | None = None):
         self._pool = pool
+        self._dsn = dsn  # for the change listener's own connection
 
     async def _run(self, fn, *args):
-        return await aio_as_trio(fn)(self._pool, *args)
+        with driver_errors_mapped():
+            return await aio_as_trio(fn)(self._pool, *args)
 
     async def run_with_pool(self, fn, *args):
         """Runs the asyncio coroutine `fn(pool, *args)`: for a port module with its own SQL
@@ -81,16 +84,20 @@ class Database:
         return await self._run(fn, *args)
 
     async def fetch(self, sql: str, *args) -> list[asyncpg.Record]:
-        return await aio_as_trio(self._pool.fetch)(sql, *args)
+        with driver_errors_mapped():
+            return await aio_as_trio(self._pool.fetch)(sql, *args)
 
     async def fetchrow(self, sql: str, *args) -> asyncpg.Record | None:
-        return await aio_as_trio(self._pool.fetchrow)(sql, *args)
+        with driver_errors_mapped():
+            return await aio_as_trio(self._pool.fetchrow)(sql, *args)
 
     async def fetchval(self, sql: str, *args):
-        return await aio_as_trio(self._pool.fetchval)(sql, *args)
+        with driver_errors_mapped():
+            return await aio_as_trio(self._pool.fetchval)(sql, *args)
 
     async def execute(self, sql: str, *args) -> str:
-        return await aio_as_trio(self._pool.execute)(sql, *args)
+        with driver_errors_mapped():
+            return await aio_as_trio(self._pool.execute)(sql, *args)
 
     async def ping(self) -> None:
         await self.fetchval("select 1")
@@ -124,31 +131,29 @@ class Database:
         request_id = uuid.uuid4()
         failed = failure_reason is not None
         step = Step.REFUNDED if failed else Step.RECEIVED
-        try:
-            row = await self.fetchrow(
-                _INSERT_REQUEST_SQL,
-                request_id,
-                viewer_id,
-                display_name,
-                broadcast_id,
-                screening_id,
-                style,
-                inputs,
-                prompt,
-                source,
-                message_key,
-                body_sha256,
-                intake_acked,
-                timeout_s,
-                points_cost,
-                step.value,
-                state_for(step, failed).value,
-                failure_reason,
-                failure_message,
-                owner,
-            )
-        except asyncpg.DataError as exc:  # e.g. a NUL byte or a number out of range
-            raise DataRejected(f"{type(exc).__name__}: {exc}") from exc
+        # A NUL byte or a number out of range comes out of fetchrow as DataRejected.
+        row = await self.fetchrow(
+            _INSERT_REQUEST_SQL,
+            request_id,
+            viewer_id,
+            display_name,
+            broadcast_id,
+            screening_id,
+            style,
+            inputs,
+            prompt,
+            source,
+            message_key,
+            body_sha256,
+            intake_acked,
+            timeout_s,
+            points_cost,
+            step.value,
+            state_for(step, failed).value,
+            failure_reason,
+            failure_message,
+            owner,
+        )
         if row is not None:
             return row["id"], True
         existing = await self.fetchval(
@@ -297,6 +302,24 @@ class Database:
             "select count(*) from dynamo.image_request where orphan_suspected"
         )
 
+    # -- the HTTP API's reads (dynamo/db_reads.py) and change feed (dynamo/db_events.py) -
+
+    async def list_requests(self, **filters) -> list[asyncpg.Record]:
+        return await db_reads.list_requests(self, REQUEST_COLUMNS, **filters)
+
+    async def find_idempotency_key(self, caller: str, key: str) -> asyncpg.Record | None:
+        return await db_reads.find_idempotency_key(self, caller, key)
+
+    async def save_idempotency_key(self, caller: str, key: str, body_sha256: str, request_id):
+        await db_reads.save_idempotency_key(self, caller, key, body_sha256, request_id)
+
+    async def request_body_sha256(self, request_id: uuid.UUID) -> str | None:
+        return await db_reads.request_body_sha256(self, request_id)
+
+    def request_changes(self) -> db_events.RequestChanges:
+        """A feed of request step/state changes by any process (LISTEN/NOTIFY); run it."""
+        return db_events.RequestChanges(self._dsn)
+
 
 async def _apply_schema(pool: asyncpg.Pool, schema_sql: str) -> None:
     async with pool.acquire() as conn:
@@ -404,7 +427,7 @@ async def open_database(dsn: str):
         within_s=STARTUP_CONNECT_S,
     )
     try:
-        yield Database(pool)
+        yield Database(pool, dsn)
     finally:
         with trio.move_on_after(5, shield=True):
             await aio_as_trio(pool.close)()

@@ -32,10 +32,10 @@ from schemathesis.specs.openapi.checks import (
 
 from actors import http
 from dynamo import config
-from dynamo.api import openapi
+from dynamo.api import openapi_document
 from dynamo.db import open_database
-from dynamo.pipeline import Pipeline
 from dynamo.permits import CallKind
+from dynamo.pipeline import Pipeline
 from dynamo.ratelimit import RateLimiterStatus
 from dynamo.readiness import Readiness
 from dynamo.storage import LocalStorage
@@ -119,7 +119,7 @@ def served_api(http_database, tmp_path_factory):  # noqa: F811
 
 
 # The document the app serves (test_http_api checks that it is served as is).
-schema = schemathesis.openapi.from_dict(openapi.document())
+schema = schemathesis.openapi.from_dict(openapi_document())
 
 
 @schema.parametrize()

@@ -1,5 +1,8 @@
-"""Routes for operators and the overlay: health, readiness, status, metrics, local
-images and the OpenAPI document."""
+"""Routes for operators and the overlay: health, readiness, status, metrics and local
+images. (The OpenAPI document is served by quart-schema: `openapi.py`.)
+
+`/status` is built by `status_body`, a plain dict: a new key is one more line there, and
+the live page shows keys it does not know yet as they are."""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ import math
 import prometheus_client
 import trio
 from quart import Blueprint, Response
+from quart_schema import document_response, security_scheme, validate_response
 
 from dynamo import metrics
-from dynamo.api import openapi
+from dynamo.api import schemas
 from dynamo.api.access import authenticate_broadcaster
 from dynamo.api.context import current_api
 from dynamo.api.errors import bounded, not_found
+from dynamo.api.openapi import PUBLIC, errors
 from dynamo.jobs import State
 
 blueprint = Blueprint("ops", __name__)
@@ -30,12 +35,19 @@ IMAGE_CACHE_CONTROL = "public, max-age=31536000, immutable"
 
 
 @blueprint.get("/healthz")
+@validate_response(schemas.Health, 200)
+@security_scheme(PUBLIC)
 async def healthz():
+    """Liveness: 200 while the process runs."""
     return {"status": "ok"}
 
 
 @blueprint.get("/readyz")
+@validate_response(schemas.Readiness, 200)
+@validate_response(schemas.Readiness, 503)
+@security_scheme(PUBLIC)
 async def readyz():
+    """Readiness: the database, and where configured the broker and the input queue."""
     checks = await current_api().readiness.check()
     not_ready = sorted(name for name, result in checks.items() if result != "ok")
     if not not_ready:
@@ -44,10 +56,18 @@ async def readyz():
 
 
 @blueprint.get("/status")
+@validate_response(schemas.Status, 200)
+@errors(401, 403, 503)
 @bounded
 async def status():
+    """Actors, channels, the rate limiter, counts (broadcaster only)."""
     api = current_api()
     await authenticate_broadcaster()
+    return await status_body(api)
+
+
+async def status_body(api) -> dict:
+    """GET /status's body (also streamed to the live page)."""
     counts = {state.value: 0 for state in State}
     counts.update(await api.pipeline.db.counts_by_state())
     return {
@@ -79,7 +99,10 @@ def channel_statistics(channels: dict) -> dict[str, dict]:
 
 
 @blueprint.get("/metrics")
+@document_response(schemas.PrometheusText, 200)
+@security_scheme(PUBLIC)
 async def prometheus_metrics():
+    """Prometheus metrics."""
     channel_statistics(current_api().channels)
     return Response(
         prometheus_client.generate_latest(metrics.REGISTRY),
@@ -88,7 +111,11 @@ async def prometheus_metrics():
 
 
 @blueprint.get("/images/<path:key>")
+@document_response(schemas.ImageFile, 200)
+@errors(404)
+@security_scheme(PUBLIC)
 async def image(key: str):
+    """An image, when images are stored locally (development): `{id}/{id}-0.jpg`."""
     storage = current_api().local_storage
     content_type = IMAGE_CONTENT_TYPES.get(_extension(key))
     if storage is None or content_type is None:
@@ -106,8 +133,3 @@ async def image(key: str):
 def _extension(key: str) -> str:
     name = key.rsplit("/", 1)[-1]
     return name[name.rfind(".") :].lower() if "." in name else ""
-
-
-@blueprint.get("/openapi.json")
-async def openapi_document():
-    return openapi.document()

@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import uuid
 
-from quart import Blueprint, request
+from quart import Blueprint
+from quart_schema import validate_querystring, validate_response
 
-from dynamo import genreq
-from dynamo.api import bodies, queries
+from dynamo.api import bodies, schemas
 from dynamo.api.access import Caller, authenticate, authenticate_broadcaster
 from dynamo.api.context import current_api
 from dynamo.api.errors import ApiError, bounded, not_found
-from dynamo.jobs import CANCELLABLE_STEPS, Reason, State, Style
+from dynamo.api.openapi import errors
+from dynamo.jobs import CANCELLABLE_STEPS, Reason
 from dynamo.messages import failure
 
 log = logging.getLogger(__name__)
@@ -29,13 +30,14 @@ blueprint = Blueprint("requests", __name__)
 # Listing pages: the default size and the most one page may hold.
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
-STATES = tuple(state.value for state in State)
-STYLES = tuple(style.value for style in Style)
 
 
 @blueprint.get("/requests/<request_id>")
+@validate_response(schemas.RequestBody, 200)
+@errors(401, 404, 503)
 @bounded
 async def get_request(request_id: str):
+    """One request (its viewer's, or any for the broadcaster)."""
     api = current_api()
     caller = await authenticate()
     row = await _visible_row(api, caller, request_id)
@@ -57,62 +59,45 @@ async def _visible_row(api, caller: Caller, request_id: str):
 
 
 @blueprint.get("/requests")
+@validate_querystring(schemas.ListQuery)
+@validate_response(schemas.RequestPage, 200)
+@errors(400, 401, 403, 503)
 @bounded
-async def list_requests():
+async def list_requests(query_args: schemas.ListQuery):
+    """List requests, newest first (a viewer sees only their own)."""
     api = current_api()
     caller = await authenticate()
-    args = request.args
-    viewer = args.get("viewer") or None
-    if viewer is not None:
-        _check_viewer_id(viewer)
+    viewer = query_args.viewer
     if not caller.is_broadcaster:
         if viewer is not None and viewer != caller.user_id:
             raise ApiError(403, "a viewer may only list their own requests")
         viewer = caller.user_id
-    state = _choice(args, "state", STATES)
-    style = _choice(args, "style", STYLES)
-    limit = _limit(args.get("limit") or None)
+    limit = min(query_args.limit or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     before = None
-    if cursor := args.get("before"):
+    if query_args.before is not None:
         try:
-            before = bodies.parse_cursor(cursor)
+            before = bodies.parse_cursor(query_args.before)
         except ValueError:
             raise ApiError(400, "before: must be a `next` cursor from an earlier page") from None
-    rows = await queries.list_requests(
-        api.pipeline.db, viewer_id=viewer, state=state, style=style, before=before, limit=limit + 1
+    rows = await api.pipeline.db.list_requests(
+        viewer_id=viewer,
+        state=query_args.state,
+        style=query_args.style,
+        before=before,
+        limit=limit + 1,
     )
     page = rows[:limit]
     following = bodies.cursor_after(page[-1]) if len(rows) > limit else None
     return {"requests": [bodies.request_json(row) for row in page], "next": following}
 
 
-def _check_viewer_id(viewer: str) -> None:
-    if len(viewer) > genreq.MAX_VIEWER_FIELD_CHARS or not viewer.isprintable():
-        raise ApiError(
-            400,
-            f"viewer: must be a Twitch user id (1 to "
-            f"{genreq.MAX_VIEWER_FIELD_CHARS} printable characters)",
-        )
-
-
-def _choice(args, name: str, choices: tuple[str, ...]) -> str | None:
-    value = args.get(name) or None
-    if value is not None and value not in choices:
-        raise ApiError(400, f"{name}: must be one of {', '.join(choices)}")
-    return value
-
-
-def _limit(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_PAGE_SIZE
-    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
-        raise ApiError(400, "limit: must be a whole number of at least 1")
-    return min(int(raw), MAX_PAGE_SIZE)
-
-
 @blueprint.delete("/requests/<request_id>")
+@validate_response(schemas.RequestBody, 202)
+@errors(401, 403, 404, 409, 503)
 @bounded
 async def cancel_request(request_id: str):
+    """Cancel a request whose image is not yet being generated; its points are refunded
+    and the viewer is told (broadcaster only)."""
     api = current_api()
     caller = await authenticate_broadcaster()
     pipeline = api.pipeline

@@ -20,12 +20,14 @@ import logging
 
 import trio
 from quart import Blueprint, request
+from quart_schema import document_headers, document_request, document_response, validate_response
 
 from dynamo import genreq, metrics
-from dynamo.api import bodies, queries
+from dynamo.api import bodies, schemas
 from dynamo.api.access import Caller, authenticate
 from dynamo.api.context import current_api
 from dynamo.api.errors import DATABASE_DEADLINE_S, ApiError
+from dynamo.api.openapi import errors
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,15 @@ IDEMPOTENCY_KEY_MAX_CHARS = 255
 
 
 @blueprint.post("/requests")
+@document_request(schemas.NewRequest)
+@document_headers(schemas.SubmitHeaders)
+# Documents the headers; the body is checked by validate_response (quart-schema keeps
+# one entry per status, and the later decorator's stands in the document).
+@document_response(schemas.Accepted, 202, schemas.AcceptedHeaders)
+@validate_response(schemas.Accepted, 202)
+@errors(400, 401, 403, 409, 413, 415, 503)
 async def submit_request():
+    """Submit an image request."""
     api = current_api()
     caller = await authenticate()
     if request.mimetype != "application/json":
@@ -74,7 +84,7 @@ async def _store(api, caller: Caller, parsed, idempotency_key: str | None, diges
     if idempotency_key is None:
         request_id, created = await db.insert_request(**fields)
         return await db.load_request(request_id), created
-    known = await queries.find_idempotency_key(db, caller.user_id, idempotency_key)
+    known = await db.find_idempotency_key(caller.user_id, idempotency_key)
     if known is not None:
         _same_body_or_conflict(known["body_sha256"], digest)
         return await db.load_request(known["image_request_id"]), False
@@ -84,8 +94,8 @@ async def _store(api, caller: Caller, parsed, idempotency_key: str | None, diges
         **fields, message_key=f"http:{scope}", body_sha256=digest
     )
     if not created:
-        _same_body_or_conflict(await queries.request_body_sha256(db, request_id), digest)
-    await queries.save_idempotency_key(db, caller.user_id, idempotency_key, digest, request_id)
+        _same_body_or_conflict(await db.request_body_sha256(request_id), digest)
+    await db.save_idempotency_key(caller.user_id, idempotency_key, digest, request_id)
     return await db.load_request(request_id), created
 
 
@@ -148,6 +158,8 @@ def _parse(body: dict, raw: bytes, caller: Caller) -> genreq.ParsedRequest:
             parsed = genreq.parse_inputs(caller.viewer, body.get("style"), body.get("inputs"))
     except genreq.InvalidRequest as exc:
         raise ApiError(400, exc.reason_text) from None
+    except RecursionError:  # parsed once already, but deeper in the stack this time
+        raise ApiError(400, "body: nested too deeply") from None
     if not caller.may_see(parsed.viewer.twitch_user_id):
         raise ApiError(403, "a viewer may only submit requests for themselves")
     return parsed

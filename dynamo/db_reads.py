@@ -1,16 +1,24 @@
-"""The SQL the HTTP API needs beyond the database port: listing requests page by page,
-and the Idempotency-Key records. Each function takes the `Database` port."""
+"""The database port's queries for the HTTP API: listing requests page by page, and the
+Idempotency-Key records. `dynamo.db.Database` delegates to these (its methods
+`list_requests`, `find_idempotency_key`, `save_idempotency_key`, `request_body_sha256`),
+so that the API reaches PostgreSQL only through the port and never writes SQL itself.
+
+Each function takes the `Database` and runs through its `fetch*`/`execute`, which map the
+driver's errors onto the port's own (`dynamo.db_errors`).
+"""
 
 from __future__ import annotations
 
 import datetime
 import uuid
 
-from dynamo.db import REQUEST_COLUMNS
+# Columns a listing may be filtered on (equality), as the API names them.
+_FILTER_COLUMNS = {"viewer_id": "twitch_user_id", "state": "state", "style": "style"}
 
 
 async def list_requests(
     db,
+    columns: str,
     *,
     viewer_id: str | None,
     state: str | None,
@@ -18,19 +26,20 @@ async def list_requests(
     before: tuple[datetime.datetime, uuid.UUID] | None,
     limit: int,
 ) -> list:
-    """Requests newest first, after the cursor `before` (created_at, id), at most `limit`."""
+    """Requests newest first, after the cursor `before` (created_at, id), at most `limit`;
+    `columns` is the select list of `r` (the port's REQUEST_COLUMNS)."""
     conditions: list[str] = []
     args: list = []
-    for column, value in (("twitch_user_id", viewer_id), ("state", state), ("style", style)):
+    for name, value in (("viewer_id", viewer_id), ("state", state), ("style", style)):
         if value is not None:
             args.append(value)
-            conditions.append(f"r.{column} = ${len(args)}")
+            conditions.append(f"r.{_FILTER_COLUMNS[name]} = ${len(args)}")
     if before is not None:
         args.extend(before)
         conditions.append(f"(r.created_at, r.id) < (${len(args) - 1}, ${len(args)})")
     args.append(limit)
     sql = (
-        f"select {REQUEST_COLUMNS} from dynamo.image_request r "
+        f"select {columns} from dynamo.image_request r "
         + (f"where {' and '.join(conditions)} " if conditions else "")
         + f"order by r.created_at desc, r.id desc limit ${len(args)}"
     )

@@ -1,0 +1,45 @@
+"""The database port's own errors, and the one place that maps the driver's onto them.
+
+Callers of `dynamo.db.Database` never see an asyncpg exception type: a value PostgreSQL
+refuses is `DataRejected` (retrying cannot help), a database that cannot be reached or
+that dropped the connection is `DatabaseUnavailable` (try again later). Anything else
+(a bug in a query) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import asyncpg
+
+
+class DataRejected(Exception):
+    """PostgreSQL refused a value (out of range, bad encoding): retrying cannot help."""
+
+
+class DatabaseUnavailable(ConnectionError):
+    """PostgreSQL cannot be reached, or the connection broke: try again later.
+
+    A ConnectionError (so an OSError), as the connection errors it replaces were: code
+    that treats OSError as an outage keeps doing so."""
+
+
+# The driver's errors that mean "not now" rather than "never".
+_UNAVAILABLE = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+@contextlib.contextmanager
+def driver_errors_mapped():
+    """Raises the port's errors in place of the driver's inside the block."""
+    try:
+        yield
+    except asyncpg.exceptions.DataError as exc:
+        raise DataRejected(f"{type(exc).__name__}: {exc}") from exc
+    except _UNAVAILABLE as exc:
+        raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc

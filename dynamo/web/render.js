@@ -1,0 +1,213 @@
+// Rendering for the live page: plain DOM, every value through textContent (never HTML).
+// Data-driven: a /status key or a request field this file does not know yet is still
+// shown, as a generic table, so new server keys appear without changing the page.
+
+export const STEPS = ["received", "reserving", "reserved", "screened", "generating",
+  "generated", "stored", "announced", "accepted", "failing", "refunded", "done"];
+// A request may be cancelled at these steps (the server decides; this only offers it).
+export const CANCELLABLE = new Set(["received", "reserved", "screened"]);
+// /status keys with a panel of their own; any other key goes to "More".
+const KNOWN_STATUS_KEYS = new Set(["actors", "channels", "rate_limiter", "requests",
+  "orphan_debits", "in_flight", "models", "spend", "fleet"]);
+
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+export function ago(iso, now = Date.now()) {
+  if (!iso) return "";
+  const seconds = Math.max(0, Math.round((now - Date.parse(iso)) / 1000));
+  if (seconds < 60) return `${seconds} s ago`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+  return new Date(iso).toLocaleDateString();
+}
+
+function when(iso) {
+  return el("time", { datetime: iso, title: iso ? new Date(iso).toLocaleString() : "" }, ago(iso));
+}
+
+export function money(value) {
+  if (value === null || value === undefined) return "";
+  if (typeof value === "number") return `$${value < 1 ? value.toFixed(4) : value.toFixed(2)}`;
+  if (typeof value === "string") return value;
+  for (const key of ["usd", "total_usd", "amount_usd", "today_usd"]) {
+    if (typeof value[key] === "number") return money(value[key]);
+  }
+  return Object.entries(value).map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+}
+
+export function describe(request) {
+  const inputs = request.inputs || {};
+  const subject = typeof inputs.subject === "string" ? inputs.subject : JSON.stringify(inputs);
+  return request.style === "friend" && inputs.color ? `${inputs.color} ${subject}` : subject;
+}
+
+function safeImageUrl(url) {
+  try {
+    const parsed = new URL(url, location.href);
+    return parsed.protocol === "http:" || parsed.protocol === "https:" ? parsed.href : null;
+  } catch {
+    return null;
+  }
+}
+
+function viewerName(request) {
+  const viewer = request.viewer || {};
+  return viewer.twitch_display_name || viewer.twitch_user_id || "?";
+}
+
+// -- requests -------------------------------------------------------------------------
+
+export function inFlight(requests, { canCancel, onCancel, errorFor }) {
+  const byStep = new Map();
+  for (const request of requests) {
+    if (!byStep.has(request.step)) byStep.set(request.step, []);
+    byStep.get(request.step).push(request);
+  }
+  const steps = [...STEPS, ...[...byStep.keys()].filter((step) => !STEPS.includes(step))];
+  const groups = steps.filter((step) => byStep.has(step)).map((step) => el("div", { class: "step" },
+    el("h3", {}, step, " ", el("span", { class: "count" }, byStep.get(step).length)),
+    el("ul", { class: "requests" }, byStep.get(step)
+      .sort((a, b) => Date.parse(a.created_at) - Date.parse(b.created_at))
+      .map((request) => el("li", { class: `request ${request.state}`, "data-id": request.id, "data-step": request.step },
+        el("span", { class: `style ${request.style}` }, request.style),
+        el("span", { class: "subject" }, describe(request)),
+        el("span", { class: "viewer" }, viewerName(request)),
+        when(request.created_at),
+        canCancel && CANCELLABLE.has(request.step) && request.state === "queued"
+          ? el("button", { type: "button", class: "cancel", onclick: () => onCancel(request),
+              "aria-label": `Cancel ${describe(request)} for ${viewerName(request)}` }, "Cancel")
+          : null,
+        el("span", { class: "error", role: "alert" }, errorFor(request.id)))))));
+  return groups.length ? groups : [el("p", { class: "empty" }, "Nothing in flight.")];
+}
+
+export function finishedItem(request, { onRetry, errorFor }) {
+  const image = (request.images || [])[0];
+  const src = image && safeImageUrl(image.url);
+  const failed = request.state === "failed";
+  const failure = request.failure || {};
+  const cost = request.cost !== undefined ? money(request.cost) : "";
+  return el("li", { class: `finished-item ${request.state}`, "data-id": request.id, "data-step": request.step },
+    src
+      ? el("a", { href: src, target: "_blank", rel: "noopener", class: `thumb ${request.style}` },
+          el("img", { src, alt: `${request.style}: ${describe(request)}`, loading: "lazy",
+            width: 96, height: 96 }))
+      : el("span", { class: `thumb none ${request.style}`, "aria-hidden": "true" }, failed ? "✕" : "…"),
+    el("div", { class: "details" },
+      el("p", { class: "title" },
+        el("span", { class: `style ${request.style}` }, request.style), " ",
+        el("span", { class: "subject" }, describe(request)),
+        request.name ? el("span", { class: "name" }, ` “${request.name}”`) : null),
+      el("p", { class: "meta" },
+        el("span", { class: "viewer" }, viewerName(request)), " · ",
+        when(request.finished_at || request.created_at),
+        cost ? el("span", { class: "cost" }, ` · ${cost}`) : null),
+      failed ? el("p", { class: "failure" },
+        el("strong", { class: "reason" }, failure.reason || "error"), " ",
+        el("span", { class: "message" }, failure.message || "")) : null,
+      failed ? el("button", { type: "button", class: "retry", onclick: () => onRetry(request),
+        "aria-label": `Send ${describe(request)} again as a new request` }, "Send again") : null,
+      el("span", { class: "error", role: "alert" }, errorFor(request.id))));
+}
+
+// -- the service's status -----------------------------------------------------------------
+
+export function warnings(status) {
+  const found = [];
+  const models = status.models || {};
+  for (const [kind, model] of Object.entries(models)) {
+    if (model && model.shutdown_date) {
+      found.push(`The ${kind} model ${model.id || ""} shuts down on ${model.shutdown_date}` +
+        (model.days_left !== undefined && model.days_left !== null ? ` (${model.days_left} days left)` : "") + ".");
+    }
+  }
+  for (const [kind, limiter] of Object.entries((status.rate_limiter || {}).kinds || {})) {
+    if (limiter.circuit_open) found.push(`The ${kind} API circuit is open: calls are held.`);
+    if (limiter.paused_until) found.push(`${kind} calls are paused until ${new Date(limiter.paused_until).toLocaleTimeString()}.`);
+  }
+  const spend = status.spend;
+  if (spend && spend.paused) found.push("Image alerts are paused: today's budget is spent.");
+  if (status.orphan_debits > 0) found.push(`${status.orphan_debits} debit(s) may be pending at the ledger: reconcile them.`);
+  for (const actor of Object.values(status.actors || {})) {
+    if (actor.state !== "running") found.push(`Actor ${actor.name} is ${actor.state}${actor.last_error ? `: ${actor.last_error}` : ""}.`);
+  }
+  return found;
+}
+
+function table(caption, columns, rows) {
+  return el("table", { class: "grid" }, el("caption", {}, caption),
+    el("thead", {}, el("tr", {}, columns.map((c) => el("th", { scope: "col" }, c)))),
+    el("tbody", {}, rows.map((row) => el("tr", {}, row.map((cell, i) =>
+      i === 0 ? el("th", { scope: "row" }, cell) : el("td", {}, cell))))));
+}
+
+function cell(value) {
+  if (value === null || value === undefined) return "–";
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+// Any object as a table: a list or a map of objects by row, anything else by key.
+export function genericTable(caption, value) {
+  const rows = Array.isArray(value) ? value.map((v, i) => [String(i), v]) : Object.entries(value || {});
+  if (rows.length && rows.every(([, v]) => v && typeof v === "object" && !Array.isArray(v))) {
+    const columns = [...new Set(rows.flatMap(([, v]) => Object.keys(v)))];
+    return table(caption, ["", ...columns], rows.map(([k, v]) => [k, ...columns.map((c) => cell(v[c]))]));
+  }
+  return table(caption, ["", "value"], rows.map(([k, v]) => [k, cell(v)]));
+}
+
+export function ops(status) {
+  const parts = [];
+  const kinds = (status.rate_limiter || {}).kinds;
+  if (kinds) {
+    parts.push(table("Rate limit", ["kind", "calls in 60 s", "limit / min", "state", "waiting"],
+      Object.entries(kinds).map(([kind, k]) => [kind,
+        String(k.calls_last_60s),
+        `${k.effective_per_minute}${k.configured_per_minute !== k.effective_per_minute ? ` (configured ${k.configured_per_minute})` : ""}`,
+        k.circuit_open ? "circuit open" : k.paused_until ? `paused until ${new Date(k.paused_until).toLocaleTimeString()}` : "ok",
+        String(k.permits_waiting ?? "–")])));
+  }
+  if (status.spend) {
+    const s = status.spend;
+    parts.push(table("Spend", ["", "value"], [
+      ["today", `${money(s.today)}${s.budget !== undefined && s.budget !== null ? ` of ${money(s.budget)}` : ""}`],
+      ...(s.month !== undefined ? [["month", money(s.month)]] : []),
+      ...(s.paused !== undefined ? [["paused", s.paused ? "yes" : "no"]] : []),
+      ...Object.entries(s).filter(([k]) => !["today", "budget", "month", "paused"].includes(k))
+        .map(([k, v]) => [k, cell(v)])]));
+  }
+  if (status.actors) {
+    parts.push(table("Actors", ["actor", "state", "restarts", "last error"],
+      Object.values(status.actors).map((a) => [a.name, a.state, String(a.restarts), a.last_error || "–"])));
+  }
+  if (status.requests) {
+    parts.push(table("Requests", ["", "count"], [
+      ...Object.entries(status.requests).map(([k, v]) => [k, String(v)]),
+      ["in flight here", cell(status.in_flight)], ["orphan debits", cell(status.orphan_debits)]]));
+  }
+  if (status.models) parts.push(genericTable("Models", status.models));
+  if (status.fleet) parts.push(genericTable("Fleet", status.fleet));
+  if (status.channels) {
+    parts.push(table("Channels", ["channel", "used", "capacity"],
+      Object.entries(status.channels).map(([k, c]) => [k, String(c.used), cell(c.capacity)])));
+  }
+  for (const [key, value] of Object.entries(status)) {
+    if (!KNOWN_STATUS_KEYS.has(key)) {
+      parts.push(value && typeof value === "object" ? genericTable(key, value) : table(key, ["", "value"], [[key, cell(value)]]));
+    }
+  }
+  return parts;
+}
