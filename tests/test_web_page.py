@@ -160,6 +160,57 @@ async def test_cancel_a_queued_request(live, fake_openai, fake_ledger, tmp_path)
         fake_openai.release("moderations")
 
 
+async def test_a_late_answer_does_not_undo_what_the_stream_showed(
+        live, fake_openai, fake_ledger, tmp_path):
+    """The cancel's 202 carries the request at step `failing`; held back here until the
+    stream has shown the request finished, it must not move it back in flight (the race
+    that once made the cancel test fail in CI)."""
+    fake_openai.hold("moderations")
+    finished = {}
+
+    def steps(page):
+        from playwright.sync_api import expect
+
+        sign_in(page, live.url, CASTER_TOKEN)
+        page.get_by_label("Subject").fill("a seal answered late")
+        page.get_by_role("button", name="Submit").click()
+        queued = page.locator("#in-flight-body li.queued", has_text="a seal answered late")
+        expect(queued).to_have_attribute("data-step", "reserved")
+
+        def hold_the_answer(route):
+            if route.request.method != "DELETE":
+                return route.continue_()
+            response = route.fetch()
+            # The request finishes and the stream shows it before the stale answer lands.
+            finished.update(trio.from_thread.run(wait_finished, live.url, response.json()["id"]))
+            page.locator("#finished-list li.failed", has_text="a seal answered late").wait_for()
+            route.fulfill(response=response)
+
+        page.route("**/requests/*", hold_the_answer)
+        with page.expect_request_finished(lambda r: r.method == "DELETE"):
+            queued.get_by_role("button", name="Cancel").click()
+        expect(page.locator("#finished-list li.failed", has_text="a seal answered late")
+               .locator(".reason")).to_have_text("cancelled")
+        expect(page.locator("#in-flight-body li", has_text="a seal answered late")).to_have_count(0)
+        # And the rule itself, on copies a page can receive in either order.
+        newer = page.evaluate("""async () => {
+          const { newer } = await import("/web/render.js");
+          const failing = { id: "x", step: "failing", state: "processing" };
+          const done = { id: "x", step: "done", state: "failed" };
+          const later = { id: "x", step: "a-step-from-the-future", state: "processing" };
+          return [newer(done, failing).step, newer(failing, done).step, newer(undefined, failing).step,
+                  newer(done, later).step];
+        }""")
+        assert newer == ["done", "done", "failing", "a-step-from-the-future"], newer
+
+    try:
+        with trio.fail_after(TEST_TIMEOUT_S):
+            await in_browser(steps, screenshot=tmp_path / "late-answer.png")
+        assert finished["state"] == "failed" and finished["failure"]["reason"] == "cancelled"
+    finally:
+        fake_openai.release("moderations")
+
+
 async def test_a_wrong_token_shows_an_error_and_nothing_else(live, tmp_path):
     await submit(live.url, CASTER_TOKEN, ghost("a secret seal"))
 

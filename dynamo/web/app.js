@@ -142,8 +142,10 @@ async function reload() {
       api("GET", `/requests?state=succeeded&limit=${FINISHED_SHOWN}`),
       api("GET", `/requests?state=failed&limit=${FINISHED_SHOWN}`),
     ]);
-    state.requests.clear();
-    for (const page of pages) for (const request of page.requests) state.requests.set(request.id, request);
+    // The pages were read while the stream kept going: a change it brought meanwhile wins.
+    const known = state.requests;
+    state.requests = new Map();
+    for (const page of pages) for (const request of page.requests) state.requests.set(request.id, render.newer(known.get(request.id), request));
     renderRequests();
   } catch (error) {
     if (error.status === 401) return showSignIn("Your token is no longer accepted; sign in again.");
@@ -155,7 +157,7 @@ async function reload() {
 }
 
 function upsert(request) {
-  state.requests.set(request.id, request);
+  state.requests.set(request.id, render.newer(state.requests.get(request.id), request));
   renderRequests();
 }
 

@@ -4,6 +4,16 @@
 
 export const STEPS = ["received", "reserving", "reserved", "screened", "generating",
   "generated", "stored", "announced", "accepted", "failing", "refunded", "done"];
+// A request's step only moves forward (STEPS is in that order, on either path), so of two
+// copies of one request the one further along is the newer: an answer that was on its way
+// while the stream delivered a later change (a cancel's 202, a page read) must not undo it.
+// A step this page does not know yet is taken as it comes.
+export function newer(known, incoming) {
+  if (!known) return incoming;
+  const was = STEPS.indexOf(known.step);
+  const now = STEPS.indexOf(incoming.step);
+  return was >= 0 && now >= 0 && now < was ? known : incoming;
+}
 // A request may be cancelled at these steps (the server decides; this only offers it).
 export const CANCELLABLE = new Set(["received", "reserved", "screened"]);
 // /status keys with a panel of their own; any other key goes to "More".
