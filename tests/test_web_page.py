@@ -114,6 +114,9 @@ async def test_submit_and_watch_the_steps_and_the_thumbnails_without_a_reload(
         friend_done = page.locator("#finished-list li.succeeded", has_text="caterpillar")
         expect(friend_done.locator(".thumb.friend img")).to_be_visible()
         expect(friend_done.locator(".name")).to_contain_text("Sir Hatsworth")
+        # What each cost, by the price table, and today's spend on the status panel.
+        expect(done.locator(".cost")).to_contain_text("$0.0")
+        expect(page.locator("#ops-body table", has_text="Spend")).to_contain_text("today$0.0")
         for image in (done.locator("img"), friend_done.locator("img")):
             page.wait_for_function("image => image.complete && image.naturalWidth > 0",
                                    arg=image.element_handle())
@@ -320,8 +323,18 @@ async def test_status_keys_are_rendered_whether_known_or_not(api, tmp_path):  # 
                                              "circuit": "open", "circuit_open": True,
                                              "permits_waiting": 1}}},
         "models": {"image": {"id": "gpt-image-1", "shutdown_date": "2027-01-15", "days_left": 45}},
-        "spend": {"today": 1.25, "budget": 5.0, "month": 12.5, "paused": True},
-        "fleet": [{"host": "a", "pid": 10}, {"host": "b", "pid": 11}],
+        "spend": {"today_usd": 1.25, "month_usd": 12.5, "daily_budget_usd": 5.0, "paused": True,
+                  "paused_until": "2026-12-02T00:00:00Z"},
+        "fleet": {"this_process": "6aabd15d-6fcd-4826-b1c6-5d80ab6c4c35", "processes": [
+            {"id": "6aabd15d-6fcd-4826-b1c6-5d80ab6c4c35", "this": True, "host": "a", "pid": 10,
+             "http_addr": "127.0.0.1:5008", "started_at": "2026-12-01T21:00:00Z",
+             "heartbeat_age_s": 1.25, "requests_in_hand": 3,
+             "budget_last_60s": {"image": {"calls": 6, "tokens": 0, "share": 0.75}}},
+            {"id": "0b1c2d3e-6fcd-4826-b1c6-5d80ab6c4c35", "this": False, "host": "b", "pid": 11,
+             "http_addr": "127.0.0.1:5009", "started_at": "2026-12-01T21:00:00Z",
+             "heartbeat_age_s": 4.0, "requests_in_hand": 1,
+             "budget_last_60s": {"image": {"calls": 2, "tokens": 0, "share": 0.25}}}],
+            "budget_last_60s": {"image": {"calls": 8, "tokens": 0}}},
         "brand_new_key": {"answer": 42},
     }
 
@@ -334,13 +347,14 @@ async def test_status_keys_are_rendered_whether_known_or_not(api, tmp_path):  # 
                 ...render.ops(status),
                 render.finishedItem({id: "x", state: "succeeded", step: "done", style: "ghost",
                                      inputs: {subject: "a costed seal"}, viewer: {}, images: [],
-                                     cost: {usd: 0.042}}, {onRetry: () => {}, errorFor: () => ""}));
+                                     cost_usd: 0.042}, {onRetry: () => {}, errorFor: () => ""}));
             return document.body.innerText;
         }""", status)
         for text in ("shuts down on 2027-01-15 (45 days left)", "circuit is open",
                      "paused: today's budget is spent", "Actor http is restarting: OSError: down",
-                     "$1.25 of $5.00", "$12.50", "gpt-image-1", "pid", "11", "brand_new_key",
-                     "42", "$0.0420", "4"):
+                     "$1.25 of $5.00", "$12.50", "gpt-image-1", "brand_new_key",
+                     "42", "$0.0420", "4", "Fleet (2 processes)", "6aabd15d (this)", "b · 11",
+                     "1.3 s ago", "image 6 (75 %)", "image 2 (25 %)"):
             assert text.lower() in shown.lower(), (text, shown)  # captions are upper-cased
 
     async with trio.open_nursery() as nursery:

@@ -109,7 +109,7 @@ export function finishedItem(request, { onRetry, errorFor }) {
   const src = image && safeImageUrl(image.url);
   const failed = request.state === "failed";
   const failure = request.failure || {};
-  const cost = request.cost !== undefined ? money(request.cost) : "";
+  const cost = typeof request.cost_usd === "number" ? money(request.cost_usd) : "";
   return el("li", { class: `finished-item ${request.state}`, "data-id": request.id, "data-step": request.step },
     src
       ? el("a", { href: src, target: "_blank", rel: "noopener", class: `thumb ${request.style}` },
@@ -179,6 +179,34 @@ export function genericTable(caption, value) {
   return table(caption, ["", "value"], rows.map(([k, v]) => [k, cell(v)]));
 }
 
+const SPEND_KEYS = new Set(["today_usd", "month_usd", "daily_budget_usd", "paused", "paused_until"]);
+
+// One row per live process; its share of the last minute's calls per kind of call.
+function fleet(value) {
+  if (!Array.isArray(value.processes)) return genericTable("Fleet", value);
+  const shares = (p) => Object.entries(p.budget_last_60s || {})
+    .map(([kind, b]) => `${kind} ${b.calls ?? 0}${typeof b.share === "number" ? ` (${Math.round(b.share * 100)} %)` : ""}`)
+    .join(", ") || "–";
+  return table(`Fleet (${value.processes.length} process${value.processes.length === 1 ? "" : "es"})`,
+    ["process", "host · pid", "heartbeat", "in hand", "calls in 60 s"],
+    value.processes.map((p) => [
+      `${String(p.id).slice(0, 8)}${p.this ? " (this)" : ""}`,
+      `${p.host ?? "?"} · ${p.pid ?? "?"}`,
+      `${Number(p.heartbeat_age_s).toFixed(1)} s ago`,
+      String(p.requests_in_hand),
+      shares(p)]));
+}
+
+// The configured models: which, and when OpenAI shuts each down (the warnings say it too).
+function models(value) {
+  const entries = Object.entries(value || {});
+  if (!entries.every(([, m]) => m && typeof m === "object" && "id" in m)) return genericTable("Models", value);
+  return table("Models", ["kind", "model", "shuts down", "state"], entries.map(([kind, m]) => [kind,
+    String(m.id),
+    m.shutdown_date ? `${m.shutdown_date}${typeof m.days_left === "number" ? ` (${m.days_left} days)` : ""}` : "not announced",
+    m.error ? `${m.state ?? "?"}: ${m.error}` : String(m.state ?? "–")]));
+}
+
 export function ops(status) {
   const parts = [];
   const kinds = (status.rate_limiter || {}).kinds;
@@ -192,12 +220,12 @@ export function ops(status) {
   }
   if (status.spend) {
     const s = status.spend;
+    const budget = typeof s.daily_budget_usd === "number" ? ` of ${money(s.daily_budget_usd)}` : " (no daily budget)";
     parts.push(table("Spend", ["", "value"], [
-      ["today", `${money(s.today)}${s.budget !== undefined && s.budget !== null ? ` of ${money(s.budget)}` : ""}`],
-      ...(s.month !== undefined ? [["month", money(s.month)]] : []),
-      ...(s.paused !== undefined ? [["paused", s.paused ? "yes" : "no"]] : []),
-      ...Object.entries(s).filter(([k]) => !["today", "budget", "month", "paused"].includes(k))
-        .map(([k, v]) => [k, cell(v)])]));
+      ["today", `${money(s.today_usd)}${budget}`],
+      ["this month", money(s.month_usd)],
+      ["image alerts", s.paused ? `paused${s.paused_until ? ` until ${new Date(s.paused_until).toLocaleString()}` : ""}` : "running"],
+      ...Object.entries(s).filter(([k]) => !SPEND_KEYS.has(k)).map(([k, v]) => [k, cell(v)])]));
   }
   if (status.actors) {
     parts.push(table("Actors", ["actor", "state", "restarts", "last error"],
@@ -208,8 +236,8 @@ export function ops(status) {
       ...Object.entries(status.requests).map(([k, v]) => [k, String(v)]),
       ["in flight here", cell(status.in_flight)], ["orphan debits", cell(status.orphan_debits)]]));
   }
-  if (status.models) parts.push(genericTable("Models", status.models));
-  if (status.fleet) parts.push(genericTable("Fleet", status.fleet));
+  if (status.models) parts.push(models(status.models));
+  if (status.fleet) parts.push(fleet(status.fleet));
   if (status.channels) {
     parts.push(table("Channels", ["channel", "used", "capacity"],
       Object.entries(status.channels).map(([k, c]) => [k, String(c.used), cell(c.capacity)])));
