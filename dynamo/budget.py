@@ -141,7 +141,10 @@ class Budget:
             self._recent_costs.setdefault(kind, deque(maxlen=RECENT_COSTS))
 
     def expected_tokens(self, kind: CallKind, requested: int = 0) -> int:
-        return max(requested, max(self._recent_costs.get(kind, ()), default=0))
+        """What the next call of `kind` will cost: the most any recent answer said (the
+        price table's guess, `requested`, only until an answer said it)."""
+        recent = self._recent_costs.get(kind)
+        return max(recent) if recent else requested
 
     async def try_grant(self, kind: CallKind, tokens: int = 0, *, more: bool = False) -> Decision:
         """A permit for a call of `kind` expected to cost `tokens`, if it may start now and it

@@ -188,6 +188,20 @@ async def test_unknown_costs_are_learned_from_the_answers(autojump_clock):
             assert sum(1 for t in times if t < 600) >= 0.97 * 21120 / 1100 * 10
 
 
+async def test_a_price_table_guess_above_the_real_cost_gives_way_to_the_answers(autojump_clock):
+    """The table expects 503 tokens an image (439 + the prompt's 64) but the answers say 460:
+    10,000 tokens/min then hold 21 calls a minute, not the 19 the guess would space out."""
+    with trio.fail_after(700):
+        async with running(RateLimiterStatus(), images_per_minute=100,
+                           image_tokens=10000) as (permits_send, nursery):
+            start, grants = trio.current_time(), []
+            await image_calls(permits_send, nursery, grants, asked=503, used=460)
+            await trio.sleep(600)
+            times = [t - start for t in grants]
+            assert most_tokens_in_any_window([(t, 460) for t in times]) <= 10000
+            assert sum(1 for t in times if t < 600) >= 0.97 * 10000 // 460 * 10
+
+
 # ---- a fleet: limiters sharing one budget ------------------------------------------------
 
 
