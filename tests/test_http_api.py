@@ -303,6 +303,17 @@ async def test_idempotency_key_returns_the_first_answer(api):
         assert first.status_code == again.status_code == 202
         assert (await first.get_json())["id"] == (await again.get_json())["id"]
         assert again.headers["Idempotent-Replayed"] == "true"
+        assert "Idempotent-Replayed" not in first.headers
+        # A replay is the first answer, even once the request has moved on.
+        first_body = await first.get_json()
+        await api.db.execute("update dynamo.image_request set step = 'done', state = 'succeeded' "
+                             "where id = $1", uuid.UUID(first_body["id"]))
+        later = await client.post("/requests", json=ghost(), headers=headers)
+        assert later.status_code == 202 and await later.get_json() == first_body
+        assert first_body == {"id": first_body["id"], "state": "queued",
+                              "url": f"/requests/{first_body['id']}"}
+        assert later.headers["Location"] == first.headers["Location"] == first_body["url"]
+        assert later.headers["Idempotent-Replayed"] == "true"
         api.reserve_recv.receive_nowait()
         with pytest.raises(trio.WouldBlock):
             api.reserve_recv.receive_nowait()  # routed once
