@@ -74,3 +74,8 @@ MODEL_SHUTDOWN_DAYS = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+UNREADABLE_REQUESTS = Counter(
+    "dynamo_unreadable_requests_total",
+    "Stored requests the resume sweep could not read (failed and refunded where it could)",
+    registry=REGISTRY,
+)
