@@ -90,6 +90,18 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+async def _sweep(pipeline: Pipeline, router: Router, hostname: str, pid: int) -> None:
+    db = pipeline.db
+    await db.heartbeat(pipeline.worker_id, hostname, pid)
+    await reap_dead_neighbours(db, pipeline.worker_id, hostname)
+    rows = await db.claim_unfinished(pipeline.worker_id, pipeline.inflight.ids(), LEASE_S)
+    for row in rows:
+        job = pipeline.job_from_row(row)
+        if pipeline.inflight.add(job.id):
+            log.info("resuming request from step %s", job.step.value, extra=job.log_extra)
+            await pipeline.inflight.route(job, router.channel_for(job))
+
+
 async def run(*, pipeline: Pipeline, router: Router, task_status=trio.TASK_STATUS_IGNORED):
     db = pipeline.db
     hostname, pid = socket.gethostname(), os.getpid()
@@ -97,14 +109,12 @@ async def run(*, pipeline: Pipeline, router: Router, task_status=trio.TASK_STATU
     task_status.started()
     try:
         while True:
-            await db.heartbeat(pipeline.worker_id, hostname, pid)
-            await reap_dead_neighbours(db, pipeline.worker_id, hostname)
-            rows = await db.claim_unfinished(pipeline.worker_id, pipeline.inflight.ids(), LEASE_S)
-            for row in rows:
-                job = pipeline.job_from_row(row)
-                if pipeline.inflight.add(job.id):
-                    log.info("resuming request from step %s", job.step.value, extra=job.log_extra)
-                    await pipeline.inflight.route(job, router.channel_for(job))
+            try:
+                await _sweep(pipeline, router, hostname, pid)
+            except Exception as exc:
+                if not await pipeline.dependencies.ride_out(exc):
+                    raise
+                continue  # the database is back: sweep at once, for what waited
             await trio.sleep(SWEEP_INTERVAL_S)
     finally:
         with trio.move_on_after(2, shield=True):
