@@ -227,3 +227,14 @@ async def patient_write(dependencies: Dependencies, pipeline, request_id, write,
             return moved
         row = await patiently(dependencies, functools.partial(pipeline.db.load_request, request_id))
         return row is not None and row["step"] in {step.value for step in done_at}
+
+
+async def follow(dependency: Dependency, is_up: Callable[[], bool], *, every_s: float) -> None:
+    """Reports `is_up()` to `dependency` every `every_s`: for a port that reconnects by
+    itself and can say whether it is connected (the broker's robust connection)."""
+    while True:
+        if is_up():
+            dependency.came_back()
+        else:
+            dependency.went_down("connection lost")
+        await trio.sleep(every_s)
