@@ -412,3 +412,6 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
             len(pipeline.inflight),
         )
         pipeline_nursery.cancel_scope.cancel()
+    # Reached only at a clean shutdown (a crash propagates past it): only now may the
+    # worker row go, and with it this process's claim on its requests.
+    await resume.retire_at_shutdown(pipeline)
