@@ -74,3 +74,9 @@ MODEL_SHUTDOWN_DAYS = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+ADOPTED_DEBITS = Counter(
+    "dynamo_adopted_debits_total",
+    "Pending debits found in the ledger's history after a crash during reservation, and "
+    "taken as the interrupted request's own instead of reserving again",
+    registry=REGISTRY,
+)
