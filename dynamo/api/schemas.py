@@ -352,7 +352,11 @@ class Ticket(BaseModel):
 class EventsQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ticket: str | None = Field(None, description="From `POST /events/tickets`; used once.")
+    ticket: str | None = Field(
+        None,
+        description="From `POST /events/tickets`; used once. Not needed with an "
+        "Authorization: Bearer header.",
+    )
 
 
 # -- answers that are not JSON ------------------------------------------------------------
@@ -362,6 +366,8 @@ class Media(RootModel[str]):
     """Marks an answer that is not JSON: `media_types` are its content types."""
 
     media_types: ClassVar[tuple[str, ...]] = ()
+    # The schema of the body (of each event, for an event stream).
+    schema: ClassVar[dict] = {"type": "string"}
 
 
 class EventStream(Media):
@@ -370,6 +376,14 @@ class EventStream(Media):
     every few seconds), `resync` (changes may have been missed: read again)."""
 
     media_types = ("text/event-stream",)
+    schema = {
+        "type": "object",
+        "properties": {
+            "event": {"type": "string", "enum": ["hello", "request", "status", "resync"]},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+        },
+        "required": ["event", "data"],
+    }
 
 
 class Html(Media):
