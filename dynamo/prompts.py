@@ -106,9 +106,12 @@ def friend_description(subject: str) -> str:
 
 def description(style: Style, inputs: Mapping[str, Any]) -> str:
     """The subject as shown on stream and in results (contract §3)."""
+    subject = inputs["subject"]
+    if not isinstance(subject, str):  # stored before such messages were refused
+        raise TypeError(f"subject: must be a string, not {type(subject).__name__}")
     if Style(style) is Style.FRIEND:
-        return friend_description(inputs["subject"])
-    return inputs["subject"].strip()
+        return friend_description(subject)
+    return subject.strip()
 
 
 def prompt(style: Style, inputs: Mapping[str, Any]) -> str:

@@ -515,7 +515,8 @@ async def test_status(api):
         assert response.status_code == 200
         body = await response.get_json()
         assert body["actors"]["ledger"] == {"name": "ledger", "state": "restarting",
-                                            "restarts": 2, "last_error": "OSError: down"}
+                                            "restarts": 2, "last_error": "OSError: down",
+                                            "outage_restarts": 0}
         assert body["channels"]["reserve"] == {"used": 0, "capacity": CHANNEL_CAPACITY}
         assert set(body["rate_limiter"]["kinds"]) == {"image", "text"}
         assert body["requests"] == {"queued": 1, "processing": 0, "succeeded": 0, "failed": 1}

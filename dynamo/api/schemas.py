@@ -255,8 +255,9 @@ class Readiness(BaseModel):
 
 class ActorStatus(_Open):
     name: str
-    state: Literal["starting", "running", "restarting", "stopped"]
+    state: Literal["starting", "running", "restarting", "waiting", "stopped"]
     restarts: int = Field(ge=0)
+    outage_restarts: int = Field(ge=0, default=0)
     last_error: str | None
 
 
