@@ -124,8 +124,8 @@ def make_points(settings: Settings, client: httpx.AsyncClient):
 
 def admin_token_for(settings: Settings) -> str | None:
     """The bearer token with broadcaster rights when there is no auth service."""
-    if settings.auth_shared_secret is not None and settings.profile == "production":
-        return None
+    if settings.auth_shared_secret is not None or settings.profile == "production":
+        return None  # contract §1: only in development without an auth service
     if settings.admin_token:
         return settings.admin_token
     token = secrets.token_urlsafe(24)
