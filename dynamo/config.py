@@ -295,19 +295,26 @@ _MAY_BE_EMPTY = frozenset({"RMQ_PASSWORD", "PGPASSWORD"})
 
 
 def _missing_in_production(r: _Reader) -> list[str]:
-    """Each variable production needs and does not have, by its upstream name (the URL
-    forms stand in for a whole group)."""
-    needed: list[str] = []
-    if not r.text("AMQP_URL"):
-        needed += _RMQ_VARS
-    if not r.text("DATABASE_URL"):
-        needed += _PG_VARS
-    needed += ["OPENAI_API_KEY", "AUTH_SHARED_SECRET", *_SPACES_VARS]
-    return [
-        name
-        for name in needed
-        if not r.text(name) and not (name in _MAY_BE_EMPTY and name in r.env)
+    """Each variable production needs and does not have, by its upstream name; a group
+    that a URL may replace says so once."""
+    groups = [
+        (_RMQ_VARS, "AMQP_URL"),
+        (_PG_VARS, "DATABASE_URL"),
+        (("OPENAI_API_KEY", "AUTH_SHARED_SECRET", *_SPACES_VARS), None),
     ]
+    named: list[str] = []
+    for names, url in groups:
+        if url is not None and r.text(url):
+            continue
+        absent = [
+            name
+            for name in names
+            if not r.text(name) and not (name in _MAY_BE_EMPTY and name in r.env)
+        ]
+        if absent and url is not None:
+            absent[-1] += f" (or {url})"
+        named += absent
+    return named
 
 
 _DEFAULTS = {
