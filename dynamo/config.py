@@ -79,6 +79,20 @@ class Settings:
     image_tokens_per_minute: float | None = None
     defaults_used: tuple[str, ...] = ()  # WARNING lines for the development profile
 
+    @property
+    def local_http_url(self) -> str:
+        """The HTTP API's URL as this host reaches it: a wildcard bind (0.0.0.0, ::) is
+        reached on loopback, and an IPv6 address is bracketed. Local images' URLs start
+        with it."""
+        host = _WILDCARD_TO_LOOPBACK.get(self.http_host, self.http_host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}"
+
+
+# A wildcard bind address is not an address to connect to: its loopback is.
+_WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
 
 _RMQ_VARS = ("RMQ_HOST", "RMQ_PORT", "RMQ_VHOST", "RMQ_USER", "RMQ_PASSWORD")
 _PG_VARS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD")

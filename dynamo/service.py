@@ -104,10 +104,10 @@ def make_generator(settings: Settings):
     )
 
 
-def make_storage(settings: Settings, http_base_url: str):
+def make_storage(settings: Settings):
     if settings.storage is not None:
         return S3Storage(settings.storage)
-    return LocalStorage(settings.data_dir / "images", f"{http_base_url}/images")
+    return LocalStorage(settings.data_dir / "images", f"{settings.local_http_url}/images")
 
 
 def make_points(settings: Settings, client: httpx.AsyncClient):
@@ -186,8 +186,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
         dependencies=dependencies,
     )
     supervisor = Supervisor(on_restart=pipeline.inflight.take_orphans, dependencies=dependencies)
-    public_http_url = f"http://{settings.http_host}:{settings.http_port}"
-    storage = make_storage(settings, public_http_url)
+    storage = make_storage(settings)
     points = make_points(settings, http_client)
     spend = Spend(db, PriceTable(settings.prices), daily_budget_usd=settings.daily_budget_usd)
     # The OpenAI limits are the account's: every process of a fleet shares one budget.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -180,3 +181,19 @@ def test_run_py_refuses_to_start_in_one_line_with_a_non_zero_exit(tmp_path):
     for name in ("DYNAMO_POINTS_COST", *UPSTREAM_REQUIRED):
         assert name in lines[0]
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("addr, url", [
+    ("127.0.0.1:5008", "http://127.0.0.1:5008"),
+    ("0.0.0.0:8080", "http://127.0.0.1:8080"),
+    (":8080", "http://127.0.0.1:8080"),
+    ("[::]:8080", "http://[::1]:8080"),
+    ("[::1]:8080", "http://[::1]:8080"),
+    ("[fd00::5]:8080", "http://[fd00::5]:8080"),
+    ("dynamo.internal:80", "http://dynamo.internal:80"),
+])
+def test_local_images_are_addressed_where_the_api_is_reached(addr, url, tmp_path):
+    settings = config.load({"DYNAMO_HTTP_ADDR": addr})
+    assert settings.local_http_url == url
+    storage = service.make_storage(dataclasses.replace(settings, data_dir=tmp_path))
+    assert storage.public_url("k/k-0.jpg") == f"{url}/images/k/k-0.jpg"
