@@ -385,6 +385,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
                 auth_configured=settings.auth_shared_secret is not None,
                 models=ports.models,
                 spend=spend,
+                broker=broker,
             )
             url = await start(
                 intake_nursery,

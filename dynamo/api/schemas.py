@@ -261,9 +261,13 @@ class ActorStatus(_Open):
     last_error: str | None
 
 
-class ChannelStatistics(_Open):
-    used: int = Field(ge=0)
+class QueueStatistics(_Open):
+    """A queue's depth (None: the broker did not say; `error` says why) and capacity
+    (None: unbounded)."""
+
+    depth: int | None = Field(ge=0)
     capacity: int | None = Field(ge=0)
+    error: str | None = None
 
 
 class ModelState(_Open):
@@ -319,7 +323,9 @@ class Status(_Open):
     """The service's state. Other keys may appear."""
 
     actors: dict[str, ActorStatus]
-    channels: dict[str, ChannelStatistics]
+    queues: dict[str, QueueStatistics] = Field(
+        description="Each pipeline channel, and the RabbitMQ input queue where configured."
+    )
     rate_limiter: dict[str, Any] | None
     requests: dict[str, int] = Field(description="Requests by state.")
     orphan_debits: int = Field(
