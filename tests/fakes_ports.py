@@ -245,12 +245,15 @@ class MemoryDatabase(_Observable):
             self.answers[request_id] = {"prompt": prompt, "value": name}
             self._notify()
 
-    async def save_generated(self, request_id: uuid.UUID, data: bytes) -> bool:
+    async def save_generated(
+        self, request_id: uuid.UUID, data: bytes, prompt: str | None = None
+    ) -> bool:
         await trio.lowlevel.checkpoint()
         row = self.requests.get(request_id)
         if row is None or row["step"] != Step.GENERATING.value:
             return False
         row["step"] = Step.GENERATED.value
+        row["prompt"] = prompt if prompt is not None else row["prompt"]
         row["updated_at"] = _utcnow()
         self.generated[request_id] = bytes(data)
         self._notify()

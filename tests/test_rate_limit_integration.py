@@ -218,7 +218,7 @@ async def test_a_backlog_stays_in_rabbitmq_while_generation_is_held(
         ready, stored = before
         print(f"held: {stored} stored by dynamo, {ready} ready in RabbitMQ of {published}")
         status = await fetch_status(service, fake_auth)
-        print("held: /status channels", json.dumps(status["channels"]),
+        print("held: /status channels", json.dumps(status["queues"]),
               "fair queue", json.dumps(status["rate_limiter"]["fair_queue"]))
         print(f"held: {len(fake_ledger.pending())} debits reserved at the ledger")
         # dynamo holds at most: 4 workers + a fair queue of 64 + the schedule channel (4)
