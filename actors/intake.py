@@ -9,6 +9,12 @@ on `results_send`.
 Idempotent (contract §2): a message_id maps to one request however often it arrives; a
 redelivered message without one is matched to the identical body stored but never acked.
 
+A delivery whose handling crashes (a bug, not an invalid message) is requeued and tried
+again; after `attempts.MAX_ATTEMPTS` crashes it is dead-lettered with the error, so that
+one message can never crash intake in a loop. An outage (PostgreSQL or RabbitMQ
+unreachable) is not the message's fault: it is not counted against the message, and its
+error goes on to the actor's supervisor.
+
 Backpressure: `reserve_send` blocks while the pipeline is full, so this actor stops
 taking messages and the backlog stays in RabbitMQ (bounded prefetch).
 
@@ -24,6 +30,7 @@ import logging
 import trio
 
 from dynamo import genreq, metrics
+from dynamo.attempts import CrashedAttempts, message_key
 from dynamo.db import DataRejected
 from dynamo.jobs import Reason, Step
 from dynamo.messages import failure
@@ -46,11 +53,20 @@ async def run(
         task_status.started()
         await trio.sleep_forever()
     deliveries = broker.deliveries()
+    crashed = CrashedAttempts()
     try:
         readiness.consuming = True
         task_status.started()
         async for delivery in deliveries:
-            await _take(delivery, pipeline, reserve_send, results_send)
+            key = message_key(delivery.message_id, delivery.body)
+            try:
+                await _take(delivery, pipeline, reserve_send, results_send)
+            except Exception as exc:
+                if isinstance(exc, OSError) or not broker.connected:
+                    raise  # an outage: not this message's fault (DatabaseUnavailable is an OSError)
+                await _after_crash(delivery, key, exc, crashed)
+            else:
+                crashed.forget(key)
     finally:
         readiness.consuming = False
         with trio.move_on_after(1, shield=True):
@@ -119,3 +135,26 @@ async def _refuse(delivery, exc: genreq.InvalidRequest, pipeline: Pipeline, resu
         job = await pipeline.job(request_id)
         if job is not None and job.step is Step.REFUNDED and pipeline.inflight.add(job.id):
             await pipeline.inflight.route(job, results_send)
+
+
+async def _after_crash(delivery, key: str, exc: Exception, crashed: CrashedAttempts) -> None:
+    """Requeues a delivery whose handling crashed, or dead-letters it after the last try."""
+    if delivery.settled:
+        # Stored and acked already: the resume sweep routes the request from its row.
+        log.error("intake crashed after settling delivery %s", key, exc_info=exc)
+        return
+    count = crashed.crashed(key)
+    if not crashed.exhausted(count):
+        log.error(
+            "intake crashed on delivery %s (attempt %d of %d); requeued",
+            key,
+            count,
+            crashed.max_attempts,
+            exc_info=exc,
+        )
+        await delivery.requeue()
+        return
+    metrics.DEAD_LETTERS.inc()
+    log.error("intake crashed on delivery %s %d times; dead-lettered", key, count, exc_info=exc)
+    crashed.forget(key)
+    await delivery.dead_letter(f"crashed intake {count} times: {type(exc).__name__}: {exc}"[:1000])
