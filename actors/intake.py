@@ -12,11 +12,16 @@ redelivered message without one is matched to the identical body stored but neve
 A delivery whose handling crashes (a bug, not an invalid message) is requeued and tried
 again; after `attempts.MAX_ATTEMPTS` crashes it is dead-lettered with the error, so that
 one message can never crash intake in a loop. An outage (PostgreSQL or RabbitMQ
-unreachable) is not the message's fault: it is not counted against the message, and its
-error goes on to the actor's supervisor.
+unreachable, below) is not the message's fault and is never counted against it.
 
 Backpressure: `reserve_send` blocks while the pipeline is full, so this actor stops
 taking messages and the backlog stays in RabbitMQ (bounded prefetch).
+
+An outage is waited out: while PostgreSQL is unreachable the delivery in hand waits and is
+taken again once it is back (a store whose COMMIT was cut off is found by its key); when
+RabbitMQ's connection breaks, the broker puts unacked deliveries back, the consumer is
+registered again once it reconnects, and an ack lost with the connection only means the
+message comes again and is recognised.
 
 On shutdown it stops consuming: unacked deliveries go back to RabbitMQ, and a request
 stored before the crash is found again by its key. On restart it simply consumes again.
@@ -29,7 +34,7 @@ import logging
 
 import trio
 
-from dynamo import genreq, metrics
+from dynamo import genreq, metrics, outages
 from dynamo.attempts import CrashedAttempts, message_key
 from dynamo.db import DataRejected
 from dynamo.jobs import Reason, Step
@@ -60,10 +65,10 @@ async def run(
         async for delivery in deliveries:
             key = message_key(delivery.message_id, delivery.body)
             try:
-                await _take(delivery, pipeline, reserve_send, results_send)
+                await _take_patiently(delivery, pipeline, reserve_send, results_send)
             except Exception as exc:
-                if isinstance(exc, OSError) or not broker.connected:
-                    raise  # an outage: not this message's fault (DatabaseUnavailable is an OSError)
+                if outages.outage_of(exc) is not None:
+                    raise  # waited out below it already; not this message's fault
                 await _after_crash(delivery, key, exc, crashed)
             else:
                 crashed.forget(key)
@@ -71,6 +76,23 @@ async def run(
         readiness.consuming = False
         with trio.move_on_after(1, shield=True):
             await deliveries.aclose()
+
+
+async def _take_patiently(delivery, pipeline: Pipeline, reserve_send, results_send) -> None:
+    """Takes the delivery, waiting out a database outage; a broker outage drops it here
+    (RabbitMQ delivers it again once the connection is back)."""
+    while True:
+        try:
+            return await _take(delivery, pipeline, reserve_send, results_send)
+        except Exception as exc:
+            if outages.outage_of(exc) == "broker":
+                log.info("delivery lost with the broker connection; it comes again: %s", exc)
+                return
+            if not await pipeline.dependencies.ride_out(exc):
+                raise
+        # Taken again as a redelivery: a body stored by a COMMIT whose answer was lost is
+        # then found (a message_id finds its request anyway).
+        delivery.redelivered = True
 
 
 async def _take(delivery, pipeline: Pipeline, reserve_send, results_send) -> None:
@@ -99,9 +121,15 @@ async def _take(delivery, pipeline: Pipeline, reserve_send, results_send) -> Non
             log.warning("message refused by the database, dead-lettered: %s", exc)
             await delivery.dead_letter(f"unstorable: {exc}")
             return
-    await delivery.ack()
-    if delivery.message_id is None:
-        await pipeline.db.mark_acked(request_id)
+    try:
+        await delivery.ack()
+    except outages.BrokerUnavailable as exc:
+        # The message comes again (redelivered): its key, or its body still marked
+        # unacked, maps it to this request.
+        log.info("ack lost with the broker connection: %s", exc)
+    else:
+        if delivery.message_id is None:
+            await pipeline.db.mark_acked(request_id)
     extra = {"request_id": str(request_id)}
     if not created:
         log.info("duplicate delivery of a stored request; acked", extra=extra)
@@ -152,9 +180,21 @@ async def _after_crash(delivery, key: str, exc: Exception, crashed: CrashedAttem
             crashed.max_attempts,
             exc_info=exc,
         )
-        await delivery.requeue()
+        await _settle(delivery.requeue())
         return
     metrics.DEAD_LETTERS.inc()
     log.error("intake crashed on delivery %s %d times; dead-lettered", key, count, exc_info=exc)
     crashed.forget(key)
-    await delivery.dead_letter(f"crashed intake {count} times: {type(exc).__name__}: {exc}"[:1000])
+    await _settle(
+        delivery.dead_letter(f"crashed intake {count} times: {type(exc).__name__}: {exc}"[:1000])
+    )
+
+
+async def _settle(settling) -> None:
+    """Awaits a requeue or dead-letter; with the broker gone the message comes again anyway."""
+    try:
+        await settling
+    except Exception as exc:
+        if outages.outage_of(exc) != "broker":
+            raise
+        log.info("delivery lost with the broker connection; it comes again: %s", exc)

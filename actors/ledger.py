@@ -27,7 +27,7 @@ import math
 
 import trio
 
-from dynamo import metrics, retry
+from dynamo import metrics, outages, retry
 from dynamo.jobs import Job, Reason, Step
 from dynamo.messages import failure
 from dynamo.pipeline import Pipeline, serve_jobs
@@ -69,7 +69,9 @@ async def run(
                 serve,
                 reserve_recv,
                 concurrency=RESERVE_CONCURRENCY,
-                step=functools.partial(_reserve, points, pipeline),
+                step=outages.patient_step(
+                    pipeline.dependencies, pipeline, functools.partial(_reserve, points, pipeline)
+                ),
                 outboxes={"reserved": schedule_send, "failed": finalize_send},
             )
         )
@@ -78,7 +80,9 @@ async def run(
                 serve,
                 finalize_recv,
                 concurrency=FINALIZE_CONCURRENCY,
-                step=functools.partial(_finalize, points, pipeline),
+                step=outages.patient_step(
+                    pipeline.dependencies, pipeline, functools.partial(_finalize, points, pipeline)
+                ),
                 outboxes={True: results_send},
             )
         )
@@ -111,7 +115,12 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
         # RESERVING is persisted only now, right before the debit can exist, so that a
         # crash while asking for the token is not taken for a possible orphan.
         if job.step is Step.RECEIVED:
-            if not await pipeline.db.advance(job.id, [Step.RECEIVED], Step.RESERVING):
+            reserving = functools.partial(
+                pipeline.db.advance, job.id, [Step.RECEIVED], Step.RESERVING
+            )
+            if not await outages.patient_write(
+                pipeline.dependencies, pipeline, job.id, reserving, done_at=(Step.RESERVING,)
+            ):
                 return "dropped"
             job.step = Step.RESERVING
         flow_id = await retry.retrying(
@@ -132,8 +141,13 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
         await pipeline.fail(job, failure(Reason.ERROR, f"points not reserved: {exc}"))
         return "failed"
     # The orphan window: the ledger holds a debit whose id is only in memory until this
-    # UPDATE commits.
-    if not await pipeline.db.advance(job.id, [Step.RESERVING], Step.RESERVED, flow_id=flow_id):
+    # UPDATE commits; a database outage keeps the id in hand until it does.
+    reserved = functools.partial(
+        pipeline.db.advance, job.id, [Step.RESERVING], Step.RESERVED, flow_id=flow_id
+    )
+    if not await outages.patient_write(
+        pipeline.dependencies, pipeline, job.id, reserved, done_at=(Step.RESERVED,)
+    ):
         # Cancelled meanwhile: whoever failed it could not know this flow, so refund here.
         log.warning(
             "request moved on while its points were reserved; refunding flow %s",

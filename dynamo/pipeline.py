@@ -17,7 +17,8 @@ from contextlib import contextmanager
 
 import trio
 
-from dynamo import genreq, messages, metrics, prompts
+from dynamo import genreq, messages, metrics, outages, prompts
+from dynamo.confirms import Confirms
 from dynamo.jobs import Failure, Job, Reason, Step, Style, Viewer
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,26 @@ class InFlight:
 
 
 class Pipeline:
-    def __init__(self, db, *, worker_id: uuid.UUID, request_timeout_s: float, points_cost: int):
+    def __init__(
+        self,
+        db,
+        *,
+        worker_id: uuid.UUID,
+        request_timeout_s: float,
+        points_cost: int,
+        dependencies: outages.Dependencies | None = None,
+    ):
         self.db = db
         self.worker_id = worker_id
         self.request_timeout_s = request_timeout_s
         self.points_cost = points_cost
         self.inflight = InFlight()
+        # Who is reachable (the stages wait out outages), and the broker's confirmations
+        # whose step is not stored yet (never published again: dynamo.confirms).
+        self.dependencies = dependencies or outages.Dependencies(
+            database=outages.Dependency("database", probe=getattr(db, "ping", None))
+        )
+        self.confirms = Confirms()
 
     def request_fields(self, request: genreq.ParsedRequest, *, source: str) -> dict:
         return dict(
