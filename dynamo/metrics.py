@@ -110,3 +110,9 @@ RESULTS_REPUBLISHED = Counter(
     "its connection",
     registry=REGISTRY,
 )
+ADOPTED_DEBITS = Counter(
+    "dynamo_adopted_debits_total",
+    "Pending debits found in the ledger's history after a crash during reservation, and "
+    "taken as the interrupted request's own instead of reserving again",
+    registry=REGISTRY,
+)
