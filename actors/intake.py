@@ -150,12 +150,17 @@ async def _refuse(delivery, exc: genreq.InvalidRequest, pipeline: Pipeline, resu
         return
     message_key = f"message-id:{delivery.message_id}" if delivery.message_id else None
     invalid = failure(Reason.INVALID, exc.reason_text)
-    request_id, created = await pipeline.db.insert_request(
-        **pipeline.invalid_fields(exc, delivery.body),
-        message_key=message_key,
-        failure_reason=Reason.INVALID.value,
-        failure_message=invalid.message,
-    )
+    try:
+        request_id, created = await pipeline.db.insert_request(
+            **pipeline.invalid_fields(exc, delivery.body),
+            message_key=message_key,
+            failure_reason=Reason.INVALID.value,
+            failure_message=invalid.message,
+        )
+    except DataRejected as rejected:  # what was kept of it still cannot be stored
+        log.warning("invalid message dead-lettered, not stored (%s): %s", rejected, exc.reason_text)
+        await delivery.dead_letter(exc.reason_text)
+        return
     extra = {"request_id": str(request_id)}
     log.warning("invalid request dead-lettered: %s", exc.reason_text, extra=extra)
     await delivery.dead_letter(exc.reason_text)

@@ -123,7 +123,7 @@ class Pipeline:
         except genreq.InvalidRequest:
             payload = None
         if isinstance(payload, dict):
-            style = str(payload.get("style") or "")[:40]
+            style = str(payload.get("style") or "")[:40].replace("\x00", "")
             inputs = _storable_strings(payload.get("inputs"))
         return dict(
             viewer_id=exc.viewer.twitch_user_id,

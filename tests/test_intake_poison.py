@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from actors import intake
-from dynamo import attempts
+from dynamo import attempts, genreq
 from dynamo.db_errors import DatabaseUnavailable
-from dynamo.jobs import Step
+from dynamo.jobs import Step, Viewer
 from dynamo.readiness import Readiness
 from tests.fakes_ports import FakeBroker, MemoryDatabase, channel, make_pipeline, running
 
@@ -165,3 +165,12 @@ async def test_an_invalid_message_with_a_list_subject_is_answered_and_dead_lette
         assert actor.broker.dead_letters == [(body, "payload.inputs.subject: must be a valid string")]
         assert answered.failure.reason.value == "invalid" and answered.description == ""
         assert db.row(answered.id)["inputs"] == {"note": "ab"}  # its text fields, storable
+
+
+def test_what_is_kept_of_an_invalid_message_can_be_stored():
+    """PostgreSQL refuses NUL in text and jsonb: found by the broker fuzz (a style "a\\0b")."""
+    message = copy.deepcopy(GHOST)
+    message["payload"] = {"style": "a\x00b", "inputs": {"subject": "a\x00b", "k\x00": "v", "n": [1]}}
+    refusal = genreq.InvalidRequest("payload.style: bad", Viewer("1", "x"))
+    fields = make_pipeline(MemoryDatabase()).invalid_fields(refusal, json.dumps(message).encode())
+    assert fields["style"] == "ab" and fields["inputs"] == {"subject": "ab", "k": "v"}
