@@ -366,9 +366,19 @@ class FakeDelivery:
         self._broker.dead_letters.append((self.body, reason))
         await self.ack()  # as the real port: copy to the dead-letter queue, then ack
 
+    async def requeue(self) -> None:
+        """As RabbitMQ does: the message comes again, marked redelivered."""
+        await trio.lowlevel.checkpoint()
+        if self.settled:
+            raise AssertionError("delivery requeued after it was settled")
+        self.requeued = True
+        self._broker.deliveries_given.append(
+            FakeDelivery(self._broker, self.body, self.message_id, redelivered=True))
+        self._broker._notify()
+
     @property
     def settled(self) -> bool:
-        return self.acked
+        return self.acked or getattr(self, "requeued", False)
 
 
 class FakeBroker(_Observable):
