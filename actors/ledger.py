@@ -42,8 +42,11 @@ RESERVE_CONCURRENCY = 8
 # channel, and an outage keeps them retrying, so allow more.
 FINALIZE_CONCURRENCY = 32
 # Finalizing must not give up: a pending debit is a viewer's points in limbo. The
-# backoff is capped so that a recovered ledger is noticed within a minute.
-FINALIZE_BACKOFF_CAP_S = 60.0
+# backoff is capped so that a recovered ledger is noticed within a few seconds.
+FINALIZE_BACKOFF_CAP_S = 5.0
+# Reserving (the token, then the debit) retries until the request's deadline; capped
+# likewise, so that requests go on within seconds of the ledger's or auth's return.
+RESERVE_BACKOFF_CAP_S = 5.0
 
 
 def _classify(exc: Exception) -> Exception:
@@ -111,6 +114,7 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
             deadline=job.deadline,
             max_attempts=None,
             classify=_classify,
+            backoff_cap_s=RESERVE_BACKOFF_CAP_S,
         )
         # RESERVING is persisted only now, right before the debit can exist, so that a
         # crash while asking for the token is not taken for a possible orphan.
@@ -130,6 +134,7 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
             deadline=job.deadline,
             max_attempts=None,
             classify=_classify,
+            backoff_cap_s=RESERVE_BACKOFF_CAP_S,
         )
     except InsufficientPoints:
         await pipeline.fail(job, failure(Reason.INSUFFICIENT_POINTS, "ledger answered 409"))
