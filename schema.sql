@@ -179,3 +179,10 @@ drop trigger if exists image_request_notify on dynamo.image_request;
 create trigger image_request_notify
     after insert or update of step, state on dynamo.image_request
     for each row execute function dynamo.notify_request_change();
+
+-- When the current reservation of points began, and a flow id belongs to one request
+-- only: a request found at `reserving` after a crash adopts the debit the ledger made
+-- for it since then, never one another request holds (`Database.adopt_flow`).
+alter table dynamo.image_request add column if not exists reserving_since timestamptz;
+create unique index if not exists image_request_flow_id_unique
+    on dynamo.image_request (flow_id);

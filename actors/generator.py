@@ -181,7 +181,7 @@ async def _screen(worker: _Worker, job: Job, moderation: bool) -> bool:
             await pipeline.fail(job, failure(Reason.REJECTED, "moderation flagged the subject"))
             return False
     if job.style is Style.FRIEND and not job.name:
-        name_prompt = prompts.name_prompt(job.description)
+        name_prompt = prompts.name_prompt(job.inputs["subject"])
         job.name = await _name(worker, job, name_prompt)
         await pipeline.db.save_name(job.id, name_prompt, job.name)
     if not await pipeline.db.advance(job.id, [Step.RESERVED], Step.SCREENED):

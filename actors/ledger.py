@@ -12,8 +12,12 @@ means already finalized, which counts as done. Persists ACCEPTED / REFUNDED, the
 the job on `results_send`.
 
 The window in which a debit can be orphaned (the ledger answered, the flow id is not yet
-stored) is the one UPDATE after the answer: a request found at step RESERVING on resume
-is logged as a WARNING, flagged `orphan_suspected` and counted on /status.
+stored) is the one UPDATE after the answer. A request found at step RESERVING on resume
+first looks at the viewer's ledger history: a pending image-alert debit of its cost,
+made since its reservation began (less `CLOCK_SKEW_S`) and whose flow id no request
+holds, is adopted as its own (the oldest such); if there is none, it reserves afresh.
+Only when the history cannot be read is the request logged as a WARNING, flagged
+`orphan_suspected` and counted on /status, and then it reserves afresh.
 
 On shutdown, operations in flight are cancelled; each resumes from its persisted step.
 """
@@ -47,6 +51,12 @@ FINALIZE_BACKOFF_CAP_S = 5.0
 # Reserving (the token, then the debit) retries until the request's deadline; capped
 # likewise, so that requests go on within seconds of the ledger's or auth's return.
 RESERVE_BACKOFF_CAP_S = 5.0
+# The ledger stamps a debit with its own clock, the reservation's start is stamped with
+# ours: a debit made up to this long "before" the reservation began is still a candidate.
+CLOCK_SKEW_S = 30.0
+# Tries at reading the history before a resumed reservation gives up on it: it is worth
+# a few seconds, not the request's whole deadline.
+HISTORY_ATTEMPTS = 4
 
 
 def _classify(exc: Exception) -> Exception:
@@ -95,15 +105,7 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
     """Returns "reserved", "failed" or "dropped" (another copy owns the request)."""
     if job.step in (Step.RESERVED, Step.SCREENED):
         return "reserved"
-    if job.step is Step.RESERVING:
-        log.warning(
-            "request was interrupted while reserving points: a debit may be pending "
-            "at the ledger without its flow id (reconcile by imageRequestId)",
-            extra=job.log_extra,
-        )
-        metrics.ORPHAN_DEBITS.inc()
-        await pipeline.db.advance(job.id, [Step.RESERVING], Step.RESERVING, orphan_suspected=True)
-    elif job.step is not Step.RECEIVED:
+    if job.step not in (Step.RECEIVED, Step.RESERVING):
         return "dropped"
     started = trio.current_time()
     try:
@@ -116,26 +118,54 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
             classify=_classify,
             backoff_cap_s=RESERVE_BACKOFF_CAP_S,
         )
+        if job.step is Step.RESERVING:
+            adopted = await _adopt_orphan(points, pipeline, job, token)
+            if adopted is not None:
+                return adopted
         # RESERVING is persisted only now, right before the debit can exist, so that a
         # crash while asking for the token is not taken for a possible orphan.
         if job.step is Step.RECEIVED:
             reserving = functools.partial(
-                pipeline.db.advance, job.id, [Step.RECEIVED], Step.RESERVING
+                pipeline.db.advance, job.id, [Step.RECEIVED], Step.RESERVING,
+                reserving_since=_now(),
             )
             if not await outages.patient_write(
                 pipeline.dependencies, pipeline, job.id, reserving, done_at=(Step.RESERVING,)
             ):
                 return "dropped"
             job.step = Step.RESERVING
-        flow_id = await retry.retrying(
-            functools.partial(points.reserve, job, token),
-            system="ledger",
-            log_extra=job.log_extra,
-            deadline=job.deadline,
-            max_attempts=None,
-            classify=_classify,
-            backoff_cap_s=RESERVE_BACKOFF_CAP_S,
-        )
+        while True:
+            flow_id = await retry.retrying(
+                functools.partial(points.reserve, job, token),
+                system="ledger",
+                log_extra=job.log_extra,
+                deadline=job.deadline,
+                max_attempts=None,
+                classify=_classify,
+                backoff_cap_s=RESERVE_BACKOFF_CAP_S,
+            )
+            # The orphan window: the ledger holds a debit whose id is only in memory until
+            # this UPDATE commits.
+            # A database outage keeps the id in hand until the UPDATE commits.
+            if flow_id is None:
+                reserved = functools.partial(
+                    pipeline.db.advance, job.id, [Step.RESERVING], Step.RESERVED
+                )
+                moved = await outages.patient_write(
+                    pipeline.dependencies, pipeline, job.id, reserved, done_at=(Step.RESERVED,)
+                )
+                stored = "stored" if moved else "moved"
+            else:
+                stored = await outages.patiently(
+                    pipeline.dependencies,
+                    functools.partial(pipeline.db.store_flow, job.id, flow_id),
+                )
+            if stored != "taken":
+                break
+            # A resumed request of the same viewer took this debit for its lost one: it is
+            # that request's now, and this one needs its own.
+            log.warning("flow %s was adopted by another request; reserving again", flow_id,
+                        extra=job.log_extra)
     except InsufficientPoints:
         await pipeline.fail(job, failure(Reason.INSUFFICIENT_POINTS, "ledger answered 409"))
         return "failed"
@@ -145,14 +175,7 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
     except retry.Permanent as exc:
         await pipeline.fail(job, failure(Reason.ERROR, f"points not reserved: {exc}"))
         return "failed"
-    # The orphan window: the ledger holds a debit whose id is only in memory until this
-    # UPDATE commits; a database outage keeps the id in hand until it does.
-    reserved = functools.partial(
-        pipeline.db.advance, job.id, [Step.RESERVING], Step.RESERVED, flow_id=flow_id
-    )
-    if not await outages.patient_write(
-        pipeline.dependencies, pipeline, job.id, reserved, done_at=(Step.RESERVED,)
-    ):
+    if stored == "moved":
         # Cancelled meanwhile: whoever failed it could not know this flow, so refund here.
         log.warning(
             "request moved on while its points were reserved; refunding flow %s",
@@ -160,8 +183,8 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
             extra=job.log_extra,
         )
         job.flow_id = flow_id
-        await pipeline.db.record_late_flow(job.id, flow_id)
-        await _settle(points, points.refund, job)
+        if flow_id is not None and await pipeline.db.record_late_flow(job.id, flow_id):
+            await _settle(points, points.refund, job)
         return "dropped"
     metrics.STEP_SECONDS.labels("reserve").observe(trio.current_time() - started)
     job.flow_id, job.step = flow_id, Step.RESERVED
@@ -170,6 +193,53 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
     else:
         log.info("points reserved (flow %s)", flow_id, extra=job.log_extra)
     return "reserved"
+
+
+async def _adopt_orphan(points, pipeline: Pipeline, job: Job, token: str) -> str | None:
+    """For a request found at RESERVING: adopts the debit the ledger made for it before a
+    crash. Returns "reserved" (adopted) or "dropped" (the request moved on), or None when
+    there is nothing to adopt and a fresh reservation is due."""
+    since = await pipeline.db.reserving_since(job.id)
+    if since is None:
+        return "dropped"
+    since -= datetime.timedelta(seconds=CLOCK_SKEW_S)
+    try:
+        candidates = await retry.retrying(
+            functools.partial(points.pending_redemptions, job, token, since),
+            system="ledger",
+            log_extra=job.log_extra,
+            deadline=job.deadline,
+            max_attempts=HISTORY_ATTEMPTS,
+            classify=_classify,
+        )
+    except (retry.GaveUp, retry.Permanent) as exc:
+        log.warning(
+            "request was interrupted while reserving points and the ledger's history "
+            "cannot be read (%s): a debit may be pending at the ledger without its flow "
+            "id (reconcile by imageRequestId)",
+            exc,
+            extra=job.log_extra,
+        )
+        metrics.ORPHAN_DEBITS.inc()
+        moved = await pipeline.db.advance(
+            job.id, [Step.RESERVING], Step.RESERVING, orphan_suspected=True
+        )
+        return None if moved else "dropped"
+    for flow_id in candidates:
+        stored = await pipeline.db.adopt_flow(job.id, flow_id)
+        if stored == "moved":
+            return "dropped"
+        if stored == "stored":
+            metrics.ADOPTED_DEBITS.inc()
+            log.info(
+                "the ledger's pending debit %s, made before an interruption, adopted",
+                flow_id,
+                extra=job.log_extra,
+            )
+            job.flow_id, job.step = flow_id, Step.RESERVED
+            return "reserved"
+    log.info("no debit was made before the interruption; reserving", extra=job.log_extra)
+    return None
 
 
 async def _finalize(points, pipeline: Pipeline, job: Job) -> bool:

@@ -196,13 +196,10 @@ class Database:
             _advance, request_id, [s.value for s in from_steps], to_step, failed, fields
         )
 
-    async def record_late_flow(self, request_id: uuid.UUID, flow_id: str) -> None:
-        """Keeps a flow id that arrived after the request had moved on, for the record."""
-        await self.execute(
-            "update dynamo.image_request set flow_id = $2 where id = $1 and flow_id is null",
-            request_id,
-            flow_id,
-        )
+    async def record_late_flow(self, request_id: uuid.UUID, flow_id: str) -> bool:
+        """Keeps a flow id that arrived after the request had moved on, for the record.
+        False if another request adopted the flow meanwhile (it is that one's to settle)."""
+        return await self._run(_record_late_flow, request_id, flow_id)
 
     async def load_request(self, request_id: uuid.UUID) -> asyncpg.Record | None:
         return await self.fetchrow(
@@ -289,6 +286,28 @@ class Database:
             lease_s,
         )
 
+    # -- a reservation's flow (actors.ledger): one flow id belongs to one request ------
+
+    async def store_flow(self, request_id: uuid.UUID, flow_id: str) -> str:
+        """Moves reserving → reserved with the ledger's new flow id. Returns "stored",
+        "moved" (the request is not at reserving any more) or "taken" (another request
+        adopted this flow meanwhile: this one has no debit of its own)."""
+        return await self._run(_take_flow, request_id, flow_id)
+
+    async def adopt_flow(self, request_id: uuid.UUID, flow_id: str) -> str:
+        """As `store_flow`, for a debit found in the ledger's history after a crash:
+        "stored" only if no request knows the flow (checked atomically by the unique
+        index); "taken" if one does."""
+        return await self._run(_take_flow, request_id, flow_id)
+
+    async def reserving_since(self, request_id: uuid.UUID) -> datetime.datetime | None:
+        """When the request's reservation began (its move to reserving)."""
+        return await self.fetchval(
+            "select coalesce(reserving_since, updated_at) from dynamo.image_request "
+            "where id = $1",
+            request_id,
+        )
+
     # -- operators ------------------------------------------------------------------
 
     async def counts_by_state(self) -> dict[str, int]:
@@ -365,6 +384,7 @@ _ADVANCE_COLUMNS = frozenset(
         "accepted_at",
         "refunded_at",
         "points_cost",
+        "reserving_since",
     }
 )
 
@@ -410,6 +430,40 @@ async def _save_image(pool, request_id, url: str, color: str) -> bool:
                 "delete from dynamo.generated_image where image_request_id = $1", request_id
             )
             return True
+
+
+async def _record_late_flow(pool, request_id, flow_id: str) -> bool:
+    try:
+        await pool.execute(
+            "update dynamo.image_request set flow_id = $2 where id = $1 and flow_id is null",
+            request_id,
+            flow_id,
+        )
+    except asyncpg.exceptions.UniqueViolationError:
+        return False
+    return True
+
+
+async def _take_flow(pool, request_id, flow_id: str) -> str:
+    try:
+        status = await pool.execute(
+            "update dynamo.image_request set step = 'reserved', state = $3, flow_id = $2, "
+            "updated_at = now() where id = $1 and step = 'reserving'",
+            request_id,
+            flow_id,
+            state_for(Step.RESERVED, False).value,
+        )
+    except asyncpg.exceptions.UniqueViolationError:
+        return "taken"
+    if status.endswith(" 1"):
+        return "stored"
+    # A retry after a connection lost during COMMIT finds its own write done.
+    mine = await pool.fetchval(
+        "select step = 'reserved' and flow_id = $2 from dynamo.image_request where id = $1",
+        request_id,
+        flow_id,
+    )
+    return "stored" if mine else "moved"
 
 
 @asynccontextmanager

@@ -74,6 +74,11 @@ MODEL_SHUTDOWN_DAYS = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+UNREADABLE_REQUESTS = Counter(
+    "dynamo_unreadable_requests_total",
+    "Stored requests the resume sweep could not read (failed and refunded where it could)",
+    registry=REGISTRY,
+)
 DEPENDENCY_UP = Gauge(
     "dynamo_dependency_up",
     "1 while a dependency (database, broker) is reachable, 0 during an outage",
@@ -103,5 +108,11 @@ RESULTS_REPUBLISHED = Counter(
     "dynamo_results_republished_total",
     "Results published again because the broker's confirm of the first copy was lost with "
     "its connection",
+    registry=REGISTRY,
+)
+ADOPTED_DEBITS = Counter(
+    "dynamo_adopted_debits_total",
+    "Pending debits found in the ledger's history after a crash during reservation, and "
+    "taken as the interrupted request's own instead of reserving again",
     registry=REGISTRY,
 )

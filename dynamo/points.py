@@ -5,6 +5,10 @@ debit (`reserve`), and later accepts or refunds it. Errors come out classified f
 retry policy (`dynamo.retry`): `Transient` for outages, `Permanent` for refusals, and
 `InsufficientPoints` for the ledger's 409 on reserve.
 
+`pending_redemptions` reads the viewer's ledger history (`GET /history`, newest first,
+paged by `nextCursor`), so that a reservation cut off by a crash after the ledger made
+its debit can find that debit again (`actors.ledger`).
+
 `FreePoints` stands in when no auth secret is configured (development): nothing is
 charged.
 """
@@ -26,6 +30,13 @@ from dynamo.retry import Permanent, Transient, classify_http_status, retry_after
 log = logging.getLogger(__name__)
 
 ALERT_TYPE = "image-generation"
+# How the ledger describes an image alert's debit in a viewer's history.
+ALERT_DESCRIPTION = f"Redeemed alert of type '{ALERT_TYPE}'"
+# The ledger's largest page of history.
+HISTORY_PAGE_MAX = 100
+# Pages read at most when looking for a debit: a viewer with more history than this
+# since the reservation began is not a viewer but a load test.
+HISTORY_PAGES_MAX = 10
 
 
 class InsufficientPoints(Exception):
@@ -148,6 +159,62 @@ class Points:
         await self._finalize("DELETE", flow_id, token, "ledger refund")
 
 
+    async def pending_redemptions(
+        self, job: Job, token: str, since: datetime.datetime
+    ) -> list[str]:
+        """Flow ids of the viewer's pending image-alert debits of this request's cost made
+        at or after `since` (the ledger's clock), oldest first."""
+        found: list[tuple[datetime.datetime, str]] = []
+        seen: set[str] = set()
+        cursor = ""
+        for _ in range(HISTORY_PAGES_MAX):
+            params = {"max": str(HISTORY_PAGE_MAX)} | ({"from": cursor} if cursor else {})
+            response = await self._send(
+                "ledger history",
+                "GET",
+                f"{self._ledger_url}/history",
+                params=params,
+                headers={"authorization": f"Bearer {token}"},
+            )
+            _raise_for(response, "ledger history")
+            try:
+                page = json.loads(response.content)
+                items, cursor = page["items"] or [], page.get("nextCursor") or ""
+                entries = [(_timestamp(item["timestamp"]), item) for item in items]
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise Transient("ledger history: answer not understood") from exc
+            for at, item in entries:
+                # A finalized entry is stamped when it was finalized, after its creation:
+                # one stamped before `since` was also created before it.
+                if at < since or str(item.get("id")) in seen:
+                    continue
+                seen.add(str(item.get("id")))
+                if (
+                    item.get("type") == "alert-redemption"
+                    and item.get("state") == "pending"
+                    and item.get("description") == ALERT_DESCRIPTION
+                    and item.get("deltaPoints") == -self.points_cost
+                ):
+                    found.append((at, str(item["id"])))
+            # Newest first: once an entry is older than `since`, so is the rest.
+            if not cursor or any(at < since for at, _ in entries):
+                break
+        return [flow_id for _, flow_id in sorted(found)]
+
+
+def _timestamp(text: str) -> datetime.datetime:
+    """A Go time.Time in JSON (RFC 3339, up to nanoseconds), as an aware datetime."""
+    head, dot, rest = text.partition(".")
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        rest = rest[:digits][:6] + rest[digits:]
+        text = f"{head}.{rest}"
+    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        raise ValueError(f"timestamp without a zone: {text}")
+    return value
+
+
 class FreePoints:
     """No auth service configured: reservations succeed and nothing is charged."""
 
@@ -165,3 +232,6 @@ class FreePoints:
 
     async def refund(self, flow_id: str, token: str) -> None:
         return None
+
+    async def pending_redemptions(self, job: Job, token: str, since) -> list[str]:
+        return []

@@ -94,13 +94,23 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-async def _sweep(pipeline: Pipeline, router: Router, hostname: str, pid: int) -> None:
+async def _sweep(
+    pipeline: Pipeline, router: Router, hostname: str, pid: int, unreadable: set
+) -> None:
     db = pipeline.db
     await db.heartbeat(pipeline.worker_id, hostname, pid)
     await reap_dead_neighbours(db, pipeline.worker_id, hostname)
-    rows = await db.claim_unfinished(pipeline.worker_id, pipeline.inflight.ids(), LEASE_S)
+    skipped = [*pipeline.inflight.ids(), *unreadable]
+    rows = await db.claim_unfinished(pipeline.worker_id, skipped, LEASE_S)
     for row in rows:
-        job = pipeline.job_from_row(row)
+        try:
+            job = pipeline.job_from_row(row)
+        except Exception:
+            # One bad row must not stop the sweep (and with it every other request).
+            job = await pipeline.fail_unreadable(row)
+            if job is None:
+                unreadable.add(row["id"])
+                continue
         if pipeline.inflight.add(job.id):
             log.info("resuming request from step %s", job.step.value, extra=job.log_extra)
             await pipeline.inflight.route(job, router.channel_for(job))
@@ -111,9 +121,10 @@ async def run(*, pipeline: Pipeline, router: Router, task_status=trio.TASK_STATU
     hostname, pid = socket.gethostname(), os.getpid()
     await db.heartbeat(pipeline.worker_id, hostname, pid)
     task_status.started()
+    unreadable: set = set()  # ids that could be neither read nor failed: not claimed again
     while True:
         try:
-            await _sweep(pipeline, router, hostname, pid)
+            await _sweep(pipeline, router, hostname, pid, unreadable)
         except Exception as exc:
             if not await pipeline.dependencies.ride_out(exc):
                 raise

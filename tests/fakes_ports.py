@@ -212,12 +212,32 @@ class MemoryDatabase(_Observable):
         rows = [row for row in self.requests.values() if row["step"] != Step.DONE.value]
         return [self._project(row) for row in sorted(rows, key=lambda row: row["created_at"])]
 
-    async def record_late_flow(self, request_id: uuid.UUID, flow_id: str) -> None:
+    async def record_late_flow(self, request_id: uuid.UUID, flow_id: str) -> bool:
         await trio.lowlevel.checkpoint()
+        if self._flow_holder(flow_id) not in (None, request_id):
+            return False  # the unique index on flow_id
         row = self.requests[request_id]
         if row["flow_id"] is None:
             row["flow_id"] = flow_id
             self._notify()
+        return True
+
+    async def store_flow(self, request_id: uuid.UUID, flow_id: str) -> str:
+        await trio.lowlevel.checkpoint()
+        if self._flow_holder(flow_id) is not None:
+            return "taken"
+        moved = await self.advance(request_id, [Step.RESERVING], Step.RESERVED, flow_id=flow_id)
+        return "stored" if moved else "moved"
+
+    adopt_flow = store_flow
+
+    async def reserving_since(self, request_id: uuid.UUID) -> datetime.datetime | None:
+        await trio.lowlevel.checkpoint()
+        row = self.requests.get(request_id)
+        return None if row is None else row.get("reserving_since") or row["updated_at"]
+
+    def _flow_holder(self, flow_id: str) -> uuid.UUID | None:
+        return next((rid for rid, row in self.requests.items() if row["flow_id"] == flow_id), None)
 
     async def save_name(self, request_id: uuid.UUID, prompt: str, name: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -292,7 +312,7 @@ class MemoryDatabase(_Observable):
             # columns load_request does not return
             "message_key": message_key, "body_sha256": body_sha256,
             "intake_acked": intake_acked, "owner": owner, "accepted_at": None,
-            "refunded_at": None, "updated_at": now,
+            "refunded_at": None, "updated_at": now, "reserving_since": None,
         }
 
     def _project(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -418,10 +438,11 @@ class FakePoints(_Observable):
         self._outages: dict[str, float] = {}
         self._flow_ids = (f"flow-{n}" for n in itertools.count(1))
         self.flows: dict[str, str] = {}  # flow id -> "pending" | "accepted" | "refunded"
+        self.pending_made: list[tuple[str, str, datetime.datetime]] = []
 
     def outage(self, *operations: str, until: float = math.inf) -> None:
         """`operations` (all four if none) fail with Transient until trio time `until`."""
-        for operation in operations or ("service_token", "reserve", "accept", "refund"):
+        for operation in operations or ("service_token", "reserve", "accept", "refund", "history"):
             self._outages[operation] = until
 
     def attempts(self, operation: str) -> list[tuple[str, Any, str]]:
@@ -455,6 +476,7 @@ class FakePoints(_Observable):
                 raise InsufficientPoints()
             flow_id = next(self._flow_ids)
             self.flows[flow_id] = "pending"
+            self.pending_made.append((flow_id, job.viewer.twitch_user_id, _utcnow()))
             return flow_id
         return await self._attempt("reserve", job.id, reserve)
 
@@ -467,6 +489,17 @@ class FakePoints(_Observable):
 
     async def accept(self, flow_id: str, token: str) -> None:
         await self._attempt("accept", flow_id, self._finalizer("accepted", flow_id))
+
+    async def pending_redemptions(self, job, token: str, since: datetime.datetime) -> list[str]:
+        """Pending flows of `job`'s viewer made at or after `since`: `pending_made` holds
+        (flow id, viewer id, made at), as the ledger's history would show them; reserve()
+        adds to it."""
+        def history():
+            return [flow_id for flow_id, viewer_id, made_at in sorted(
+                        self.pending_made, key=lambda made: made[2])
+                    if viewer_id == job.viewer.twitch_user_id and made_at >= since
+                    and self.flows.get(flow_id) == "pending"]
+        return await self._attempt("history", job.id, history)
 
     async def refund(self, flow_id: str, token: str) -> None:
         await self._attempt("refund", flow_id, self._finalizer("refunded", flow_id))

@@ -1,12 +1,22 @@
 """The ledger actor alone: reservations before any paid call, and finalizing the debit
 (contract §5), with the auth + ledger port faked."""
 
+import datetime
+
 import trio
 
 from actors import ledger
 from dynamo import metrics
 from dynamo.jobs import Reason, Step
-from tests.fakes_ports import FakePoints, MemoryDatabase, channel, make_pipeline, nothing_within, running
+from tests.fakes_ports import (
+    FakePoints,
+    MemoryDatabase,
+    _utcnow,
+    channel,
+    make_pipeline,
+    nothing_within,
+    running,
+)
 
 TEST_TIMEOUT_S = 6 * 3600  # virtual seconds: the outage tests span hours, instantly
 QUIET_S = 60
@@ -138,10 +148,75 @@ async def test_outage_past_the_deadline_expires_the_request(autojump_clock):
         assert await nothing_within(actor.schedule_recv, 0) is None
 
 
-async def test_resume_at_reserving_flags_a_possible_orphan_and_reserves_afresh(autojump_clock):
+def adopted_debits() -> float:
+    return metrics.REGISTRY.get_sample_value("dynamo_adopted_debits_total") or 0.0
+
+
+async def test_resume_at_reserving_without_a_debit_in_the_history_reserves_afresh(autojump_clock):
     with trio.fail_after(TEST_TIMEOUT_S):
         actor = Ledger()
         job = await actor.job(step=Step.RESERVING)
+        orphans_before, adopted_before = orphan_debits(), adopted_debits()
+        async with actor.run():
+            await actor.reserve_send.send(job)
+            scheduled = await actor.schedule_recv.receive()
+        row = actor.db.row(job.id)
+        assert row["orphan_suspected"] is False
+        assert (row["step"], row["flow_id"]) == ("reserved", "flow-1")
+        assert scheduled.flow_id == "flow-1"
+        assert actor.points.succeeded("history") == [job.id]
+        assert actor.points.succeeded("reserve") == [job.id]
+        assert (orphan_debits(), adopted_debits()) == (orphans_before, adopted_before)
+
+
+async def test_resume_at_reserving_adopts_the_debit_the_ledger_made_before_the_crash(autojump_clock):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Ledger()
+        job = await actor.job()
+        # The crash: the ledger made the debit, its id never reached the database.
+        assert await actor.db.advance(job.id, [Step.RECEIVED], Step.RESERVING,
+                                      reserving_since=_utcnow())
+        orphan = await actor.points.reserve(job, "token-90790024")
+        job.step = Step.RESERVING
+        orphans_before, adopted_before = orphan_debits(), adopted_debits()
+        async with actor.run():
+            await actor.reserve_send.send(job)
+            scheduled = await actor.schedule_recv.receive()
+        assert scheduled.flow_id == orphan and scheduled.step is Step.RESERVED
+        row = actor.db.row(job.id)
+        assert (row["step"], row["flow_id"], row["orphan_suspected"]) == ("reserved", orphan, False)
+        assert actor.points.succeeded("reserve") == [job.id]  # the one before the crash
+        assert actor.points.flows == {orphan: "pending"}
+        assert (orphan_debits(), adopted_debits()) == (orphans_before, adopted_before + 1)
+
+
+async def test_a_debit_older_than_the_reservation_or_held_by_a_request_is_not_adopted(autojump_clock):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Ledger()
+        other = await actor.job(step=Step.RESERVED)
+        job = await actor.job()
+        held = await actor.points.reserve(other, "token-90790024")
+        actor.db.requests[other.id]["flow_id"] = held
+        old = await actor.points.reserve(job, "token-90790024")
+        # made well before this reservation began (clock skew allowed for)
+        actor.points.pending_made[-1] = (old, "90790024", _utcnow() - datetime.timedelta(
+            seconds=ledger.CLOCK_SKEW_S + 5))
+        assert await actor.db.advance(job.id, [Step.RECEIVED], Step.RESERVING,
+                                      reserving_since=_utcnow())
+        job.step = Step.RESERVING
+        async with actor.run():
+            await actor.reserve_send.send(job)
+            scheduled = await actor.schedule_recv.receive()
+        assert scheduled.flow_id not in (held, old)
+        assert actor.db.row(job.id)["flow_id"] == scheduled.flow_id
+        assert actor.db.row(other.id)["flow_id"] == held
+
+
+async def test_history_unreadable_flags_a_possible_orphan_and_reserves_afresh(autojump_clock):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Ledger()
+        job = await actor.job(step=Step.RESERVING)
+        actor.points.outage("history")
         orphans_before = orphan_debits()
         async with actor.run():
             await actor.reserve_send.send(job)
@@ -150,8 +225,35 @@ async def test_resume_at_reserving_flags_a_possible_orphan_and_reserves_afresh(a
         assert row["orphan_suspected"] is True
         assert (row["step"], row["flow_id"]) == ("reserved", "flow-1")
         assert scheduled.flow_id == "flow-1"
-        assert actor.points.succeeded("reserve") == [job.id]
+        assert len(actor.points.attempts("history")) == ledger.HISTORY_ATTEMPTS
         assert orphan_debits() == orphans_before + 1
+
+
+async def test_a_new_debit_adopted_by_a_resumed_request_is_left_to_it(autojump_clock):
+    """Two requests of one viewer: one reserving now, one resumed at `reserving` whose
+    lookup finds the first one's debit before its id is stored, and adopts it. The first
+    then has no debit of its own and reserves again; nothing is refunded."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Ledger()
+        live = await actor.job()
+        resumed = await actor.job()
+        assert await actor.db.advance(resumed.id, [Step.RECEIVED], Step.RESERVING,
+                                      reserving_since=_utcnow())
+        original_store = actor.db.store_flow
+
+        async def adopted_first(request_id, flow_id):
+            if request_id == live.id and not actor.db.row(resumed.id)["flow_id"]:
+                assert await actor.db.adopt_flow(resumed.id, flow_id) == "stored"
+            return await original_store(request_id, flow_id)
+
+        actor.db.store_flow = adopted_first
+        async with actor.run():
+            await actor.reserve_send.send(live)
+            scheduled = await actor.schedule_recv.receive()
+        assert scheduled.id == live.id and scheduled.flow_id == "flow-2"
+        assert actor.db.row(resumed.id)["flow_id"] == "flow-1"
+        assert actor.db.row(live.id)["flow_id"] == "flow-2"
+        assert actor.points.flows == {"flow-1": "pending", "flow-2": "pending"}
 
 
 async def test_a_job_already_reserved_goes_on_without_a_call(autojump_clock):

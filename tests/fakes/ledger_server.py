@@ -11,24 +11,37 @@ Endpoints (names for `script`, `hold`, `wait_for_calls`):
   409 when already finalized; 404 when unknown or another user's. A flow id that is not
   a UUID gets 500, as the Go original answers it.
 
+- "history": `GET /history` (viewer role: any token the auth fake knows, a service
+  token included): the caller's flows, newest first, as the real ledger's
+  `records.handleGetHistory` answers: `{"items": [{id, timestamp, type, state,
+  deltaPoints, description}], "nextCursor"?}` (Go's encoder: text/plain, a newline).
+  `?max=` is clamped to 1..100 (default 50, ignored unless an integer); `?from=` (a flow
+  id: that flow and older ones; an unknown id gives an empty page, as its SQL does) is
+  ignored unless a UUID; `nextCursor` is the first flow of the next page. A pending
+  flow's timestamp is its creation, a finalized one's its finalization (wall clock,
+  RFC 3339 with nanoseconds, UTC); an image alert reads
+  "Redeemed alert of type 'image-generation'".
+
 A missing bearer token is 400 and an unknown or expired one 401, as the real auth
 middleware does. Errors are Go http.Error text lines.
 """
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 
 from ._service import Call, FakeService, go_error, go_json_response
 from .auth_server import FakeAuth
 
 DEFAULT_BALANCE = 1000
+HISTORY_DEFAULT_MAX, HISTORY_MAX = 50, 100
 STYLES = ("ghost", "friend")
 
 
@@ -42,6 +55,9 @@ class Flow:
     state: str = "pending"  # pending | accepted | rejected
     created_at: float = 0.0  # trio.current_time()
     finalized_at: float | None = None
+    # Wall clock, as the ledger's database stamps it (what /history shows).
+    created_wall: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
+    finalized_wall: datetime.datetime | None = None
     # (method, status, time) of every call about this flow, the creating POST included.
     history: list[tuple[str, int, float]] = field(default_factory=list)
 
@@ -128,6 +144,10 @@ class FakeLedger(FakeService):
         async def refund(flow_id: str) -> Response:
             return await self.receive("refund", lambda call: self._finalize(call, flow_id, "rejected"))
 
+        @app.get("/history")
+        async def history() -> Response:
+            return await self.receive("history", self._history)
+
         return app
 
     def check_caller(self, call: Call) -> Response | None:
@@ -169,5 +189,39 @@ class FakeLedger(FakeService):
             flow.history.append((call.method, 409, now))
             return go_error("transaction is not pending", 409)
         flow.state, flow.finalized_at = state, now
+        flow.finalized_wall = datetime.datetime.now(datetime.UTC)
         flow.history.append((call.method, 204, now))
         return Response("", status=204)
+
+    async def _history(self, call: Call) -> Response:
+        limit = HISTORY_DEFAULT_MAX
+        try:
+            limit = max(1, min(int(request.args.get("max", "")), HISTORY_MAX))
+        except ValueError:
+            pass
+        flows = sorted((flow for flow in self.flows.values() if flow.user_id == call.extra["user_id"]),
+                       key=lambda flow: flow.created_wall, reverse=True)
+        start = request.args.get("from", "")
+        if _valid_uuid(start):
+            cursor = self.flows.get(str(uuid.UUID(start)))
+            flows = [] if cursor is None else [f for f in flows if f.created_wall <= cursor.created_wall]
+        page = {"items": [_transaction(flow) for flow in flows[:limit]]}
+        if len(flows) > limit:
+            page["nextCursor"] = flows[limit].flow_id
+        return go_json_response(page)
+
+
+def _transaction(flow: Flow) -> dict[str, Any]:
+    """`util.BuildTransaction` of the real ledger, for an alert redemption."""
+    stamp = flow.created_wall if flow.finalized_wall is None else flow.finalized_wall
+    state = "pending" if flow.state == "pending" else flow.state
+    return {"id": flow.flow_id, "timestamp": _go_time(stamp), "type": "alert-redemption",
+            "state": state, "deltaPoints": -flow.amount,
+            "description": f"Redeemed alert of type '{flow.alert_type}'"}
+
+
+def _go_time(value: datetime.datetime) -> str:
+    """time.Time's JSON: RFC 3339 with up to nine fractional digits, zeros trimmed."""
+    text = value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{value.microsecond:06d}000".rstrip("0")
+    return f"{text}.{fraction}Z" if fraction else f"{text}Z"

@@ -62,6 +62,16 @@ class ServiceProcess:
                     pass
                 await trio.sleep(0.1)
 
+    async def wait_exited(self) -> int:
+        """Waits until the process is gone (the caller sets a deadline); its exit code."""
+        while self.process.poll() is None:
+            await trio.sleep(0.01)
+        return self.process.returncode
+
+    async def metrics(self) -> str:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(self.url + "/metrics")).text
+
     def kill(self) -> None:
         """kill -9: no cleanup at all."""
         if self.process and self.process.poll() is None:
