@@ -24,6 +24,10 @@ from dynamo.outages import BrokerUnavailable
 from dynamo.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
+# aio-pika logs every failed reconnection attempt (an ERROR and a WARNING each second of an
+# outage); dynamo.outages reports the outage once when it begins and once when it ends.
+for _noisy in ("aiormq.connection", "aio_pika.robust_connection"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 REQUESTS_EXCHANGE = "generation-requests"
 REQUESTS_QUEUE = "dynamo.generation-requests"
