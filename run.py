@@ -11,7 +11,7 @@ import trio
 
 from dynamo import config, logs, service
 from dynamo.openai_models import ModelsRefused
-from dynamo.supervisor import TooManyRestarts
+from dynamo.supervisor import OutageTooLong, TooManyRestarts
 
 log = logging.getLogger("dynamo")
 
@@ -50,7 +50,7 @@ def cli() -> int:
             # One line naming the variable, the model and what the API said.
             log.critical("%s", _first(refused))
             return 2
-        crashed, rest = group.split(TooManyRestarts)
+        crashed, rest = group.split((TooManyRestarts, OutageTooLong))
         if rest is not None:
             raise
         log.critical("stopping: %s", _first(crashed))

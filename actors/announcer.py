@@ -12,9 +12,16 @@ result (`message_id` = `{id}:result`) and persists DONE. Successful requests the
 The two loops run as separate tasks, so a slow ledger never holds up results, and the
 channel cycle announcer → ledger → announcer cannot deadlock.
 
-The one window where a duplicate is unavoidable: a crash after the broker confirmed the
-alert and before ANNOUNCED is committed publishes the alert again on resume, with the
-same `message_id`, so consumers can drop it.
+A confirmation is a fact (`dynamo.confirms`): once the broker confirmed an alert, it is
+held in memory and ANNOUNCED is written again until PostgreSQL takes it; a database
+outage never makes it publish the alert again. While RabbitMQ is unreachable, publishing
+waits for it (the robust connection reconnects by itself).
+
+The windows where a duplicate remains, both with the same `message_id` so that consumers
+can drop it: the process dies (kill -9) after the confirm and before ANNOUNCED is stored
+(the alert goes out again on resume); the connection to RabbitMQ breaks after the publish
+and before its confirm (the alert is published again on the new connection, counted in
+`dynamo_alerts_republished_total`; likewise results in `dynamo_results_republished_total`).
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import math
 
 import trio
 
-from dynamo import events, metrics, retry
+from dynamo import events, metrics, outages, retry
 from dynamo.broker import ONSCREEN_EXCHANGE, RESULTS_EXCHANGE
+from dynamo.confirms import ALERT, RESULT
 from dynamo.jobs import Job, Reason, Step
 from dynamo.messages import failure
 from dynamo.pipeline import Pipeline, serve_jobs
@@ -35,9 +43,11 @@ from dynamo.pipeline import Pipeline, serve_jobs
 log = logging.getLogger(__name__)
 
 ACTOR = "announcer"
-# Results must go out even after a long broker outage; cap the backoff so a recovered
-# broker is used within a few seconds.
-RESULT_BACKOFF_CAP_S = 10.0
+# Alerts and results must go out as soon as a broker outage ends: the backoff between
+# publishes is capped so that a recovered broker is used within about a second.
+PUBLISH_BACKOFF_CAP_S = 1.0
+# The steps at or after ANNOUNCED: finding one of them means ANNOUNCED was stored.
+_ANNOUNCED_OR_LATER = (Step.ANNOUNCED, Step.ACCEPTED, Step.DONE)
 
 
 def _classify(exc: Exception) -> Exception:
@@ -64,7 +74,9 @@ async def run(
                 actor=ACTOR,
                 inflight=pipeline.inflight,
                 concurrency=1,
-                step=functools.partial(_announce, broker, pipeline),
+                step=outages.patient_step(
+                    pipeline.dependencies, pipeline, functools.partial(_announce, broker, pipeline)
+                ),
                 outboxes={True: finalize_send, False: finalize_send},
             )
         )
@@ -77,30 +89,34 @@ async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:
     if job.step is Step.ANNOUNCED:
         return True
     started = trio.current_time()
-    try:
-        await retry.retrying(
-            functools.partial(
-                broker.publish_json,
+    stamp = {"announced_at": datetime.datetime.now(datetime.UTC)}
+    if not pipeline.confirms.confirmed(job.id, ALERT):
+        try:
+            await _publish(
+                broker,
                 ONSCREEN_EXCHANGE,
                 events.onscreen_event(job),
                 message_id=str(job.id),
-            ),
-            system="broker",
-            log_extra=job.log_extra,
-            deadline=job.deadline,
-            max_attempts=None,
-            classify=_classify,
+                deadline=job.deadline,
+                republished=metrics.ALERTS_REPUBLISHED,
+                log_extra=job.log_extra,
+            )
+        except (retry.GaveUp, retry.Permanent) as exc:
+            if await pipeline.fail(job, failure(Reason.EXPIRED, f"alert not published: {exc}")):
+                return False
+            return None
+        pipeline.confirms.hold(
+            job.id, ALERT, from_step=Step.STORED, to_step=Step.ANNOUNCED, **stamp
         )
-    except (retry.GaveUp, retry.Permanent) as exc:
-        if await pipeline.fail(job, failure(Reason.EXPIRED, f"alert not published: {exc}")):
-            return False
-        return None
-    if not await pipeline.db.advance(
+    moved = await outages.patient_write(
+        pipeline.dependencies,
+        pipeline,
         job.id,
-        [Step.STORED],
-        Step.ANNOUNCED,
-        announced_at=datetime.datetime.now(datetime.UTC),
-    ):
+        functools.partial(pipeline.db.advance, job.id, [Step.STORED], Step.ANNOUNCED, **stamp),
+        done_at=_ANNOUNCED_OR_LATER,
+    )
+    pipeline.confirms.release(job.id, ALERT)
+    if not moved:
         return None
     metrics.STEP_SECONDS.labels("announce").observe(trio.current_time() - started)
     job.step = Step.ANNOUNCED
@@ -108,10 +124,48 @@ async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:
     return True
 
 
+async def _publish(broker, exchange, body, *, message_id, deadline, republished, log_extra):
+    """Publishes until the broker confirms; waits out a broker outage. A publish whose
+    connection broke before its confirm may have gone through: the next one is counted
+    in `republished`."""
+    maybe_sent = False
+
+    async def attempt():
+        nonlocal maybe_sent
+        if maybe_sent:
+            republished.inc()
+        try:
+            await broker.publish_json(exchange, body, message_id=message_id)
+        except outages.BrokerUnavailable as exc:
+            maybe_sent = maybe_sent or getattr(exc, "maybe_sent", False)
+            raise
+
+    await retry.retrying(
+        attempt,
+        system="broker",
+        log_extra=log_extra,
+        deadline=deadline,
+        max_attempts=None,
+        classify=_classify,
+        backoff_cap_s=PUBLISH_BACKOFF_CAP_S,
+    )
+    if maybe_sent:
+        log.warning(
+            "published again to %s after the connection broke before the broker's "
+            "confirm: the first copy may also have gone out",
+            exchange,
+            extra=log_extra,
+        )
+
+
 async def _results_loop(broker, pipeline: Pipeline, results_recv, discord_send):
     async for job in results_recv:
         with pipeline.inflight.holding(ACTOR, job.id):
-            done = await _publish_result(broker, pipeline, job)
+            done = await outages.patient_step(
+                pipeline.dependencies,
+                pipeline,
+                functools.partial(_publish_result, broker, pipeline),
+            )(job)
         if not done:
             continue
         pipeline.inflight.finish(job.id)
@@ -132,18 +186,28 @@ async def _publish_result(broker, pipeline: Pipeline, job: Job) -> bool:
         )
     else:
         body = events.failure_result(job)
-    await retry.retrying(
-        functools.partial(
-            broker.publish_json, RESULTS_EXCHANGE, body, message_id=f"{job.id}:result"
-        ),
-        system="broker",
-        log_extra=job.log_extra,
-        deadline=math.inf,
-        max_attempts=None,
-        classify=_classify,
-        backoff_cap_s=RESULT_BACKOFF_CAP_S,
+    if job.step is Step.DONE:
+        return True
+    if not pipeline.confirms.confirmed(job.id, RESULT):
+        await _publish(
+            broker,
+            RESULTS_EXCHANGE,
+            body,
+            message_id=f"{job.id}:result",
+            deadline=math.inf,
+            republished=metrics.RESULTS_REPUBLISHED,
+            log_extra=job.log_extra,
+        )
+        pipeline.confirms.hold(job.id, RESULT, from_step=job.step, to_step=Step.DONE)
+    moved = await outages.patient_write(
+        pipeline.dependencies,
+        pipeline,
+        job.id,
+        functools.partial(pipeline.db.advance, job.id, [job.step], Step.DONE),
+        done_at=(Step.DONE,),
     )
-    if not await pipeline.db.advance(job.id, [job.step], Step.DONE):
+    pipeline.confirms.release(job.id, RESULT)
+    if not moved:
         return False
     outcome = "success" if job.failure is None else "failure"
     reason = "" if job.failure is None else job.failure.reason.value

@@ -27,7 +27,7 @@ import logging
 
 import trio
 
-from dynamo import metrics, prompts, retry
+from dynamo import metrics, outages, prompts, retry
 from dynamo.dialect import ImageOrder
 from dynamo.jobs import Failure, Job, Reason, Step, Style
 from dynamo.messages import failure
@@ -65,10 +65,14 @@ async def run(
         actor=ACTOR,
         inflight=pipeline.inflight,
         concurrency=workers,
-        step=functools.partial(
-            _generate,
-            _Worker(generator, pipeline, permits_send, spend, max_attempts),
-            moderation=moderation,
+        step=outages.patient_step(
+            pipeline.dependencies,
+            pipeline,
+            functools.partial(
+                _generate,
+                _Worker(generator, pipeline, permits_send, spend, max_attempts),
+                moderation=moderation,
+            ),
         ),
         outboxes={"generated": upload_send, "failed": finalize_send},
     )
@@ -95,7 +99,11 @@ class _Worker:
             **kwargs,
         )
         if self.spend is not None and answer.model is not None:
-            await self.spend.record(job.id, what, answer)
+            # Paid for: a database outage must not make the step run (and pay) again.
+            await outages.patiently(
+                self.pipeline.dependencies,
+                functools.partial(self.spend.record, job.id, what, answer),
+            )
         return answer
 
     async def budget_reached(self) -> bool:
@@ -139,7 +147,15 @@ async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
             await pipeline.fail(job, failure(Reason.ERROR, f"OpenAI: {exc}"))
             return "failed"
         image = answer.value
-        if not await pipeline.db.save_generated(job.id, image.data):
+        # The image is paid for: its bytes are kept in hand until the database takes them.
+        saved = await outages.patient_write(
+            pipeline.dependencies,
+            pipeline,
+            job.id,
+            functools.partial(pipeline.db.save_generated, job.id, image.data),
+            done_at=(Step.GENERATED,),
+        )
+        if not saved:
             return "dropped"
         job.step = Step.GENERATED
         log.info(
@@ -165,7 +181,7 @@ async def _screen(worker: _Worker, job: Job, moderation: bool) -> bool:
             await pipeline.fail(job, failure(Reason.REJECTED, "moderation flagged the subject"))
             return False
     if job.style is Style.FRIEND and not job.name:
-        name_prompt = prompts.name_prompt(job.description)
+        name_prompt = prompts.name_prompt(job.inputs["subject"])
         job.name = await _name(worker, job, name_prompt)
         await pipeline.db.save_name(job.id, name_prompt, job.name)
     if not await pipeline.db.advance(job.id, [Step.RESERVED], Step.SCREENED):

@@ -12,6 +12,12 @@ redelivered message without one is matched to the identical body stored but neve
 Backpressure: `reserve_send` blocks while the pipeline is full, so this actor stops
 taking messages and the backlog stays in RabbitMQ (bounded prefetch).
 
+An outage is waited out: while PostgreSQL is unreachable the delivery in hand waits and is
+taken again once it is back (a store whose COMMIT was cut off is found by its key); when
+RabbitMQ's connection breaks, the broker puts unacked deliveries back, the consumer is
+registered again once it reconnects, and an ack lost with the connection only means the
+message comes again and is recognised.
+
 On shutdown it stops consuming: unacked deliveries go back to RabbitMQ, and a request
 stored before the crash is found again by its key. On restart it simply consumes again.
 """
@@ -23,7 +29,7 @@ import logging
 
 import trio
 
-from dynamo import genreq, metrics
+from dynamo import genreq, metrics, outages
 from dynamo.db import DataRejected
 from dynamo.jobs import Reason, Step
 from dynamo.messages import failure
@@ -50,11 +56,28 @@ async def run(
         readiness.consuming = True
         task_status.started()
         async for delivery in deliveries:
-            await _take(delivery, pipeline, reserve_send, results_send)
+            await _take_patiently(delivery, pipeline, reserve_send, results_send)
     finally:
         readiness.consuming = False
         with trio.move_on_after(1, shield=True):
             await deliveries.aclose()
+
+
+async def _take_patiently(delivery, pipeline: Pipeline, reserve_send, results_send) -> None:
+    """Takes the delivery, waiting out a database outage; a broker outage drops it here
+    (RabbitMQ delivers it again once the connection is back)."""
+    while True:
+        try:
+            return await _take(delivery, pipeline, reserve_send, results_send)
+        except Exception as exc:
+            if outages.outage_of(exc) == "broker":
+                log.info("delivery lost with the broker connection; it comes again: %s", exc)
+                return
+            if not await pipeline.dependencies.ride_out(exc):
+                raise
+        # Taken again as a redelivery: a body stored by a COMMIT whose answer was lost is
+        # then found (a message_id finds its request anyway).
+        delivery.redelivered = True
 
 
 async def _take(delivery, pipeline: Pipeline, reserve_send, results_send) -> None:
@@ -83,9 +106,15 @@ async def _take(delivery, pipeline: Pipeline, reserve_send, results_send) -> Non
             log.warning("message refused by the database, dead-lettered: %s", exc)
             await delivery.dead_letter(f"unstorable: {exc}")
             return
-    await delivery.ack()
-    if delivery.message_id is None:
-        await pipeline.db.mark_acked(request_id)
+    try:
+        await delivery.ack()
+    except outages.BrokerUnavailable as exc:
+        # The message comes again (redelivered): its key, or its body still marked
+        # unacked, maps it to this request.
+        log.info("ack lost with the broker connection: %s", exc)
+    else:
+        if delivery.message_id is None:
+            await pipeline.db.mark_acked(request_id)
     extra = {"request_id": str(request_id)}
     if not created:
         log.info("duplicate delivery of a stored request; acked", extra=extra)

@@ -31,7 +31,7 @@ import math
 
 import trio
 
-from dynamo import metrics, retry
+from dynamo import metrics, outages, retry
 from dynamo.jobs import Job, Reason, Step
 from dynamo.messages import failure
 from dynamo.pipeline import Pipeline, serve_jobs
@@ -79,7 +79,9 @@ async def run(
                 serve,
                 reserve_recv,
                 concurrency=RESERVE_CONCURRENCY,
-                step=functools.partial(_reserve, points, pipeline),
+                step=outages.patient_step(
+                    pipeline.dependencies, pipeline, functools.partial(_reserve, points, pipeline)
+                ),
                 outboxes={"reserved": schedule_send, "failed": finalize_send},
             )
         )
@@ -88,7 +90,9 @@ async def run(
                 serve,
                 finalize_recv,
                 concurrency=FINALIZE_CONCURRENCY,
-                step=functools.partial(_finalize, points, pipeline),
+                step=outages.patient_step(
+                    pipeline.dependencies, pipeline, functools.partial(_finalize, points, pipeline)
+                ),
                 outboxes={True: results_send},
             )
         )
@@ -117,8 +121,12 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
         # RESERVING is persisted only now, right before the debit can exist, so that a
         # crash while asking for the token is not taken for a possible orphan.
         if job.step is Step.RECEIVED:
-            if not await pipeline.db.advance(
-                job.id, [Step.RECEIVED], Step.RESERVING, reserving_since=_now()
+            reserving = functools.partial(
+                pipeline.db.advance, job.id, [Step.RECEIVED], Step.RESERVING,
+                reserving_since=_now(),
+            )
+            if not await outages.patient_write(
+                pipeline.dependencies, pipeline, job.id, reserving, done_at=(Step.RESERVING,)
             ):
                 return "dropped"
             job.step = Step.RESERVING
@@ -133,11 +141,20 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
             )
             # The orphan window: the ledger holds a debit whose id is only in memory until
             # this UPDATE commits.
+            # A database outage keeps the id in hand until the UPDATE commits.
             if flow_id is None:
-                stored = "stored" if await pipeline.db.advance(
-                    job.id, [Step.RESERVING], Step.RESERVED) else "moved"
+                reserved = functools.partial(
+                    pipeline.db.advance, job.id, [Step.RESERVING], Step.RESERVED
+                )
+                moved = await outages.patient_write(
+                    pipeline.dependencies, pipeline, job.id, reserved, done_at=(Step.RESERVED,)
+                )
+                stored = "stored" if moved else "moved"
             else:
-                stored = await pipeline.db.store_flow(job.id, flow_id)
+                stored = await outages.patiently(
+                    pipeline.dependencies,
+                    functools.partial(pipeline.db.store_flow, job.id, flow_id),
+                )
             if stored != "taken":
                 break
             # A resumed request of the same viewer took this debit for its lost one: it is

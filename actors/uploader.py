@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import trio
 
-from dynamo import imaging, metrics, prompts, retry
+from dynamo import imaging, metrics, outages, prompts, retry
 from dynamo.jobs import Job, Reason, Step, Style
 from dynamo.messages import failure
 from dynamo.pipeline import Pipeline, serve_jobs
@@ -75,7 +75,9 @@ async def run(
         actor=ACTOR,
         inflight=pipeline.inflight,
         concurrency=UPLOAD_CONCURRENCY,
-        step=functools.partial(_store, storage, pipeline),
+        step=outages.patient_step(
+            pipeline.dependencies, pipeline, functools.partial(_store, storage, pipeline)
+        ),
         outboxes={"stored": announce_send, "failed": finalize_send},
     )
 

@@ -7,6 +7,7 @@ logs what would have been published.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -15,9 +16,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aio_pika
+import aiormq
 import trio
 from trio_asyncio import aio_as_trio
 
+from dynamo.outages import BrokerUnavailable
 from dynamo.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,32 @@ ERROR_HEADER = "x-dynamo-error"
 PREFETCH = 8
 # How long startup waits for the broker to come up before it gives up.
 STARTUP_CONNECT_S = 60.0
+# aio-pika's robust connection tries to reconnect this often (its default is 5 s): work
+# resumes within about a second of the broker's return.
+RECONNECT_INTERVAL_S = 1.0
+# While the connection is down, the consumer looks this often whether it is back.
+CONSUMER_RECHECK_S = 0.2
+
+# The client's errors that mean the connection or its channel is gone: try again later.
+_CONNECTION_ERRORS = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    ConnectionError,
+    OSError,  # TimeoutError included
+)
+
+
+@contextlib.contextmanager
+def _connection_errors_mapped(*, maybe_sent: bool = False):
+    """Raises `BrokerUnavailable` in place of the client's connection errors; its
+    `maybe_sent` says whether a message may have reached the broker before the break."""
+    try:
+        yield
+    except _CONNECTION_ERRORS as exc:
+        error = BrokerUnavailable(f"{type(exc).__name__}: {exc}")
+        error.maybe_sent = maybe_sent
+        raise error from exc
 
 
 @dataclasses.dataclass
@@ -47,7 +76,10 @@ class Delivery:
     _broker: Broker
 
     async def ack(self) -> None:
-        await aio_as_trio(self._message.ack)()
+        """Acks; BrokerUnavailable if the channel it came on is gone (the broker then
+        delivers the message again, and idempotent intake recognises it)."""
+        with _connection_errors_mapped():
+            await aio_as_trio(self._message.ack)()
 
     async def dead_letter(self, reason: str) -> None:
         """Copies the message to the dead-letter queue with `reason`, then acks it."""
@@ -104,9 +136,17 @@ class Broker:
 
     async def _publish(self, exchange: str, message: aio_pika.Message) -> None:
         # With publisher confirms, publish() returns only once the broker confirmed.
-        await aio_as_trio(self._exchanges[exchange].publish)(
-            message, routing_key="", mandatory=False
-        )
+        if not self.connected:
+            raise BrokerUnavailable("not connected")  # certainly not sent
+        with _connection_errors_mapped(maybe_sent=True):
+            await aio_as_trio(self._exchanges[exchange].publish)(
+                message, routing_key="", mandatory=False
+            )
+
+    async def probe(self) -> None:
+        """Raises BrokerUnavailable while the connection is down."""
+        if not self.connected:
+            raise BrokerUnavailable("not connected")
 
     async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None:
         message = aio_pika.Message(
@@ -118,18 +158,34 @@ class Broker:
         await self._publish(exchange, message)
 
     async def deliveries(self) -> AsyncIterator[Delivery]:
-        """The input queue's messages, as they come, until cancelled."""
-        iterator = self._queue.iterator()
-        async with aio_as_trio(iterator):
-            # Iterate through the shim too: waiting for the next message is asyncio work.
-            async for message in aio_as_trio(iterator):
-                yield Delivery(
-                    body=message.body,
-                    message_id=message.message_id,
-                    redelivered=bool(message.redelivered),
-                    _message=message,
-                    _broker=self,
-                )
+        """The input queue's messages, as they come, until cancelled.
+
+        Rides out broker outages: when the connection breaks, the broker puts the
+        deliveries not yet acked back in the queue; once the robust connection is back,
+        the consumer is registered again (aio-pika's own iterator gives up after a minute
+        of reconnecting) and they come again, marked redelivered."""
+        while True:
+            iterator = self._queue.iterator()
+            try:
+                with _connection_errors_mapped():
+                    async with aio_as_trio(iterator):
+                        # Iterate through the shim too: waiting for a message is asyncio work.
+                        async for message in aio_as_trio(iterator):
+                            yield Delivery(
+                                body=message.body,
+                                message_id=message.message_id,
+                                redelivered=bool(message.redelivered),
+                                _message=message,
+                                _broker=self,
+                            )
+            except BrokerUnavailable as exc:
+                log.info("input queue consumer lost its connection (%s)", exc)
+            if self._connection.is_closed:
+                return  # closed on purpose: shutdown
+            await trio.sleep(CONSUMER_RECHECK_S)
+            while not self.connected:
+                await trio.sleep(CONSUMER_RECHECK_S)
+            log.info("consuming the input queue again")
 
 
 class LogBroker:
@@ -137,6 +193,9 @@ class LogBroker:
 
     configured = False
     connected = True
+
+    async def probe(self) -> None:
+        pass
 
     async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None:
         log.info(
@@ -158,7 +217,11 @@ async def open_broker(amqp_url: str | None):
         yield LogBroker()
         return
     connection = await connect_at_startup(
-        functools.partial(aio_as_trio(aio_pika.connect_robust), amqp_url),
+        functools.partial(
+            aio_as_trio(aio_pika.connect_robust),
+            amqp_url,
+            reconnect_interval=RECONNECT_INTERVAL_S,
+        ),
         system="broker",
         within_s=STARTUP_CONNECT_S,
     )

@@ -455,7 +455,15 @@ async def _take_flow(pool, request_id, flow_id: str) -> str:
         )
     except asyncpg.exceptions.UniqueViolationError:
         return "taken"
-    return "stored" if status.endswith(" 1") else "moved"
+    if status.endswith(" 1"):
+        return "stored"
+    # A retry after a connection lost during COMMIT finds its own write done.
+    mine = await pool.fetchval(
+        "select step = 'reserved' and flow_id = $2 from dynamo.image_request where id = $1",
+        request_id,
+        flow_id,
+    )
+    return "stored" if mine else "moved"
 
 
 @asynccontextmanager

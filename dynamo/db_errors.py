@@ -41,5 +41,11 @@ def driver_errors_mapped():
         yield
     except asyncpg.exceptions.DataError as exc:
         raise DataRejected(f"{type(exc).__name__}: {exc}") from exc
+    except DatabaseUnavailable:
+        raise
     except _UNAVAILABLE as exc:
+        raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except OSError as exc:  # TimeoutError included
+        # A refused or reset connection comes out of the pool as a bare OSError; a
+        # connect that hangs as a timeout.
         raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -5,12 +5,18 @@
 Both run the same payload checks and return a `ParsedRequest` with the prompt and the
 description already made, or raise `InvalidRequest` with a sentence naming every bad
 field. Unknown extra fields are ignored, as the other golden-vcr services add some.
+
+Whatever the bytes (anyone who can publish to the exchange can send them), the answer is
+a request or `InvalidRequest`, never another exception: `load_json` bounds the size, the
+nesting depth and the length of numbers before the JSON decoder sees them, and refuses
+text that is not valid Unicode (lone surrogates), which PostgreSQL could not store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import unicodedata
 import uuid
 from typing import Annotated, Any, Literal
@@ -27,15 +33,38 @@ MAX_SUBJECT_CHARS = 120
 # Twitch ids and display names are far shorter; this only keeps garbage out of the database.
 MAX_VIEWER_FIELD_CHARS = 100
 NIL_UUID = uuid.UUID(int=0)
+# A genreq message is a few hundred bytes; this leaves room for fields other services add.
+MAX_BODY_BYTES = 16 * 1024
+# A genreq message nests 3 deep; deeper junk is refused before the decoder recurses into it
+# (5,000 brackets make `json.loads` raise RecursionError).
+MAX_NESTING_DEPTH = 32
+# Longer numbers are refused before Python converts them (quadratic, then a ValueError
+# past 4,300 digits); the largest id the database holds has 10 digits.
+MAX_NUMBER_CHARS = 40
+# A refusal's text goes into a message header and a database column: keep it short.
+MAX_REASON_CHARS = 1000
+
+# A JSON string literal, to skip brackets inside strings when measuring the depth. An
+# unterminated one runs to the end: without that, each later quote would start a new
+# scan to the end (quadratic: seconds for 16 KB of `"\\"`).
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class InvalidRequest(Exception):
     """A request that can never succeed; `viewer` is set when one could be read."""
 
     def __init__(self, reason_text: str, viewer: Viewer | None = None) -> None:
+        reason_text = reason_text[:MAX_REASON_CHARS]
         super().__init__(reason_text)
         self.reason_text = reason_text
         self.viewer = viewer
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The refused fields, as named in the reason (`body` for the whole message)."""
+        clauses = self.reason_text.split("; ")
+        return tuple(dict.fromkeys(clause.split(": ", 1)[0] for clause in clauses))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +79,8 @@ class ParsedRequest:
 
 
 def _has_control_characters(text: str) -> bool:
-    return any(unicodedata.category(char) == "Cc" for char in text)
+    # Cs: a lone surrogate, which is no character at all and cannot be stored.
+    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
 
 
 def _check_subject(subject: str) -> str:
@@ -178,14 +208,59 @@ def _build(
     )
 
 
-def parse_message(body: bytes) -> ParsedRequest:
-    """A whole `genreq` message body; raises InvalidRequest."""
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub('""', text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits) > MAX_NUMBER_CHARS:
+        raise ValueError(f"a number longer than {MAX_NUMBER_CHARS} characters")
+    return int(digits)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _lone_surrogate_in(value: object) -> bool:
+    """True if a string anywhere in `value` (depth already bounded) is not valid Unicode."""
+    if isinstance(value, str):
+        return any("\ud800" <= char <= "\udfff" for char in value)
+    if isinstance(value, dict):
+        return any(_lone_surrogate_in(k) or _lone_surrogate_in(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate_in(item) for item in value)
+    return False
+
+
+def load_json(body: bytes) -> dict[str, Any]:
+    """The JSON object in `body`, whatever the bytes; raises InvalidRequest."""
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
     try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidRequest(f"body: not valid UTF-8 JSON ({error})") from None
+    if _nesting_depth(text) > MAX_NESTING_DEPTH:
+        raise InvalidRequest(f"body: nested deeper than {MAX_NESTING_DEPTH} levels")
+    try:
+        message = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
         raise InvalidRequest(f"body: not valid UTF-8 JSON ({error})") from None
     if not isinstance(message, dict):
         raise InvalidRequest("body: must be a JSON object")
+    if _lone_surrogate_in(message):
+        raise InvalidRequest("body: a string is not valid Unicode (a lone surrogate escape)")
+    return message
+
+
+def parse_message(body: bytes) -> ParsedRequest:
+    """A whole `genreq` message body, any bytes at all; raises InvalidRequest."""
+    message = load_json(body)
     # Read apart from the rest, so that an otherwise bad request can still be answered.
     viewer = _read_viewer(message.get("viewer"))
     problems: list[str] = []

@@ -74,6 +74,42 @@ MODEL_SHUTDOWN_DAYS = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+UNREADABLE_REQUESTS = Counter(
+    "dynamo_unreadable_requests_total",
+    "Stored requests the resume sweep could not read (failed and refunded where it could)",
+    registry=REGISTRY,
+)
+DEPENDENCY_UP = Gauge(
+    "dynamo_dependency_up",
+    "1 while a dependency (database, broker) is reachable, 0 during an outage",
+    ["dependency"],
+    registry=REGISTRY,
+)
+OUTAGES = Counter(
+    "dynamo_outages_total",
+    "Outages of a dependency (database, broker) seen by this process",
+    ["dependency"],
+    registry=REGISTRY,
+)
+OUTAGE_RESTARTS = Counter(
+    "dynamo_actor_outage_restarts_total",
+    "Actor restarts after it stopped because a dependency was unreachable (not counted "
+    "against the restart intensity)",
+    ["actor"],
+    registry=REGISTRY,
+)
+ALERTS_REPUBLISHED = Counter(
+    "dynamo_alerts_republished_total",
+    "Alerts published again because the broker's confirm of the first copy was lost with "
+    "its connection (the copy may be on stream twice)",
+    registry=REGISTRY,
+)
+RESULTS_REPUBLISHED = Counter(
+    "dynamo_results_republished_total",
+    "Results published again because the broker's confirm of the first copy was lost with "
+    "its connection",
+    registry=REGISTRY,
+)
 ADOPTED_DEBITS = Counter(
     "dynamo_adopted_debits_total",
     "Pending debits found in the ledger's history after a crash during reservation, and "

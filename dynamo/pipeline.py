@@ -10,7 +10,6 @@ held are `take_orphans()`ed and routed again once it has restarted.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import uuid
 from collections import defaultdict
@@ -18,7 +17,8 @@ from contextlib import contextmanager
 
 import trio
 
-from dynamo import genreq, prompts
+from dynamo import genreq, messages, metrics, outages, prompts
+from dynamo.confirms import Confirms
 from dynamo.jobs import Failure, Job, Reason, Step, Style, Viewer
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,26 @@ class InFlight:
 
 
 class Pipeline:
-    def __init__(self, db, *, worker_id: uuid.UUID, request_timeout_s: float, points_cost: int):
+    def __init__(
+        self,
+        db,
+        *,
+        worker_id: uuid.UUID,
+        request_timeout_s: float,
+        points_cost: int,
+        dependencies: outages.Dependencies | None = None,
+    ):
         self.db = db
         self.worker_id = worker_id
         self.request_timeout_s = request_timeout_s
         self.points_cost = points_cost
         self.inflight = InFlight()
+        # Who is reachable (the stages wait out outages), and the broker's confirmations
+        # whose step is not stored yet (never published again: dynamo.confirms).
+        self.dependencies = dependencies or outages.Dependencies(
+            database=outages.Dependency("database", probe=getattr(db, "ping", None))
+        )
+        self.confirms = Confirms()
 
     def request_fields(self, request: genreq.ParsedRequest, *, source: str) -> dict:
         return dict(
@@ -104,11 +118,12 @@ class Pipeline:
         """What can be stored of an invalid request, so that it has an id and a result."""
         style, inputs = "", {}
         try:
-            payload = json.loads(body).get("payload") or {}
+            payload = genreq.load_json(body).get("payload")
+        except genreq.InvalidRequest:
+            payload = None
+        if isinstance(payload, dict):
             style = str(payload.get("style") or "")[:40]
-            inputs = payload.get("inputs") if isinstance(payload.get("inputs"), dict) else {}
-        except (ValueError, AttributeError):
-            pass
+            inputs = _storable_strings(payload.get("inputs"))
         return dict(
             viewer_id=exc.viewer.twitch_user_id,
             display_name=exc.viewer.twitch_display_name,
@@ -154,6 +169,35 @@ class Pipeline:
             failure=failure,
             raw_style=row["style"],
         )
+
+    async def fail_unreadable(self, row) -> Job | None:
+        """A stored request `job_from_row` cannot read (say, a subject that is a list, stored
+        before such messages were refused): logged and counted, then failed as `error` so
+        that its debit is refunded. The job to route on (at FAILING), or None when it cannot
+        be failed either (a step this code does not know)."""
+        extra = {"request_id": str(row["id"])}
+        metrics.UNREADABLE_REQUESTS.inc()
+        log.error("stored request cannot be read; failing it", exc_info=True, extra=extra)
+        try:
+            step = Step(row["step"])
+        except ValueError:
+            log.error("unknown step %r: request left as it is", row["step"], extra=extra)
+            return None
+        job = Job(
+            id=row["id"],
+            viewer=Viewer(str(row["twitch_user_id"]), str(row["twitch_display_name"] or "")),
+            style=None,
+            inputs={},
+            prompt="",
+            description="",
+            deadline=trio.current_time() + self.request_timeout_s,
+            step=step,
+            flow_id=row["flow_id"],
+            raw_style=str(row["style"] or ""),
+        )
+        if await self.fail(job, messages.failure(Reason.ERROR, "stored request unreadable")):
+            return job
+        return None
 
     async def job(self, request_id: uuid.UUID) -> Job | None:
         row = await self.db.load_request(request_id)
@@ -218,8 +262,28 @@ async def _serve_job(job: Job, actor, inflight: InFlight, step, outboxes, slots)
         slots.release()
 
 
-def _description(style: Style | None, inputs: dict) -> str:
+def _description(style: Style | None, inputs) -> str:
+    """The subject as shown, or "" where the stored inputs have none that can be shown."""
+    subject = inputs.get("subject") if isinstance(inputs, dict) else None
+    if not isinstance(subject, str):
+        return ""
     try:
-        return prompts.description(style, inputs) if style else str(inputs.get("subject", ""))
+        return prompts.description(style, inputs) if style else subject
     except (KeyError, TypeError, ValueError):
-        return str(inputs.get("subject", ""))
+        return subject
+
+
+# An invalid request's inputs are kept for its result and for operators: its text fields
+# only, cut short, without the characters PostgreSQL cannot hold.
+_MAX_KEPT_INPUTS = 8
+_MAX_KEPT_CHARS = 200
+
+
+def _storable_strings(inputs: object) -> dict[str, str]:
+    if not isinstance(inputs, dict):
+        return {}
+    kept = {}
+    for key, value in list(inputs.items())[:_MAX_KEPT_INPUTS]:
+        if isinstance(value, str):
+            kept[key[:40].replace("\x00", "")] = value[:_MAX_KEPT_CHARS].replace("\x00", "")
+    return kept

@@ -70,7 +70,7 @@ _FRIEND_TEMPLATE = (
 # Left out where the image model draws the background transparent itself (contract §4).
 _CHROMA_KEY_CLAUSE = ", with a solid {background} background suitable for chroma keying"
 _NAME_TEMPLATE = (
-    "Please come up with a name for a friendly mascot character who is {description}."
+    "Please come up with a name for a friendly mascot character who is {subject}."
     " Please answer with a single name, and no additional text."
 )
 
@@ -106,9 +106,12 @@ def friend_description(subject: str) -> str:
 
 def description(style: Style, inputs: Mapping[str, Any]) -> str:
     """The subject as shown on stream and in results (contract §3)."""
+    subject = inputs["subject"]
+    if not isinstance(subject, str):  # stored before such messages were refused
+        raise TypeError(f"subject: must be a string, not {type(subject).__name__}")
     if Style(style) is Style.FRIEND:
-        return friend_description(inputs["subject"])
-    return inputs["subject"].strip()
+        return friend_description(subject)
+    return subject.strip()
 
 
 def prompt(style: Style, inputs: Mapping[str, Any]) -> str:
@@ -118,8 +121,10 @@ def prompt(style: Style, inputs: Mapping[str, Any]) -> str:
     return ghost_prompt(inputs["subject"])
 
 
-def name_prompt(description: str) -> str:
-    return _NAME_TEMPLATE.format(description=description)
+def name_prompt(subject: str) -> str:
+    """The friend-name question: the viewer's subject as they wrote it, only trimmed (the
+    original formats `payload.Inputs.Friend.Subject` as is: no article added or removed)."""
+    return _NAME_TEMPLATE.format(subject=subject.strip())
 
 
 def name_from_subject(subject: str) -> str:

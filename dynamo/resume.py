@@ -7,7 +7,9 @@ unfinished requests that no live process owns: those of a process that crashed o
 (an actor crashed holding them). Each claimed request is routed to the actor for its
 persisted step, so it resumes where it stopped.
 
-On shutdown the worker row is deleted, so the next process takes over at once; a process
+At a clean shutdown the service deletes the worker row (`retire_at_shutdown`), so the
+next process takes over at once. Not when this actor merely stops (a crash, an outage):
+the process still holds its requests, and another process must not claim them. A process
 that died without a word (kill -9) is noticed at once by a process on the same host (its
 pid is gone), else when its lease runs out.
 """
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 5.0
 # A process whose heartbeat is older than this is taken for dead: three missed beats.
 LEASE_S = 15.0
+# At shutdown, how long writing the held confirmations and retiring may take.
+RETIRE_S = 5.0
 
 
 class Router:
@@ -90,22 +94,51 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+async def _sweep(
+    pipeline: Pipeline, router: Router, hostname: str, pid: int, unreadable: set
+) -> None:
+    db = pipeline.db
+    await db.heartbeat(pipeline.worker_id, hostname, pid)
+    await reap_dead_neighbours(db, pipeline.worker_id, hostname)
+    skipped = [*pipeline.inflight.ids(), *unreadable]
+    rows = await db.claim_unfinished(pipeline.worker_id, skipped, LEASE_S)
+    for row in rows:
+        try:
+            job = pipeline.job_from_row(row)
+        except Exception:
+            # One bad row must not stop the sweep (and with it every other request).
+            job = await pipeline.fail_unreadable(row)
+            if job is None:
+                unreadable.add(row["id"])
+                continue
+        if pipeline.inflight.add(job.id):
+            log.info("resuming request from step %s", job.step.value, extra=job.log_extra)
+            await pipeline.inflight.route(job, router.channel_for(job))
+
+
 async def run(*, pipeline: Pipeline, router: Router, task_status=trio.TASK_STATUS_IGNORED):
     db = pipeline.db
     hostname, pid = socket.gethostname(), os.getpid()
     await db.heartbeat(pipeline.worker_id, hostname, pid)
     task_status.started()
-    try:
-        while True:
-            await db.heartbeat(pipeline.worker_id, hostname, pid)
-            await reap_dead_neighbours(db, pipeline.worker_id, hostname)
-            rows = await db.claim_unfinished(pipeline.worker_id, pipeline.inflight.ids(), LEASE_S)
-            for row in rows:
-                job = pipeline.job_from_row(row)
-                if pipeline.inflight.add(job.id):
-                    log.info("resuming request from step %s", job.step.value, extra=job.log_extra)
-                    await pipeline.inflight.route(job, router.channel_for(job))
-            await trio.sleep(SWEEP_INTERVAL_S)
-    finally:
-        with trio.move_on_after(2, shield=True):
-            await db.retire(pipeline.worker_id)
+    unreadable: set = set()  # ids that could be neither read nor failed: not claimed again
+    while True:
+        try:
+            await _sweep(pipeline, router, hostname, pid, unreadable)
+        except Exception as exc:
+            if not await pipeline.dependencies.ride_out(exc):
+                raise
+            continue  # the database is back: sweep at once, for what waited
+        await trio.sleep(SWEEP_INTERVAL_S)
+
+
+async def retire_at_shutdown(pipeline: Pipeline) -> None:
+    """A clean shutdown's last word: the broker's confirmations still held are written,
+    and the worker row is deleted so that the next process resumes our requests at once.
+    If the database does not allow it, the lease runs out instead."""
+    with trio.move_on_after(RETIRE_S, shield=True):
+        try:
+            await pipeline.confirms.flush(pipeline.db)
+            await pipeline.db.retire(pipeline.worker_id)
+        except OSError as exc:  # DatabaseUnavailable
+            log.warning("worker not retired at shutdown (%s); its lease runs out instead", exc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import secrets
 import uuid
@@ -37,7 +38,7 @@ from actors import (
     uploader,
 )
 from actors import fleet as fleet_actor
-from dynamo import embedded_pg, resume
+from dynamo import embedded_pg, outages, resume
 from dynamo.broker import open_broker
 from dynamo.budget import Budget
 from dynamo.config import Settings
@@ -76,6 +77,8 @@ PERMITS_CAPACITY_PER_WORKER = 2
 SHUTDOWN_GRACE_S = 10.0
 DRAIN_POLL_S = 0.1
 HTTP_CLIENT_TIMEOUT_S = 30.0
+# How often the broker's connection state is looked at for its outage reports.
+BROKER_FOLLOW_S = 0.5
 
 
 @contextlib.asynccontextmanager
@@ -170,13 +173,19 @@ class _Ports:
 
 async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -> None:
     db, broker, http_client, gen = ports.db, ports.broker, ports.http_client, ports.generator
+    # What every request needs; an outage of either is waited out (dynamo.outages).
+    dependencies = outages.Dependencies(
+        database=outages.Dependency("database", probe=db.ping),
+        broker=outages.Dependency("broker", probe=broker.probe),
+    )
     pipeline = Pipeline(
         db,
         worker_id=uuid.uuid4(),
         request_timeout_s=settings.request_timeout_s,
         points_cost=settings.points_cost if settings.auth_shared_secret else 0,
+        dependencies=dependencies,
     )
-    supervisor = Supervisor(on_restart=pipeline.inflight.take_orphans)
+    supervisor = Supervisor(on_restart=pipeline.inflight.take_orphans, dependencies=dependencies)
     public_http_url = f"http://{settings.http_host}:{settings.http_port}"
     storage = make_storage(settings, public_http_url)
     points = make_points(settings, http_client)
@@ -190,7 +199,9 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
         http_addr=f"{settings.http_host}:{settings.http_port}",
         inflight=pipeline.inflight,
     )
-    readiness = Readiness(db=db, broker=broker, limiter_status=limiter_status)
+    readiness = Readiness(
+        db=db, broker=broker, limiter_status=limiter_status, dependencies=dependencies
+    )
 
     reserve_send, reserve_recv = trio.open_memory_channel(RESERVE_CAPACITY)
     schedule_send, schedule_recv = trio.open_memory_channel(SCHEDULE_CAPACITY)
@@ -227,6 +238,16 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
     # The pipeline, downstream first. Its nursery outlives intake's and the API's, so
     # at shutdown those stop taking work first.
     async with trio.open_nursery() as pipeline_nursery:
+        pipeline_nursery.start_soon(supervisor.watch_outages)
+        if broker.configured:
+            pipeline_nursery.start_soon(
+                functools.partial(
+                    outages.follow,
+                    dependencies["broker"],
+                    lambda: broker.connected,
+                    every_s=BROKER_FOLLOW_S,
+                )
+            )
         await start(
             pipeline_nursery,
             "discord",
@@ -391,3 +412,6 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
             len(pipeline.inflight),
         )
         pipeline_nursery.cancel_scope.cancel()
+    # Reached only at a clean shutdown (a crash propagates past it): only now may the
+    # worker row go, and with it this process's claim on its requests.
+    await resume.retire_at_shutdown(pipeline)

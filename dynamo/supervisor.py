@@ -6,6 +6,13 @@ graph, not the actor) keep their contents. More than `max_restarts` crashes of o
 within `window_s` seconds is escalated: `TooManyRestarts` propagates, the process's
 nursery is cancelled and `run.py` exits non-zero so that the container runtime restarts
 the process.
+
+An outage is not a crash. An actor that stopped because a dependency (PostgreSQL,
+RabbitMQ: `dynamo.outages`) is unreachable is `waiting` until that dependency answers
+again, then started again without counting against the intensity (`outage_restarts`).
+Only when a dependency stays down longer than `OUTAGE_LIMIT_S` does `watch_outages` give
+up with one CRITICAL line (`OutageTooLong`, exit 1): nothing is lost either way, every
+request resumes from its persisted step on the next start.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from dynamo import metrics
+from dynamo import metrics, outages
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +34,28 @@ MAX_RESTARTS = 5
 WINDOW_S = 60.0
 # The first restart is quick, later ones back off so a flapping dependency is not hammered.
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+# A dependency down for longer than this ends the process (exit 1): an outage this long
+# is not a blip, and the orchestrator's restart (and its alerting) should take over.
+OUTAGE_LIMIT_S = 15 * 60.0
+# How often `watch_outages` looks.
+OUTAGE_WATCH_S = 1.0
 
 
 class TooManyRestarts(Exception):
     pass
 
 
+class OutageTooLong(Exception):
+    """A dependency stayed unreachable for longer than the limit."""
+
+
 @dataclasses.dataclass
 class ActorStatus:
     name: str
-    state: str = "starting"  # starting | running | restarting | stopped
-    restarts: int = 0
+    state: str = "starting"  # starting | running | restarting | waiting | stopped
+    restarts: int = 0  # after crashes (bugs), counted against the intensity
     last_error: str | None = None
+    outage_restarts: int = 0  # after a dependency's outage, not counted
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -54,11 +71,26 @@ class Supervisor:
         max_restarts: int = MAX_RESTARTS,
         window_s: float = WINDOW_S,
         on_restart: Callable[[str], None] | None = None,
+        dependencies: outages.Dependencies | None = None,
     ):
         self.max_restarts = max_restarts
         self.window_s = window_s
         self.on_restart = on_restart
+        self.dependencies = dependencies or outages.Dependencies()
         self.actors: dict[str, ActorStatus] = {}
+
+    async def watch_outages(self, *, limit_s: float = OUTAGE_LIMIT_S) -> None:
+        """Raises OutageTooLong once a dependency has been down for `limit_s` on end."""
+        while True:
+            for dependency in self.dependencies:
+                if dependency.down_for_s() > limit_s:
+                    # run.py logs it, the one CRITICAL line, and exits 1.
+                    raise OutageTooLong(
+                        f"{dependency.name} unreachable for {dependency.down_for_s():.0f} s "
+                        f"(limit {limit_s:.0f} s; {dependency.reason}); every request resumes "
+                        "from its persisted step on the next start"
+                    )
+            await trio.sleep(OUTAGE_WATCH_S)
 
     async def start(self, nursery: trio.Nursery, name: str, actor: ActorFn):
         """Starts `actor` under supervision; returns once it called task_status.started().
@@ -85,6 +117,11 @@ class Supervisor:
             except Exception as exc:
                 if first and status.state == "starting":
                     raise  # setup failed: report it from nursery.start()
+                dependency = self.dependencies.get(outages.outage_of(exc) or "")
+                if dependency is not None:
+                    await self._wait_out(status, dependency, exc)
+                    first = False
+                    continue
                 now = trio.current_time()
                 crashes.append(now)
                 while crashes and crashes[0] < now - self.window_s:
@@ -111,6 +148,19 @@ class Supervisor:
                 await trio.sleep(delay)
                 if self.on_restart is not None:
                     self.on_restart(name)
+
+    async def _wait_out(self, status: ActorStatus, dependency, exc: Exception) -> None:
+        """The actor stopped because `dependency` is unreachable: not a crash. Waits for
+        it to answer again; the restart that follows is not counted as a crash."""
+        status.state = "waiting"
+        status.outage_restarts += 1
+        status.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        metrics.OUTAGE_RESTARTS.labels(status.name).inc()
+        dependency.went_down(status.last_error[:200])
+        log.info("actor %s waits for %s to come back", status.name, dependency.name)
+        await dependency.wait_until_up()
+        if self.on_restart is not None:
+            self.on_restart(status.name)
 
 
 class _Started:

@@ -31,7 +31,7 @@ FRIEND_PROMPT = (
     " background suitable for chroma keying"
 )
 NAME_PROMPT = (
-    "Please come up with a name for a friendly mascot character who is a caterpillar in a"
+    "Please come up with a name for a friendly mascot character who is caterpillar in a"
     " top hat. Please answer with a single name, and no additional text."
 )
 VIEWER_ID = "90790024"

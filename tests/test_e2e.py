@@ -148,7 +148,7 @@ async def test_ghost_and_friend_from_rabbitmq_to_the_screen(
         answers = await fetch_rows(pg_database, "select * from dynamo.answer")
         assert [(str(a["image_request_id"]), a["value"]) for a in answers] == [(friend_id, "Sir Hatsworth")]
         assert answers[0]["prompt"] == ("Please come up with a name for a friendly mascot character "
-                                        "who is a caterpillar in a top hat. Please answer with a "
+                                        "who is caterpillar in a top hat. Please answer with a "
                                         "single name, and no additional text.")
 
         # One moderation per subject, one name, two images; the viewer's id as `user`.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -303,6 +304,17 @@ async def test_idempotency_key_returns_the_first_answer(api):
         assert first.status_code == again.status_code == 202
         assert (await first.get_json())["id"] == (await again.get_json())["id"]
         assert again.headers["Idempotent-Replayed"] == "true"
+        assert "Idempotent-Replayed" not in first.headers
+        # A replay is the first answer, even once the request has moved on.
+        first_body = await first.get_json()
+        await api.db.execute("update dynamo.image_request set step = 'done', state = 'succeeded' "
+                             "where id = $1", uuid.UUID(first_body["id"]))
+        later = await client.post("/requests", json=ghost(), headers=headers)
+        assert later.status_code == 202 and await later.get_json() == first_body
+        assert first_body == {"id": first_body["id"], "state": "queued",
+                              "url": f"/requests/{first_body['id']}"}
+        assert later.headers["Location"] == first.headers["Location"] == first_body["url"]
+        assert later.headers["Idempotent-Replayed"] == "true"
         api.reserve_recv.receive_nowait()
         with pytest.raises(trio.WouldBlock):
             api.reserve_recv.receive_nowait()  # routed once
@@ -404,6 +416,41 @@ async def test_listing_filters_and_pages(api):
             assert "error" in await response.get_json()
 
 
+async def test_listing_before_a_request_id_or_a_time(api):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        client = api.client()
+        alices = [await api.store(ALICE, f"seal {i}") for i in range(4)]
+        bobs = [await api.store(BOB, "walrus")]
+        rows = await api.db.fetch("select id, created_at from dynamo.image_request "
+                                  "order by created_at desc, id desc")
+        newest_first = [str(row["id"]) for row in rows]
+
+        async def listed(token, before):
+            response = await client.get("/requests", headers=bearer(token),
+                                        query_string={"before": before})
+            assert response.status_code == 200, await response.get_json()
+            return [r["id"] for r in (await response.get_json())["requests"]]
+
+        # A request id: the requests after it, newest first (hex without dashes too).
+        third = rows[2]["id"]
+        assert await listed(BROADCASTER_TOKEN, str(third)) == newest_first[3:]
+        assert await listed(BROADCASTER_TOKEN, third.hex) == newest_first[3:]
+        # An RFC 3339 time: the requests created strictly before it, whatever its offset.
+        moment = rows[1]["created_at"]
+        for spelled in (moment.isoformat(), moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                        moment.astimezone(datetime.timezone(datetime.timedelta(hours=2)))
+                        .isoformat()):
+            assert await listed(BROADCASTER_TOKEN, spelled) == newest_first[2:], spelled
+        assert await listed(BROADCASTER_TOKEN, "2000-01-01T00:00:00Z") == []
+        # A viewer's listing stays their own; another viewer's request id is not a cursor.
+        assert await listed(VIEWER_TOKEN, str(alices[-1])) == [str(i) for i in alices[-2::-1]]
+        for before in (str(bobs[0]), str(uuid.uuid4()), "2026-13-01T00:00:00Z"):
+            response = await client.get("/requests", headers=bearer(VIEWER_TOKEN),
+                                        query_string={"before": before})
+            assert response.status_code == 400, before
+            assert "before" in (await response.get_json())["error"]
+
+
 async def test_listing_limit_is_capped(api):
     with trio.fail_after(TEST_TIMEOUT_S):
         await api.db.execute(
@@ -468,7 +515,8 @@ async def test_status(api):
         assert response.status_code == 200
         body = await response.get_json()
         assert body["actors"]["ledger"] == {"name": "ledger", "state": "restarting",
-                                            "restarts": 2, "last_error": "OSError: down"}
+                                            "restarts": 2, "last_error": "OSError: down",
+                                            "outage_restarts": 0}
         assert body["channels"]["reserve"] == {"used": 0, "capacity": CHANNEL_CAPACITY}
         assert set(body["rate_limiter"]["kinds"]) == {"image", "text"}
         assert body["requests"] == {"queued": 1, "processing": 0, "succeeded": 0, "failed": 1}

@@ -84,10 +84,16 @@ def test_description_by_style():
     assert prompts.description(Style.FRIEND, friend) == "a caterpillar in a top hat"
 
 
-def test_name_prompt():
-    assert prompts.name_prompt("a caterpillar in a top hat") == (
-        "Please come up with a name for a friendly mascot character who is a caterpillar"
+def test_name_prompt_is_the_trimmed_subject_as_written():
+    # As the original (handler.go formats the subject as is): no article added...
+    assert prompts.name_prompt(" caterpillar in a top hat ") == (
+        "Please come up with a name for a friendly mascot character who is caterpillar"
         " in a top hat. Please answer with a single name, and no additional text."
+    )
+    # ...and none taken away.
+    assert prompts.name_prompt("the king of frogs").endswith(
+        "character who is the king of frogs. Please answer with a single name, and no"
+        " additional text."
     )
 
 

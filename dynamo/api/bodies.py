@@ -1,4 +1,5 @@
-"""The JSON bodies the API answers with: a request, and the cursor of a listing page."""
+"""The JSON bodies the API answers with: a request, and the cursor of a listing page
+(and the other forms a listing's `before` may take)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,44 @@ def cursor_after(row) -> str:
     """The opaque cursor for the page that follows `row`: its (created_at, id)."""
     micros = (row["created_at"] - _EPOCH) // _MICROSECOND
     return base64.urlsafe_b64encode(f"{micros}.{row['id']}".encode()).decode().rstrip("=")
+
+
+def parse_before(value: str) -> uuid.UUID | tuple[datetime.datetime, uuid.UUID]:
+    """A listing's `before`: a request id (the page starts after that request), an RFC 3339
+    time (requests created strictly before it) or a `next` cursor, each as (created_at,
+    id); a request id comes back as the UUID, for the caller to look up. Raises ValueError.
+    """
+    if len(value) in (32, 36):  # the two spellings of a UUID; a cursor is far longer
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    moment = _rfc3339(value)
+    if moment is not None:
+        # The nil UUID sorts first: (created_at, id) < (moment, nil) is created_at < moment.
+        return moment, uuid.UUID(int=0)
+    return parse_cursor(value)
+
+
+def _rfc3339(value: str) -> datetime.datetime | None:
+    """An RFC 3339 time (UTC if it names no offset), else None. A `+` left unencoded in a
+    query string arrives as a space: read it back as the offset's sign."""
+    if not value[:4].isdigit() or "-" not in value[:5]:
+        return None
+    for candidate in (value, _plus_offset(value)):
+        try:
+            moment = datetime.datetime.fromisoformat(candidate)
+        except ValueError:
+            continue
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        return moment
+    return None
+
+
+def _plus_offset(value: str) -> str:
+    head, space, offset = value.rpartition(" ")
+    return f"{head}+{offset}" if space and head[-3:-2] == ":" else value
 
 
 def parse_cursor(cursor: str) -> tuple[datetime.datetime, uuid.UUID]:

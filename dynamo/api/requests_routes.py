@@ -2,13 +2,15 @@
 
 A viewer sees only their own requests, a broadcaster any; a request the caller may not
 see answers 404, so that its existence is not revealed. Listing is newest first, in
-pages with an opaque cursor (created_at, id). Cancelling is the broadcaster's alone, and
+pages with an opaque cursor (created_at, id); `before` also takes a request id (the page
+after it) or an RFC 3339 time (requests created before it). Cancelling is the broadcaster's alone, and
 only before the image is being generated (nothing has been paid for yet): the request
 fails as `cancelled` and goes to `finalize_send`, where the ledger refunds its debit.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import uuid
 
@@ -75,10 +77,7 @@ async def list_requests(query_args: schemas.ListQuery):
     limit = min(query_args.limit or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     before = None
     if query_args.before is not None:
-        try:
-            before = bodies.parse_cursor(query_args.before)
-        except ValueError:
-            raise ApiError(400, "before: must be a `next` cursor from an earlier page") from None
+        before = await _before(api, caller, query_args.before)
     rows = await api.pipeline.db.list_requests(
         viewer_id=viewer,
         state=query_args.state,
@@ -89,6 +88,22 @@ async def list_requests(query_args: schemas.ListQuery):
     page = rows[:limit]
     following = bodies.cursor_after(page[-1]) if len(rows) > limit else None
     return {"requests": [bodies.request_json(row) for row in page], "next": following}
+
+
+async def _before(api, caller: Caller, value: str) -> tuple[datetime.datetime, uuid.UUID]:
+    """(created_at, id) the page starts after; raises ApiError 400."""
+    try:
+        before = bodies.parse_before(value)
+    except ValueError:
+        raise ApiError(
+            400, "before: must be a `next` cursor, a request id or an RFC 3339 time"
+        ) from None
+    if not isinstance(before, uuid.UUID):
+        return before
+    row = await api.pipeline.db.load_request(before)
+    if row is None or not caller.may_see(row["twitch_user_id"]):
+        raise ApiError(400, "before: no such request")
+    return row["created_at"], row["id"]
 
 
 @blueprint.delete("/requests/<request_id>")

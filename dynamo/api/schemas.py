@@ -211,7 +211,11 @@ class ListQuery(BaseModel):
     limit: int | None = Field(
         None, ge=1, description="Page size, default 20; more than 100 gives 100."
     )
-    before: str | None = Field(None, description="The `next` cursor of the previous page.")
+    before: str | None = Field(
+        None,
+        description="The `next` cursor of the previous page, a request id (the requests "
+        "after it) or an RFC 3339 time (the requests created before it).",
+    )
 
     @field_validator("viewer", "state", "style", "before", "limit", mode="before")
     @classmethod
@@ -251,8 +255,9 @@ class Readiness(BaseModel):
 
 class ActorStatus(_Open):
     name: str
-    state: Literal["starting", "running", "restarting", "stopped"]
+    state: Literal["starting", "running", "restarting", "waiting", "stopped"]
     restarts: int = Field(ge=0)
+    outage_restarts: int = Field(ge=0, default=0)
     last_error: str | None
 
 

@@ -7,9 +7,10 @@ request is stored (source "http") and routed into the pipeline through `reserve_
 then answered 202.
 
 `Idempotency-Key` (per caller): a retry with the same body (compared as canonical JSON)
-answers the first request without storing or routing anything; another body is 409. Two
-concurrent first tries make one request: the request row's unique `message_key` is
-derived from the caller and the key.
+answers exactly what the first try was answered (202, the same body, whatever state the
+request has reached since) plus `Idempotent-Replayed: true`, without storing or routing
+anything; another body is 409. Two concurrent first tries make one request: the request
+row's unique `message_key` is derived from the caller and the key.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dynamo.api.access import Caller, authenticate
 from dynamo.api.context import current_api
 from dynamo.api.errors import DATABASE_DEADLINE_S, ApiError
 from dynamo.api.openapi import errors
+from dynamo.jobs import Step, state_for
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ MAX_BODY_BYTES = 16 * 1024
 # Keys of the full genreq message; a body with none of them is the short form.
 MESSAGE_KEYS = frozenset({"type", "viewer", "state", "payload"})
 IDEMPOTENCY_KEY_MAX_CHARS = 255
+# The state a new request is answered with: a stored, valid request not yet routed.
+ACCEPTED_STATE = state_for(Step.RECEIVED, failed=False).value
 
 
 @blueprint.post("/requests")
@@ -64,6 +68,8 @@ async def submit_request():
     with trio.fail_after(DATABASE_DEADLINE_S):
         row, created = await _store(api, caller, parsed, idempotency_key, digest)
     headers = {"Location": bodies.request_url(row["id"])}
+    # The first answer, and every replay of it, says what the request was when accepted.
+    answer = {**bodies.accepted_json(row), "state": ACCEPTED_STATE}
     if created:
         metrics.REQUESTS_RECEIVED.labels("http").inc()
         log.info(
@@ -74,7 +80,7 @@ async def submit_request():
         await _route(api, row)
     else:
         headers["Idempotent-Replayed"] = "true"
-    return bodies.accepted_json(row), 202, headers
+    return answer, 202, headers
 
 
 async def _store(api, caller: Caller, parsed, idempotency_key: str | None, digest: str):
