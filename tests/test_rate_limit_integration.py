@@ -124,12 +124,12 @@ async def test_configured_at_the_real_limit_paces_evenly_without_a_429(
         results = await rabbit.wait_for(topology.RESULTS_EXCHANGE, 12)
 
         check_all_succeeded(alerts, results, 12)
-        assert fake_openai.statuses("images") == [200] * 12  # not one 429
-        times = [call.time for call in fake_openai.calls_to("images")]
-        assert most_in_any_window(times) <= 60
         # Even pacing, 60/60 = 1 s apart, from the very first call: no burst at start,
-        # though twelve requests were waiting at once.
+        # though twelve requests were waiting at once. (Twelve calls cannot reach the
+        # fake's 60 a minute, so a "no 429" check here could not fail: the spacing can.)
+        times = [call.time for call in fake_openai.calls_to("images")]
         spacing = gaps(times)
+        assert len(times) == 12, spacing
         assert most_in_any_window(times, PACE_SPACINGS * 1.0) <= PACE_SPACINGS + 1, spacing
         assert times[-1] - times[0] >= 11 * 1.0 - ARRIVAL_JITTER_S, spacing
         # ... and not much slower than that either.
@@ -148,7 +148,6 @@ async def test_configured_above_a_limit_the_api_shows_is_capped_by_its_first_ans
         check_all_succeeded(alerts, results, 12)
         # Every answer says x-ratelimit-limit-requests: 60, so the configured 120/min
         # (0.5 s apart) is never used: the real limit is kept from the second call on.
-        assert fake_openai.statuses("images") == [200] * 12
         times = [call.time for call in fake_openai.calls_to("images")]
         assert most_in_any_window(times, PACE_SPACINGS * 1.0) <= PACE_SPACINGS + 1, gaps(times)
         assert times[-1] - times[0] >= 11 * 1.0 - ARRIVAL_JITTER_S, gaps(times)
