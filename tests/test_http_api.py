@@ -443,6 +443,12 @@ async def test_listing_before_a_request_id_or_a_time(api):
                         .isoformat()):
             assert await listed(BROADCASTER_TOKEN, spelled) == newest_first[2:], spelled
         assert await listed(BROADCASTER_TOKEN, "2000-01-01T00:00:00Z") == []
+        # A `+` left unencoded in the query string arrives as a space: still the offset.
+        unencoded = moment.astimezone(datetime.timezone(datetime.timedelta(hours=2))).isoformat()
+        response = await client.get(f"/requests?before={unencoded}",
+                                    headers=bearer(BROADCASTER_TOKEN))
+        assert "+02:00" in unencoded and response.status_code == 200
+        assert [r["id"] for r in (await response.get_json())["requests"]] == newest_first[2:]
         # A viewer's listing stays their own; another viewer's request id is not a cursor.
         assert await listed(VIEWER_TOKEN, str(alices[-1])) == [str(i) for i in alices[-2::-1]]
         for before in (str(bobs[0]), str(uuid.uuid4()), "2026-13-01T00:00:00Z"):
