@@ -64,6 +64,7 @@ async def run(
         generate_recv,
         actor=ACTOR,
         inflight=pipeline.inflight,
+        pipeline=pipeline,
         concurrency=workers,
         step=outages.patient_step(
             pipeline.dependencies,

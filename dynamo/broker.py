@@ -24,6 +24,10 @@ from dynamo.outages import BrokerUnavailable
 from dynamo.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
+# aio-pika logs every failed reconnection attempt (an ERROR and a WARNING each second of an
+# outage); dynamo.outages reports the outage once when it begins and once when it ends.
+for _noisy in ("aiormq.connection", "aio_pika.robust_connection"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 REQUESTS_EXCHANGE = "generation-requests"
 REQUESTS_QUEUE = "dynamo.generation-requests"
@@ -75,11 +79,21 @@ class Delivery:
     _message: aio_pika.abc.AbstractIncomingMessage
     _broker: Broker
 
+    @property
+    def settled(self) -> bool:
+        """Acked, dead-lettered or requeued: nothing more may be done with it."""
+        return self._message.processed
+
     async def ack(self) -> None:
         """Acks; BrokerUnavailable if the channel it came on is gone (the broker then
         delivers the message again, and idempotent intake recognises it)."""
         with _connection_errors_mapped():
             await aio_as_trio(self._message.ack)()
+
+    async def requeue(self) -> None:
+        """Gives the message back to RabbitMQ, which delivers it again (`redelivered`)."""
+        with _connection_errors_mapped():
+            await aio_as_trio(self._message.nack)(requeue=True)
 
     async def dead_letter(self, reason: str) -> None:
         """Copies the message to the dead-letter queue with `reason`, then acks it."""
@@ -91,7 +105,7 @@ class Delivery:
             headers=headers,
             content_type=props.content_type,
             content_encoding=props.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=props.delivery_mode,  # as it came (contract §3: its properties)
             priority=props.priority,
             correlation_id=props.correlation_id,
             reply_to=props.reply_to,
