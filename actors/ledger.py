@@ -46,8 +46,11 @@ RESERVE_CONCURRENCY = 8
 # channel, and an outage keeps them retrying, so allow more.
 FINALIZE_CONCURRENCY = 32
 # Finalizing must not give up: a pending debit is a viewer's points in limbo. The
-# backoff is capped so that a recovered ledger is noticed within a minute.
-FINALIZE_BACKOFF_CAP_S = 60.0
+# backoff is capped so that a recovered ledger is noticed within a few seconds.
+FINALIZE_BACKOFF_CAP_S = 5.0
+# Reserving (the token, then the debit) retries until the request's deadline; capped
+# likewise, so that requests go on within seconds of the ledger's or auth's return.
+RESERVE_BACKOFF_CAP_S = 5.0
 # The ledger stamps a debit with its own clock, the reservation's start is stamped with
 # ours: a debit made up to this long "before" the reservation began is still a candidate.
 CLOCK_SKEW_S = 30.0
@@ -115,6 +118,7 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
             deadline=job.deadline,
             max_attempts=None,
             classify=_classify,
+            backoff_cap_s=RESERVE_BACKOFF_CAP_S,
         )
         if job.step is Step.RESERVING:
             adopted = await _adopt_orphan(points, pipeline, job, token)
@@ -140,6 +144,7 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
                 deadline=job.deadline,
                 max_attempts=None,
                 classify=_classify,
+                backoff_cap_s=RESERVE_BACKOFF_CAP_S,
             )
             # The orphan window: the ledger holds a debit whose id is only in memory until
             # this UPDATE commits.

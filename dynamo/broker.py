@@ -24,6 +24,10 @@ from dynamo.outages import BrokerUnavailable
 from dynamo.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
+# aio-pika logs every failed reconnection attempt (an ERROR and a WARNING each second of an
+# outage); dynamo.outages reports the outage once when it begins and once when it ends.
+for _noisy in ("aiormq.connection", "aio_pika.robust_connection"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 REQUESTS_EXCHANGE = "generation-requests"
 REQUESTS_QUEUE = "dynamo.generation-requests"
@@ -121,6 +125,7 @@ class Broker:
         self._connection = connection
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._status_channel: aio_pika.abc.AbstractChannel | None = None  # for queue_depth
 
     async def _declare(self) -> None:
         self._publish_channel = await aio_as_trio(self._connection.channel)(publisher_confirms=True)
@@ -196,6 +201,26 @@ class Broker:
             while not self.connected:
                 await trio.sleep(CONSUMER_RECHECK_S)
             log.info("consuming the input queue again")
+
+    async def queue_depth(self) -> int:
+        """Messages ready in the input queue, from a passive declare; BrokerUnavailable when
+        the broker cannot tell. On a channel of its own: a refused declare closes its
+        channel, and that must never be the consuming or the publishing one. The caller
+        puts a deadline around it."""
+        if not self.connected:
+            raise BrokerUnavailable("not connected")
+        try:
+            with _connection_errors_mapped():
+                if self._status_channel is None or self._status_channel.is_closed:
+                    self._status_channel = await aio_as_trio(self._connection.channel)()
+                # The underlying channel: aio-pika's own answers a queue it has seen from a
+                # cache, with the count of that first time.
+                channel = await aio_as_trio(self._status_channel.get_underlay_channel)()
+                declared = await aio_as_trio(channel.queue_declare)(REQUESTS_QUEUE, passive=True)
+        except aiormq.exceptions.AMQPError as exc:  # e.g. the queue was deleted
+            self._status_channel = None
+            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return declared.message_count
 
 
 class LogBroker:

@@ -204,13 +204,15 @@ class Pipeline:
         row = await self.db.load_request(request_id)
         return None if row is None else self.job_from_row(row)
 
-    async def fail(self, job: Job, failure: Failure) -> bool:
-        """Decides the request's failure (step FAILING); False if it moved on meanwhile."""
-        from_steps = [
-            s
-            for s in Step
-            if s not in (Step.ANNOUNCED, Step.ACCEPTED, Step.FAILING, Step.REFUNDED, Step.DONE)
-        ]
+    async def fail(self, job: Job, failure: Failure, *, from_steps=None) -> bool:
+        """Decides the request's failure (step FAILING); False if it moved on meanwhile
+        (or, with `from_steps`, is at none of them)."""
+        if from_steps is None:
+            from_steps = [
+                s
+                for s in Step
+                if s not in (Step.ANNOUNCED, Step.ACCEPTED, Step.FAILING, Step.REFUNDED, Step.DONE)
+            ]
         moved = await self.db.advance(
             job.id,
             from_steps,
