@@ -24,6 +24,8 @@ On shutdown, operations in flight are cancelled; each resumes from its persisted
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import functools
 import logging
@@ -77,6 +79,7 @@ async def run(
     serve = functools.partial(
         serve_jobs, actor=ACTOR, inflight=pipeline.inflight, pipeline=pipeline
     )
+    reserve = functools.partial(_reserve, points, pipeline, ViewerLocks())
     async with trio.open_nursery() as nursery:
         task_status.started()
         nursery.start_soon(
@@ -85,7 +88,7 @@ async def run(
                 reserve_recv,
                 concurrency=RESERVE_CONCURRENCY,
                 step=outages.patient_step(
-                    pipeline.dependencies, pipeline, functools.partial(_reserve, points, pipeline)
+                    pipeline.dependencies, pipeline, reserve
                 ),
                 outboxes={"reserved": schedule_send, "failed": finalize_send},
             )
@@ -103,8 +106,35 @@ async def run(
         )
 
 
-async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
+class ViewerLocks:
+    """One lock per viewer, held from a request's ledger lookup or debit until its flow id
+    is stored: a request looking for its lost debit in the viewer's history then never
+    sees, and adopts, the debit another of this viewer's requests has just made here."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, trio.Lock] = {}
+        self._users: collections.Counter[str] = collections.Counter()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, viewer_id: str):
+        lock = self._locks.setdefault(viewer_id, trio.Lock())
+        self._users[viewer_id] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[viewer_id] -= 1
+            if not self._users[viewer_id]:
+                del self._users[viewer_id], self._locks[viewer_id]
+
+
+async def _reserve(points, pipeline: Pipeline, locks: ViewerLocks, job: Job) -> str:
     """Returns "reserved", "failed" or "dropped" (another copy owns the request)."""
+    async with locks.hold(job.viewer.twitch_user_id):
+        return await _reserve_held(points, pipeline, job)
+
+
+async def _reserve_held(points, pipeline: Pipeline, job: Job) -> str:
     if job.step in (Step.RESERVED, Step.SCREENED):
         return "reserved"
     if job.step not in (Step.RECEIVED, Step.RESERVING):
