@@ -74,7 +74,9 @@ async def run(
     results_send,
     task_status=trio.TASK_STATUS_IGNORED,
 ):
-    serve = functools.partial(serve_jobs, actor=ACTOR, inflight=pipeline.inflight)
+    serve = functools.partial(
+        serve_jobs, actor=ACTOR, inflight=pipeline.inflight, pipeline=pipeline
+    )
     async with trio.open_nursery() as nursery:
         task_status.started()
         nursery.start_soon(

@@ -77,6 +77,7 @@ async def run(
         upload_recv,
         actor=ACTOR,
         inflight=pipeline.inflight,
+        pipeline=pipeline,
         concurrency=UPLOAD_CONCURRENCY,
         step=outages.patient_step(
             pipeline.dependencies, pipeline, functools.partial(_store, storage, pipeline)

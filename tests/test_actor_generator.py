@@ -178,6 +178,21 @@ async def test_friend_gets_a_name_saved_then_its_image(autojump_clock):
         assert actor.permits.requests == [CallKind.TEXT, CallKind.TEXT, CallKind.IMAGE]
 
 
+async def test_the_stored_prompt_is_the_one_the_image_was_asked_with(autojump_clock):
+    """Asked transparent, the friend's prompt has no chroma-key clause: the request's
+    prompt (dynamo.image_request.prompt, GET /requests/{id}) says so too."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Generator()
+        asked = FRIEND_PROMPT.split(", with a solid")[0]
+        actor.openai.script("image", GeneratedImage(IMAGE, transparent=True, prompt=asked))
+        job = await actor.job(style="friend")
+        assert actor.db.row(job.id)["prompt"] == FRIEND_PROMPT
+        async with actor.run():
+            await actor.generate_send.send(job)
+            await actor.upload_recv.receive()
+        assert actor.db.row(job.id)["prompt"] == asked
+
+
 async def test_moderation_off_goes_straight_to_the_image(autojump_clock):
     with trio.fail_after(TEST_TIMEOUT_S):
         actor = Generator(moderation=False)

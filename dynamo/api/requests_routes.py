@@ -22,7 +22,7 @@ from dynamo.api.access import Caller, authenticate, authenticate_broadcaster
 from dynamo.api.context import current_api
 from dynamo.api.errors import ApiError, bounded, not_found
 from dynamo.api.openapi import errors
-from dynamo.jobs import CANCELLABLE_STEPS, Reason
+from dynamo.jobs import CANCELLABLE_STEPS, Reason, Step
 from dynamo.messages import failure
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,10 @@ async def cancel_request(request_id: str):
             f"the request is {row['state']} (step {row['step']}): only a "
             "request whose image is not yet being generated can be cancelled",
         )
-    if not await pipeline.fail(job, failure(Reason.CANCELLED, "cancelled by the broadcaster")):
+    # Only from a step that can be cancelled: the generator's claim (screened →
+    # generating) may come between the read above and this compare-and-set.
+    cancelled = failure(Reason.CANCELLED, "cancelled by the broadcaster")
+    if not await pipeline.fail(job, cancelled, from_steps=CANCELLABLE_STEPS | {Step.RESERVING}):
         raise ApiError(409, "the request moved on while being cancelled; it was not cancelled")
     log.info("request cancelled by the broadcaster", extra=job.log_extra)
     # Reloaded: a debit reserved meanwhile has its flow id stored now, and must be refunded.
