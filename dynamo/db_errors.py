@@ -9,7 +9,6 @@ that dropped the connection is `DatabaseUnavailable` (try again later). Anything
 from __future__ import annotations
 
 import contextlib
-
 import logging
 
 import asyncpg
