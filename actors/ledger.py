@@ -24,8 +24,6 @@ On shutdown, operations in flight are cancelled; each resumes from its persisted
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import datetime
 import functools
 import logging
@@ -38,6 +36,7 @@ from dynamo.jobs import Job, Reason, Step
 from dynamo.messages import failure
 from dynamo.pipeline import Pipeline, serve_jobs
 from dynamo.points import AlreadyFinalized, InsufficientPoints
+from dynamo.viewer_gate import ViewerGate
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ async def run(
     serve = functools.partial(
         serve_jobs, actor=ACTOR, inflight=pipeline.inflight, pipeline=pipeline
     )
-    reserve = functools.partial(_reserve, points, pipeline, ViewerLocks())
+    reserve = functools.partial(_reserve, points, pipeline, ViewerGate())
     async with trio.open_nursery() as nursery:
         task_status.started()
         nursery.start_soon(
@@ -106,35 +105,8 @@ async def run(
         )
 
 
-class ViewerLocks:
-    """One lock per viewer, held from a request's ledger lookup or debit until its flow id
-    is stored: a request looking for its lost debit in the viewer's history then never
-    sees, and adopts, the debit another of this viewer's requests has just made here."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, trio.Lock] = {}
-        self._users: collections.Counter[str] = collections.Counter()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, viewer_id: str):
-        lock = self._locks.setdefault(viewer_id, trio.Lock())
-        self._users[viewer_id] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._users[viewer_id] -= 1
-            if not self._users[viewer_id]:
-                del self._users[viewer_id], self._locks[viewer_id]
-
-
-async def _reserve(points, pipeline: Pipeline, locks: ViewerLocks, job: Job) -> str:
+async def _reserve(points, pipeline: Pipeline, gate: ViewerGate, job: Job) -> str:
     """Returns "reserved", "failed" or "dropped" (another copy owns the request)."""
-    async with locks.hold(job.viewer.twitch_user_id):
-        return await _reserve_held(points, pipeline, job)
-
-
-async def _reserve_held(points, pipeline: Pipeline, job: Job) -> str:
     if job.step in (Step.RESERVED, Step.SCREENED):
         return "reserved"
     if job.step not in (Step.RECEIVED, Step.RESERVING):
@@ -151,7 +123,8 @@ async def _reserve_held(points, pipeline: Pipeline, job: Job) -> str:
             backoff_cap_s=RESERVE_BACKOFF_CAP_S,
         )
         if job.step is Step.RESERVING:
-            adopted = await _adopt_orphan(points, pipeline, job, token)
+            async with gate.looking_for_lost_debit(job.viewer.twitch_user_id):
+                adopted = await _adopt_orphan(points, pipeline, job, token)
             if adopted is not None:
                 return adopted
         # RESERVING is persisted only now, right before the debit can exist, so that a
@@ -166,38 +139,39 @@ async def _reserve_held(points, pipeline: Pipeline, job: Job) -> str:
             ):
                 return "dropped"
             job.step = Step.RESERVING
-        while True:
-            flow_id = await retry.retrying(
-                functools.partial(points.reserve, job, token),
-                system="ledger",
-                log_extra=job.log_extra,
-                deadline=job.deadline,
-                max_attempts=None,
-                classify=_classify,
-                backoff_cap_s=RESERVE_BACKOFF_CAP_S,
-            )
-            # The orphan window: the ledger holds a debit whose id is only in memory until
-            # this UPDATE commits.
-            # A database outage keeps the id in hand until the UPDATE commits.
-            if flow_id is None:
-                reserved = functools.partial(
-                    pipeline.db.advance, job.id, [Step.RESERVING], Step.RESERVED
+        async with gate.making_debit(job.viewer.twitch_user_id):
+            while True:
+                flow_id = await retry.retrying(
+                    functools.partial(points.reserve, job, token),
+                    system="ledger",
+                    log_extra=job.log_extra,
+                    deadline=job.deadline,
+                    max_attempts=None,
+                    classify=_classify,
+                    backoff_cap_s=RESERVE_BACKOFF_CAP_S,
                 )
-                moved = await outages.patient_write(
-                    pipeline.dependencies, pipeline, job.id, reserved, done_at=(Step.RESERVED,)
-                )
-                stored = "stored" if moved else "moved"
-            else:
-                stored = await outages.patiently(
-                    pipeline.dependencies,
-                    functools.partial(pipeline.db.store_flow, job.id, flow_id),
-                )
-            if stored != "taken":
-                break
-            # A resumed request of the same viewer took this debit for its lost one: it is
-            # that request's now, and this one needs its own.
-            log.warning("flow %s was adopted by another request; reserving again", flow_id,
-                        extra=job.log_extra)
+                # The orphan window: the ledger holds a debit whose id is only in memory
+                # until this UPDATE commits; a database outage keeps the id in hand until
+                # then.
+                if flow_id is None:
+                    reserved = functools.partial(
+                        pipeline.db.advance, job.id, [Step.RESERVING], Step.RESERVED
+                    )
+                    moved = await outages.patient_write(
+                        pipeline.dependencies, pipeline, job.id, reserved, done_at=(Step.RESERVED,)
+                    )
+                    stored = "stored" if moved else "moved"
+                else:
+                    stored = await outages.patiently(
+                        pipeline.dependencies,
+                        functools.partial(pipeline.db.store_flow, job.id, flow_id),
+                    )
+                if stored != "taken":
+                    break
+                # A resumed request of the same viewer took this debit for its lost one: it is
+                # that request's now, and this one needs its own.
+                log.warning("flow %s was adopted by another request; reserving again", flow_id,
+                            extra=job.log_extra)
     except InsufficientPoints:
         await pipeline.fail(job, failure(Reason.INSUFFICIENT_POINTS, "ledger answered 409"))
         return "failed"
