@@ -24,6 +24,8 @@ On shutdown, operations in flight are cancelled; each resumes from its persisted
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import functools
 import logging
@@ -80,7 +82,7 @@ async def run(
                 reserve_recv,
                 concurrency=RESERVE_CONCURRENCY,
                 step=outages.patient_step(
-                    pipeline.dependencies, pipeline, functools.partial(_reserve, points, pipeline)
+                    pipeline.dependencies, pipeline, functools.partial(_reserve, points, pipeline, ViewerGate())
                 ),
                 outboxes={"reserved": schedule_send, "failed": finalize_send},
             )
@@ -98,7 +100,53 @@ async def run(
         )
 
 
-async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
+class ViewerGate:
+    """Per viewer: reservations run side by side, and a look for a lost debit runs alone.
+
+    A reservation holds the gate from its call to the ledger until its flow id is stored;
+    a resumed request's look at the history (and its adoption) waits until none does, and
+    new reservations of that viewer wait for the look. So in this process a lookup never
+    sees another request's debit whose id is on its way to the database."""
+
+    def __init__(self) -> None:
+        self._reserving: collections.Counter[str] = collections.Counter()
+        self._looking: set[str] = set()
+        self._changed = trio.Event()
+
+    async def _wait_until(self, ready) -> None:
+        while not ready():
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def reserving(self, viewer_id: str):
+        await self._wait_until(lambda: viewer_id not in self._looking)
+        self._reserving[viewer_id] += 1
+        try:
+            yield
+        finally:
+            self._reserving[viewer_id] -= 1
+            if not self._reserving[viewer_id]:
+                del self._reserving[viewer_id]
+            self._notify()
+
+    @contextlib.asynccontextmanager
+    async def looking(self, viewer_id: str):
+        await self._wait_until(
+            lambda: viewer_id not in self._looking and not self._reserving[viewer_id]
+        )
+        self._looking.add(viewer_id)
+        try:
+            yield
+        finally:
+            self._looking.discard(viewer_id)
+            self._notify()
+
+
+async def _reserve(points, pipeline: Pipeline, gate: ViewerGate, job: Job) -> str:
     """Returns "reserved", "failed" or "dropped" (another copy owns the request)."""
     if job.step in (Step.RESERVED, Step.SCREENED):
         return "reserved"
@@ -115,7 +163,8 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
             classify=_classify,
         )
         if job.step is Step.RESERVING:
-            adopted = await _adopt_orphan(points, pipeline, job, token)
+            async with gate.looking(job.viewer.twitch_user_id):
+                adopted = await _adopt_orphan(points, pipeline, job, token)
             if adopted is not None:
                 return adopted
         # RESERVING is persisted only now, right before the debit can exist, so that a
@@ -131,36 +180,37 @@ async def _reserve(points, pipeline: Pipeline, job: Job) -> str:
                 return "dropped"
             job.step = Step.RESERVING
         while True:
-            flow_id = await retry.retrying(
-                functools.partial(points.reserve, job, token),
-                system="ledger",
-                log_extra=job.log_extra,
-                deadline=job.deadline,
-                max_attempts=None,
-                classify=_classify,
-            )
-            # The orphan window: the ledger holds a debit whose id is only in memory until
-            # this UPDATE commits.
-            # A database outage keeps the id in hand until the UPDATE commits.
-            if flow_id is None:
-                reserved = functools.partial(
-                    pipeline.db.advance, job.id, [Step.RESERVING], Step.RESERVED
+            async with gate.reserving(job.viewer.twitch_user_id):
+                flow_id = await retry.retrying(
+                    functools.partial(points.reserve, job, token),
+                    system="ledger",
+                    log_extra=job.log_extra,
+                    deadline=job.deadline,
+                    max_attempts=None,
+                    classify=_classify,
                 )
-                moved = await outages.patient_write(
-                    pipeline.dependencies, pipeline, job.id, reserved, done_at=(Step.RESERVED,)
-                )
-                stored = "stored" if moved else "moved"
-            else:
-                stored = await outages.patiently(
-                    pipeline.dependencies,
-                    functools.partial(pipeline.db.store_flow, job.id, flow_id),
-                )
-            if stored != "taken":
-                break
-            # A resumed request of the same viewer took this debit for its lost one: it is
-            # that request's now, and this one needs its own.
-            log.warning("flow %s was adopted by another request; reserving again", flow_id,
-                        extra=job.log_extra)
+                # The orphan window: the ledger holds a debit whose id is only in memory until
+                # this UPDATE commits.
+                # A database outage keeps the id in hand until the UPDATE commits.
+                if flow_id is None:
+                    reserved = functools.partial(
+                        pipeline.db.advance, job.id, [Step.RESERVING], Step.RESERVED
+                    )
+                    moved = await outages.patient_write(
+                        pipeline.dependencies, pipeline, job.id, reserved, done_at=(Step.RESERVED,)
+                    )
+                    stored = "stored" if moved else "moved"
+                else:
+                    stored = await outages.patiently(
+                        pipeline.dependencies,
+                        functools.partial(pipeline.db.store_flow, job.id, flow_id),
+                    )
+                if stored != "taken":
+                    break
+                # A resumed request of the same viewer took this debit for its lost one: it is
+                # that request's now, and this one needs its own.
+                log.warning("flow %s was adopted by another request; reserving again", flow_id,
+                            extra=job.log_extra)
     except InsufficientPoints:
         await pipeline.fail(job, failure(Reason.INSUFFICIENT_POINTS, "ledger answered 409"))
         return "failed"
@@ -220,7 +270,11 @@ async def _adopt_orphan(points, pipeline: Pipeline, job: Job, token: str) -> str
             job.id, [Step.RESERVING], Step.RESERVING, orphan_suspected=True
         )
         return None if moved else "dropped"
-    for flow_id in candidates:
+    # Another request's lost debit may be a candidate too (the history does not say
+    # whose a debit is): the one made closest to this reservation's start is tried
+    # first, and is this request's own unless two reservations began within moments.
+    began = since + datetime.timedelta(seconds=CLOCK_SKEW_S)
+    for _, flow_id in sorted(candidates, key=lambda made: abs(made[0] - began)):
         stored = await pipeline.db.adopt_flow(job.id, flow_id)
         if stored == "moved":
             return "dropped"
