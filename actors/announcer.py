@@ -73,6 +73,8 @@ async def run(
                 announce_recv,
                 actor=ACTOR,
                 inflight=pipeline.inflight,
+                pipeline=pipeline,
+                failed_outcome=False,
                 concurrency=1,
                 step=outages.patient_step(
                     pipeline.dependencies, pipeline, functools.partial(_announce, broker, pipeline)

@@ -64,6 +64,7 @@ async def run(
         generate_recv,
         actor=ACTOR,
         inflight=pipeline.inflight,
+        pipeline=pipeline,
         concurrency=workers,
         step=outages.patient_step(
             pipeline.dependencies,
@@ -152,7 +153,7 @@ async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
             pipeline.dependencies,
             pipeline,
             job.id,
-            functools.partial(pipeline.db.save_generated, job.id, image.data),
+            functools.partial(pipeline.db.save_generated, job.id, image.data, image.prompt),
             done_at=(Step.GENERATED,),
         )
         if not saved:

@@ -9,6 +9,11 @@ on `results_send`.
 Idempotent (contract §2): a message_id maps to one request however often it arrives; a
 redelivered message without one is matched to the identical body stored but never acked.
 
+A delivery whose handling crashes (a bug, not an invalid message) is requeued and tried
+again; after `attempts.MAX_ATTEMPTS` crashes it is dead-lettered with the error, so that
+one message can never crash intake in a loop. An outage (PostgreSQL or RabbitMQ
+unreachable, below) is not the message's fault and is never counted against it.
+
 Backpressure: `reserve_send` blocks while the pipeline is full, so this actor stops
 taking messages and the backlog stays in RabbitMQ (bounded prefetch).
 
@@ -30,6 +35,7 @@ import logging
 import trio
 
 from dynamo import genreq, metrics, outages
+from dynamo.attempts import CrashedAttempts, message_key
 from dynamo.db import DataRejected
 from dynamo.jobs import Reason, Step
 from dynamo.messages import failure
@@ -52,11 +58,20 @@ async def run(
         task_status.started()
         await trio.sleep_forever()
     deliveries = broker.deliveries()
+    crashed = CrashedAttempts()
     try:
         readiness.consuming = True
         task_status.started()
         async for delivery in deliveries:
-            await _take_patiently(delivery, pipeline, reserve_send, results_send)
+            key = message_key(delivery.message_id, delivery.body)
+            try:
+                await _take_patiently(delivery, pipeline, reserve_send, results_send)
+            except Exception as exc:
+                if outages.outage_of(exc) is not None:
+                    raise  # waited out below it already; not this message's fault
+                await _after_crash(delivery, key, exc, crashed)
+            else:
+                crashed.forget(key)
     finally:
         readiness.consuming = False
         with trio.move_on_after(1, shield=True):
@@ -135,12 +150,17 @@ async def _refuse(delivery, exc: genreq.InvalidRequest, pipeline: Pipeline, resu
         return
     message_key = f"message-id:{delivery.message_id}" if delivery.message_id else None
     invalid = failure(Reason.INVALID, exc.reason_text)
-    request_id, created = await pipeline.db.insert_request(
-        **pipeline.invalid_fields(exc, delivery.body),
-        message_key=message_key,
-        failure_reason=Reason.INVALID.value,
-        failure_message=invalid.message,
-    )
+    try:
+        request_id, created = await pipeline.db.insert_request(
+            **pipeline.invalid_fields(exc, delivery.body),
+            message_key=message_key,
+            failure_reason=Reason.INVALID.value,
+            failure_message=invalid.message,
+        )
+    except DataRejected as rejected:  # what was kept of it still cannot be stored
+        log.warning("invalid message dead-lettered, not stored (%s): %s", rejected, exc.reason_text)
+        await delivery.dead_letter(exc.reason_text)
+        return
     extra = {"request_id": str(request_id)}
     log.warning("invalid request dead-lettered: %s", exc.reason_text, extra=extra)
     await delivery.dead_letter(exc.reason_text)
@@ -148,3 +168,38 @@ async def _refuse(delivery, exc: genreq.InvalidRequest, pipeline: Pipeline, resu
         job = await pipeline.job(request_id)
         if job is not None and job.step is Step.REFUNDED and pipeline.inflight.add(job.id):
             await pipeline.inflight.route(job, results_send)
+
+
+async def _after_crash(delivery, key: str, exc: Exception, crashed: CrashedAttempts) -> None:
+    """Requeues a delivery whose handling crashed, or dead-letters it after the last try."""
+    if delivery.settled:
+        # Stored and acked already: the resume sweep routes the request from its row.
+        log.error("intake crashed after settling delivery %s", key, exc_info=exc)
+        return
+    count = crashed.crashed(key)
+    if not crashed.exhausted(count):
+        log.error(
+            "intake crashed on delivery %s (attempt %d of %d); requeued",
+            key,
+            count,
+            crashed.max_attempts,
+            exc_info=exc,
+        )
+        await _settle(delivery.requeue())
+        return
+    metrics.DEAD_LETTERS.inc()
+    log.error("intake crashed on delivery %s %d times; dead-lettered", key, count, exc_info=exc)
+    crashed.forget(key)
+    await _settle(
+        delivery.dead_letter(f"crashed intake {count} times: {type(exc).__name__}: {exc}"[:1000])
+    )
+
+
+async def _settle(settling) -> None:
+    """Awaits a requeue or dead-letter; with the broker gone the message comes again anyway."""
+    try:
+        await settling
+    except Exception as exc:
+        if outages.outage_of(exc) != "broker":
+            raise
+        log.info("delivery lost with the broker connection; it comes again: %s", exc)

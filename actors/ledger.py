@@ -48,8 +48,11 @@ RESERVE_CONCURRENCY = 8
 # channel, and an outage keeps them retrying, so allow more.
 FINALIZE_CONCURRENCY = 32
 # Finalizing must not give up: a pending debit is a viewer's points in limbo. The
-# backoff is capped so that a recovered ledger is noticed within a minute.
-FINALIZE_BACKOFF_CAP_S = 60.0
+# backoff is capped so that a recovered ledger is noticed within a few seconds.
+FINALIZE_BACKOFF_CAP_S = 5.0
+# Reserving (the token, then the debit) retries until the request's deadline; capped
+# likewise, so that requests go on within seconds of the ledger's or auth's return.
+RESERVE_BACKOFF_CAP_S = 5.0
 # The ledger stamps a debit with its own clock, the reservation's start is stamped with
 # ours: a debit made up to this long "before" the reservation began is still a candidate.
 CLOCK_SKEW_S = 30.0
@@ -73,7 +76,9 @@ async def run(
     results_send,
     task_status=trio.TASK_STATUS_IGNORED,
 ):
-    serve = functools.partial(serve_jobs, actor=ACTOR, inflight=pipeline.inflight)
+    serve = functools.partial(
+        serve_jobs, actor=ACTOR, inflight=pipeline.inflight, pipeline=pipeline
+    )
     async with trio.open_nursery() as nursery:
         task_status.started()
         nursery.start_soon(
@@ -161,6 +166,7 @@ async def _reserve(points, pipeline: Pipeline, gate: ViewerGate, job: Job) -> st
             deadline=job.deadline,
             max_attempts=None,
             classify=_classify,
+            backoff_cap_s=RESERVE_BACKOFF_CAP_S,
         )
         if job.step is Step.RESERVING:
             async with gate.looking(job.viewer.twitch_user_id):
@@ -188,6 +194,7 @@ async def _reserve(points, pipeline: Pipeline, gate: ViewerGate, job: Job) -> st
                     deadline=job.deadline,
                     max_attempts=None,
                     classify=_classify,
+                    backoff_cap_s=RESERVE_BACKOFF_CAP_S,
                 )
                 # The orphan window: the ledger holds a debit whose id is only in memory until
                 # this UPDATE commits.

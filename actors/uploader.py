@@ -38,6 +38,9 @@ UPLOAD_CONCURRENCY = 4
 GHOST_COLOR = "#000000"
 # Image processing is CPU-bound numpy/Pillow work: one thread per core of this machine.
 PROCESSING_THREADS = trio.CapacityLimiter(2)
+# A storage outage is retried until the deadline; the backoff is capped so that uploads go
+# on within seconds of the storage's return.
+STORE_BACKOFF_CAP_S = 5.0
 
 
 def image_key(job: Job) -> tuple[str, str]:
@@ -74,6 +77,7 @@ async def run(
         upload_recv,
         actor=ACTOR,
         inflight=pipeline.inflight,
+        pipeline=pipeline,
         concurrency=UPLOAD_CONCURRENCY,
         step=outages.patient_step(
             pipeline.dependencies, pipeline, functools.partial(_store, storage, pipeline)
@@ -107,6 +111,7 @@ async def _store(storage, pipeline: Pipeline, job: Job) -> str:
             deadline=job.deadline,
             max_attempts=None,
             classify=_classify,
+            backoff_cap_s=STORE_BACKOFF_CAP_S,
         )
     except retry.GaveUp as exc:
         await pipeline.fail(job, failure(Reason.EXPIRED, f"image not stored: {exc}"))

@@ -24,6 +24,10 @@ from dynamo.outages import BrokerUnavailable
 from dynamo.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
+# aio-pika logs every failed reconnection attempt (an ERROR and a WARNING each second of an
+# outage); dynamo.outages reports the outage once when it begins and once when it ends.
+for _noisy in ("aiormq.connection", "aio_pika.robust_connection"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 REQUESTS_EXCHANGE = "generation-requests"
 REQUESTS_QUEUE = "dynamo.generation-requests"
@@ -75,11 +79,21 @@ class Delivery:
     _message: aio_pika.abc.AbstractIncomingMessage
     _broker: Broker
 
+    @property
+    def settled(self) -> bool:
+        """Acked, dead-lettered or requeued: nothing more may be done with it."""
+        return self._message.processed
+
     async def ack(self) -> None:
         """Acks; BrokerUnavailable if the channel it came on is gone (the broker then
         delivers the message again, and idempotent intake recognises it)."""
         with _connection_errors_mapped():
             await aio_as_trio(self._message.ack)()
+
+    async def requeue(self) -> None:
+        """Gives the message back to RabbitMQ, which delivers it again (`redelivered`)."""
+        with _connection_errors_mapped():
+            await aio_as_trio(self._message.nack)(requeue=True)
 
     async def dead_letter(self, reason: str) -> None:
         """Copies the message to the dead-letter queue with `reason`, then acks it."""
@@ -91,7 +105,7 @@ class Delivery:
             headers=headers,
             content_type=props.content_type,
             content_encoding=props.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=props.delivery_mode,  # as it came (contract §3: its properties)
             priority=props.priority,
             correlation_id=props.correlation_id,
             reply_to=props.reply_to,
@@ -111,6 +125,7 @@ class Broker:
         self._connection = connection
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._status_channel: aio_pika.abc.AbstractChannel | None = None  # for queue_depth
 
     async def _declare(self) -> None:
         self._publish_channel = await aio_as_trio(self._connection.channel)(publisher_confirms=True)
@@ -186,6 +201,26 @@ class Broker:
             while not self.connected:
                 await trio.sleep(CONSUMER_RECHECK_S)
             log.info("consuming the input queue again")
+
+    async def queue_depth(self) -> int:
+        """Messages ready in the input queue, from a passive declare; BrokerUnavailable when
+        the broker cannot tell. On a channel of its own: a refused declare closes its
+        channel, and that must never be the consuming or the publishing one. The caller
+        puts a deadline around it."""
+        if not self.connected:
+            raise BrokerUnavailable("not connected")
+        try:
+            with _connection_errors_mapped():
+                if self._status_channel is None or self._status_channel.is_closed:
+                    self._status_channel = await aio_as_trio(self._connection.channel)()
+                # The underlying channel: aio-pika's own answers a queue it has seen from a
+                # cache, with the count of that first time.
+                channel = await aio_as_trio(self._status_channel.get_underlay_channel)()
+                declared = await aio_as_trio(channel.queue_declare)(REQUESTS_QUEUE, passive=True)
+        except aiormq.exceptions.AMQPError as exc:  # e.g. the queue was deleted
+            self._status_channel = None
+            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return declared.message_count
 
 
 class LogBroker:

@@ -1,15 +1,18 @@
 """Configuration from the environment (and a `.env` file in the working directory).
 
-`load()` returns a frozen `Settings`; it raises `ConfigError` with one message naming every
-variable that is missing (production profile) or cannot be parsed. In the development
-profile a missing external system is replaced by its embedded default, with one WARNING
-line each, logged by the caller from `Settings.defaults_used`.
+`load()` returns a frozen `Settings`; it raises `ConfigError` with one message, on one
+line, naming every variable that cannot be parsed and (production profile) every one that
+is missing, each by its upstream name. In the development profile a missing external
+system is replaced by its embedded default, with one WARNING line each, logged by the
+caller from `Settings.defaults_used` (which also says when DYNAMO_ADMIN_TOKEN is ignored:
+it is the broadcaster's token only in development without an auth service).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import urllib.parse
 from collections.abc import Mapping
@@ -76,6 +79,20 @@ class Settings:
     image_tokens_per_minute: float | None = None
     defaults_used: tuple[str, ...] = ()  # WARNING lines for the development profile
 
+    @property
+    def local_http_url(self) -> str:
+        """The HTTP API's URL as this host reaches it: a wildcard bind (0.0.0.0, ::) is
+        reached on loopback, and an IPv6 address is bracketed. Local images' URLs start
+        with it."""
+        host = _WILDCARD_TO_LOOPBACK.get(self.http_host, self.http_host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}"
+
+
+# A wildcard bind address is not an address to connect to: its loopback is.
+_WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
 
 _RMQ_VARS = ("RMQ_HOST", "RMQ_PORT", "RMQ_VHOST", "RMQ_USER", "RMQ_PASSWORD")
 _PG_VARS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD")
@@ -99,7 +116,15 @@ class _Reader:
         value = self.env.get(name, "").strip()
         return value if value else default
 
-    def number(self, name: str, default: float, *, minimum: float, integer: bool = False):
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float,
+        integer: bool = False,
+        maximum: float | None = None,
+    ):
         raw = self.text(name)
         if raw is None:
             return default
@@ -109,10 +134,19 @@ class _Reader:
             kind = "a whole number" if integer else "a number"
             self.errors.append(f"{name} must be {kind}, got {raw!r}")
             return default
-        if value < minimum or value != value:
+        if not math.isfinite(value):  # inf, nan, 1e999: no setting means that
+            self.errors.append(f"{name} must be a finite number, got {raw!r}")
+            return default
+        if value < minimum:
             self.errors.append(f"{name} must be at least {minimum}, got {raw!r}")
             return default
+        if maximum is not None and value > maximum:
+            self.errors.append(f"{name} must be at most {maximum}, got {raw!r}")
+            return default
         return value
+
+    def port(self, name: str, default: int) -> int:
+        return int(self.number(name, default, minimum=1, maximum=65535, integer=True))
 
     def optional_number(self, name: str, *, minimum: float) -> float | None:
         if self.text(name) is None:
@@ -142,7 +176,7 @@ def _amqp_url(r: _Reader) -> str | None:
         return url
     if not r.text("RMQ_HOST"):
         return None
-    port = int(r.number("RMQ_PORT", 5672, minimum=1, integer=True))
+    port = r.port("RMQ_PORT", 5672)
     user = urllib.parse.quote(r.text("RMQ_USER", "guest"), safe="")
     password = urllib.parse.quote(r.text("RMQ_PASSWORD", "guest"), safe="")
     vhost = urllib.parse.quote(r.text("RMQ_VHOST", "/"), safe="")
@@ -154,7 +188,7 @@ def _database_url(r: _Reader) -> str | None:
         return url
     if not r.text("PGHOST"):
         return None
-    port = int(r.number("PGPORT", 5432, minimum=1, integer=True))
+    port = r.port("PGPORT", 5432)
     user = urllib.parse.quote(r.text("PGUSER", "postgres"), safe="")
     password = r.text("PGPASSWORD")
     auth = f"{user}:{urllib.parse.quote(password, safe='')}" if password else user
@@ -248,16 +282,53 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
         "SPACES_ACCESS_KEY_ID, SPACES_SECRET_KEY)": settings["storage"],
     }
     missing = [name for name, value in missing.items() if value is None]
-    if r.errors:
-        raise ConfigError("invalid configuration: " + "; ".join(r.errors))
-    if profile == "production":
-        if missing:
-            raise ConfigError(
-                "DYNAMO_PROFILE=production needs every external system configured; missing: "
-                + "; ".join(missing)
-            )
-    settings["defaults_used"] = tuple(_development_warning(name) for name in missing)
+    problems = list(r.errors)
+    if profile == "production" and (missing_names := _missing_in_production(r)):
+        problems.append(
+            "DYNAMO_PROFILE=production needs every external system but Discord configured; "
+            "missing: " + ", ".join(missing_names)
+        )
+    if problems:
+        # One line: the operator reads it in a container's log, whole.
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    warnings = [_development_warning(name) for name in missing]
+    if settings["admin_token"] is not None and (
+        profile == "production" or settings["auth_shared_secret"] is not None
+    ):
+        settings["admin_token"] = None
+        warnings.append(
+            "DYNAMO_ADMIN_TOKEN is ignored: it is the broadcaster's token only in the "
+            "development profile without an auth service (AUTH_SHARED_SECRET unset)"
+        )
+    settings["defaults_used"] = tuple(warnings)
     return Settings(**settings)
+
+
+# Secrets that may be set and empty (a database user without a password): set is given.
+_MAY_BE_EMPTY = frozenset({"RMQ_PASSWORD", "PGPASSWORD"})
+
+
+def _missing_in_production(r: _Reader) -> list[str]:
+    """Each variable production needs and does not have, by its upstream name; a group
+    that a URL may replace says so once."""
+    groups = [
+        (_RMQ_VARS, "AMQP_URL"),
+        (_PG_VARS, "DATABASE_URL"),
+        (("OPENAI_API_KEY", "AUTH_SHARED_SECRET", *_SPACES_VARS), None),
+    ]
+    named: list[str] = []
+    for names, url in groups:
+        if url is not None and r.text(url):
+            continue
+        absent = [
+            name
+            for name in names
+            if not r.text(name) and not (name in _MAY_BE_EMPTY and name in r.env)
+        ]
+        if absent and url is not None:
+            absent[-1] += f" (or {url})"
+        named += absent
+    return named
 
 
 _DEFAULTS = {

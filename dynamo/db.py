@@ -224,9 +224,12 @@ class Database:
             name,
         )
 
-    async def save_generated(self, request_id: uuid.UUID, data: bytes) -> bool:
-        """Keeps the raw image and moves generating → generated, in one transaction."""
-        return await self._run(_save_generated, request_id, data)
+    async def save_generated(
+        self, request_id: uuid.UUID, data: bytes, prompt: str | None = None
+    ) -> bool:
+        """Keeps the raw image and moves generating → generated, in one transaction;
+        `prompt` (the one the image was asked with) replaces the stored prompt."""
+        return await self._run(_save_generated, request_id, data, prompt)
 
     async def load_generated(self, request_id: uuid.UUID) -> bytes | None:
         return await self.fetchval(
@@ -389,13 +392,14 @@ _ADVANCE_COLUMNS = frozenset(
 )
 
 
-async def _save_generated(pool, request_id, data: bytes) -> bool:
+async def _save_generated(pool, request_id, data: bytes, prompt: str | None) -> bool:
     async with pool.acquire() as conn:
         async with conn.transaction():
             status = await conn.execute(
-                "update dynamo.image_request set step = 'generated', updated_at = now() "
-                "where id = $1 and step = 'generating'",
+                "update dynamo.image_request set step = 'generated', updated_at = now(), "
+                "prompt = coalesce($2, prompt) where id = $1 and step = 'generating'",
                 request_id,
+                prompt,
             )
             if not status.endswith(" 1"):
                 return False

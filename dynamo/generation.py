@@ -69,6 +69,9 @@ class Answer(Generic[T]):
 class GeneratedImage:
     data: bytes
     transparent: bool  # asked with a transparent background, and answered so
+    # The prompt the image was asked with (the chroma-key clause left out when asked
+    # transparent): what the request stores as its prompt. None: the order's prompt.
+    prompt: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +144,8 @@ class OpenAIGenerator:
         if plan.transparent and not transparent:
             self.dialect.learn_opaque(self.image_model)
         usage = response.usage.model_dump(exclude_none=True) if response.usage else None
-        return Answer(GeneratedImage(data, transparent), dict(raw.headers), self.image_model, usage)
+        image = GeneratedImage(data, transparent, prompt=plan.params["prompt"])
+        return Answer(image, dict(raw.headers), self.image_model, usage)
 
     async def model_info(self, model_id: str) -> ModelInfo:
         """The catalogue's entry for `model_id`; ModelNotFound if it has none."""
@@ -219,7 +223,7 @@ class OfflineGenerator:
         image = await trio.to_thread.run_sync(
             functools.partial(imaging.placeholder_image, order.prompt, background=background)
         )
-        return Answer(GeneratedImage(image, transparent=False), {})
+        return Answer(GeneratedImage(image, transparent=False, prompt=order.prompt), {})
 
     async def aclose(self) -> None:
         return None

@@ -116,3 +116,9 @@ ADOPTED_DEBITS = Counter(
     "taken as the interrupted request's own instead of reserving again",
     registry=REGISTRY,
 )
+JOB_ERRORS = Counter(
+    "dynamo_job_errors_total",
+    "Jobs whose step raised unexpectedly (a bug): each failed alone, by actor",
+    ["actor"],
+    registry=REGISTRY,
+)

@@ -7,6 +7,12 @@ outcome (success with the answer's headers and tokens used, a 429 with its heade
 retry-after, a refused API key, or any other failure), so that the limiter paces calls and
 learns limits. A refused key (AuthFailure) does not spend the request's attempts: the
 call waits for the limiter's circuit to close and tries again, as long as the deadline lets.
+
+An outage of the API (5xx, no connection, a timeout) does not spend the request's attempts
+either: such calls are retried until the request's deadline, with a backoff capped at
+`OUTAGE_BACKOFF_CAP_S` so that the API's return is used within a few seconds. The
+attempts (DYNAMO_MAX_ATTEMPTS) bound the failures that say something about the call
+itself (429 without end, 408, 409).
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from dynamo import metrics, retry
 from dynamo.permits import CallKind, CallOutcome, Permit, acquire_permit, report_outcome
 
 log = logging.getLogger(__name__)
+
+# The longest wait between two attempts: a recovered API is used within it, while the
+# rate limiter's permits keep the retries of all workers paced.
+OUTAGE_BACKOFF_CAP_S = 2.0
 
 
 async def call_openai(
@@ -68,6 +78,8 @@ async def call_openai(
                 deadline=deadline,
                 max_attempts=max_attempts,
                 classify=_as_raised,
+                backoff_cap_s=OUTAGE_BACKOFF_CAP_S,
+                counted=_counted,
             )
         except _AuthPaused:
             continue
@@ -101,6 +113,11 @@ async def _report_failure(
 
 class _AuthPaused(Exception):
     pass
+
+
+def _counted(error: retry.Transient) -> bool:
+    """An outage of the API is not the request's attempt: only other failures count."""
+    return not error.unavailable
 
 
 def _as_raised(exc: Exception) -> Exception:

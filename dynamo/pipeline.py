@@ -10,6 +10,7 @@ held are `take_orphans()`ed and routed again once it has restarted.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import uuid
 from collections import defaultdict
@@ -122,7 +123,7 @@ class Pipeline:
         except genreq.InvalidRequest:
             payload = None
         if isinstance(payload, dict):
-            style = str(payload.get("style") or "")[:40]
+            style = str(payload.get("style") or "")[:40].replace("\x00", "")
             inputs = _storable_strings(payload.get("inputs"))
         return dict(
             viewer_id=exc.viewer.twitch_user_id,
@@ -230,7 +231,15 @@ class Pipeline:
 
 
 async def serve_jobs(
-    jobs_recv, *, actor: str, inflight: InFlight, concurrency: int, step, outboxes: dict
+    jobs_recv,
+    *,
+    actor: str,
+    inflight: InFlight,
+    concurrency: int,
+    step,
+    outboxes: dict,
+    pipeline: Pipeline | None = None,
+    failed_outcome: object = "failed",
 ) -> None:
     """Runs `await step(job)` for each job received, at most `concurrency` at once, each
     held in `inflight` by `actor`; then sends the job on `outboxes[outcome]` (an outcome
@@ -239,8 +248,14 @@ async def serve_jobs(
     A job is received only once a slot is free, so a sender on a 0-capacity channel hands
     a job over only when this stage can start it; and the slot is held until the job is
     handed on, so that a full next channel stops this stage, and backpressure reaches
-    intake and RabbitMQ."""
+    intake and RabbitMQ.
+
+    One job's failure is its own: a step that raises unexpectedly (a bug, not an outage)
+    fails that job alone with reason `error` through `pipeline` (its outcome is then
+    `failed_outcome`, so it goes on to be refunded), while its siblings and the actor go on
+    (as hypercorn's task group handles one request's error, and OTP one child)."""
     slots = trio.Semaphore(concurrency)
+    serving = _Serving(actor, inflight, step, outboxes, pipeline, failed_outcome)
     async with trio.open_nursery() as nursery:
         while True:
             await slots.acquire()
@@ -248,18 +263,50 @@ async def serve_jobs(
                 job = await jobs_recv.receive()
             except trio.EndOfChannel:
                 return
-            nursery.start_soon(_serve_job, job, actor, inflight, step, outboxes, slots)
+            nursery.start_soon(serving.serve, job, slots)
 
 
-async def _serve_job(job: Job, actor, inflight: InFlight, step, outboxes, slots) -> None:
-    try:
-        with inflight.holding(actor, job.id):
-            outcome = await step(job)
-            outbox = outboxes.get(outcome)
-            if outbox is not None:
-                await outbox.send(job)
-    finally:
-        slots.release()
+class _Serving:
+    """One stage's way of serving a job: its step, its outboxes, what a bug does."""
+
+    def __init__(self, actor, inflight, step, outboxes, pipeline, failed_outcome):
+        self.actor = actor
+        self.inflight = inflight
+        self.step = step
+        self.outboxes = outboxes
+        self.pipeline = pipeline
+        self.failed_outcome = failed_outcome
+
+    async def serve(self, job: Job, slots: trio.Semaphore) -> None:
+        try:
+            with self.inflight.holding(self.actor, job.id):
+                try:
+                    outcome = await self.step(job)
+                except Exception as exc:
+                    if outages.outage_of(exc) is not None:
+                        raise  # not the job's fault: the actor waits for the dependency
+                    outcome = await self._failed_by(job, exc)
+                outbox = self.outboxes.get(outcome)
+                if outbox is not None:
+                    await outbox.send(job)
+        finally:
+            slots.release()
+
+    async def _failed_by(self, job: Job, exc: Exception) -> object:
+        """The outcome of a job whose step raised `exc`: failed as `error` when it can be."""
+        metrics.JOB_ERRORS.labels(self.actor).inc()
+        log.error("unexpected error in %s", self.actor, exc_info=exc, extra=job.log_extra)
+        if self.pipeline is not None:
+            detail = f"{self.actor}: {type(exc).__name__}: {exc}"[:2000]
+            failure = messages.failure(Reason.ERROR, detail)
+            fail = functools.partial(self.pipeline.fail, job, failure)
+            moved = await outages.patiently(self.pipeline.dependencies, fail)
+            if moved and self.failed_outcome in self.outboxes:
+                return self.failed_outcome  # on to its refund and its result
+        # Past the point of failing (announced, or failing already), or no way on from
+        # here: out of the pipeline, so that the resume sweep routes it from its step.
+        self.inflight.finish(job.id)
+        return None
 
 
 def _description(style: Style | None, inputs) -> str:

@@ -73,6 +73,12 @@ class Transient(CallError):
     def rate_limited(self) -> bool:
         return self.status_code == 429
 
+    @property
+    def unavailable(self) -> bool:
+        """The service is down or unreachable (5xx, no connection, a timeout), as opposed
+        to refusing this call (429, 408, 409): what an outage looks like."""
+        return self.status_code is None or self.status_code >= 500
+
 
 class Permanent(CallError):
     """Another attempt would fail the same way."""
@@ -177,14 +183,17 @@ async def retrying(
     classify: Callable[[Exception], Exception],
     on_retry: Callable[[int, Transient, float], object] | None = None,
     backoff_cap_s: float = 60.0,
+    counted: Callable[[Transient], bool] | None = None,
     log_extra: Mapping[str, str] | None = None,
     rng=random,
 ) -> T:
     """`await call()` until it succeeds, retrying `Transient` failures with `backoff_s`.
 
     `deadline` is a trio.current_time() value: a retry that would start after it is not
-    made. `backoff_cap_s` caps the exponential backoff. `max_attempts` counts every call (None: unlimited until the deadline). Either
-    way the last Transient comes out wrapped in `GaveUp`. Anything `classify` does not turn
+    made. `backoff_cap_s` caps the exponential backoff. `max_attempts` counts every call
+    (None: unlimited until the deadline) whose failure `counted(error)` says counts (by
+    default every one); failures it does not count are retried until the deadline.
+    Either way the last Transient comes out wrapped in `GaveUp`. Anything `classify` does not turn
     into a Transient propagates at once. `on_retry(attempt, error, delay_s)`, sync or
     async, is told of each retry before its wait; `log_extra` (the request id) goes on the
     retry's log line. Cancellation is never caught.
@@ -192,6 +201,7 @@ async def retrying(
     if max_attempts is not None and max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
     attempt = 0
+    spent = 0  # the attempts that count against max_attempts
     while True:
         attempt += 1
         try:
@@ -202,7 +212,9 @@ async def retrying(
                 if error is exc:
                     raise
                 raise error from exc
-            if max_attempts is not None and attempt >= max_attempts:
+            if counted is None or counted(error):
+                spent += 1
+            if max_attempts is not None and spent >= max_attempts:
                 raise GaveUp(error, reason="attempts") from exc
             delay_s = backoff_s(
                 attempt - 1, retry_after_s=error.retry_after_s, cap_s=backoff_cap_s, rng=rng

@@ -104,10 +104,10 @@ def make_generator(settings: Settings):
     )
 
 
-def make_storage(settings: Settings, http_base_url: str):
+def make_storage(settings: Settings):
     if settings.storage is not None:
         return S3Storage(settings.storage)
-    return LocalStorage(settings.data_dir / "images", f"{http_base_url}/images")
+    return LocalStorage(settings.data_dir / "images", f"{settings.local_http_url}/images")
 
 
 def make_points(settings: Settings, client: httpx.AsyncClient):
@@ -124,8 +124,8 @@ def make_points(settings: Settings, client: httpx.AsyncClient):
 
 def admin_token_for(settings: Settings) -> str | None:
     """The bearer token with broadcaster rights when there is no auth service."""
-    if settings.auth_shared_secret is not None and settings.profile == "production":
-        return None
+    if settings.auth_shared_secret is not None or settings.profile == "production":
+        return None  # contract §1: only in development without an auth service
     if settings.admin_token:
         return settings.admin_token
     token = secrets.token_urlsafe(24)
@@ -186,8 +186,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
         dependencies=dependencies,
     )
     supervisor = Supervisor(on_restart=pipeline.inflight.take_orphans, dependencies=dependencies)
-    public_http_url = f"http://{settings.http_host}:{settings.http_port}"
-    storage = make_storage(settings, public_http_url)
+    storage = make_storage(settings)
     points = make_points(settings, http_client)
     spend = Spend(db, PriceTable(settings.prices), daily_budget_usd=settings.daily_budget_usd)
     # The OpenAI limits are the account's: every process of a fleet shares one budget.
@@ -386,6 +385,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
                 auth_configured=settings.auth_shared_secret is not None,
                 models=ports.models,
                 spend=spend,
+                broker=broker,
             )
             url = await start(
                 intake_nursery,

@@ -248,12 +248,15 @@ class MemoryDatabase(_Observable):
             self.answers[request_id] = {"prompt": prompt, "value": name}
             self._notify()
 
-    async def save_generated(self, request_id: uuid.UUID, data: bytes) -> bool:
+    async def save_generated(
+        self, request_id: uuid.UUID, data: bytes, prompt: str | None = None
+    ) -> bool:
         await trio.lowlevel.checkpoint()
         row = self.requests.get(request_id)
         if row is None or row["step"] != Step.GENERATING.value:
             return False
         row["step"] = Step.GENERATED.value
+        row["prompt"] = prompt if prompt is not None else row["prompt"]
         row["updated_at"] = _utcnow()
         self.generated[request_id] = bytes(data)
         self._notify()
@@ -366,9 +369,19 @@ class FakeDelivery:
         self._broker.dead_letters.append((self.body, reason))
         await self.ack()  # as the real port: copy to the dead-letter queue, then ack
 
+    async def requeue(self) -> None:
+        """As RabbitMQ does: the message comes again, marked redelivered."""
+        await trio.lowlevel.checkpoint()
+        if self.settled:
+            raise AssertionError("delivery requeued after it was settled")
+        self.requeued = True
+        self._broker.deliveries_given.append(
+            FakeDelivery(self._broker, self.body, self.message_id, redelivered=True))
+        self._broker._notify()
+
     @property
     def settled(self) -> bool:
-        return self.acked
+        return self.acked or getattr(self, "requeued", False)
 
 
 class FakeBroker(_Observable):

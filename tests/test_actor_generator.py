@@ -6,6 +6,7 @@ import collections
 import trio
 
 from actors import generator
+from dynamo import openai_call
 from dynamo.generation import Answer, GeneratedImage
 from dynamo.jobs import Reason, Step, Style
 from dynamo.permits import CallKind, CallOutcome, Permit, PermitRequest
@@ -177,6 +178,21 @@ async def test_friend_gets_a_name_saved_then_its_image(autojump_clock):
         assert actor.permits.requests == [CallKind.TEXT, CallKind.TEXT, CallKind.IMAGE]
 
 
+async def test_the_stored_prompt_is_the_one_the_image_was_asked_with(autojump_clock):
+    """Asked transparent, the friend's prompt has no chroma-key clause: the request's
+    prompt (dynamo.image_request.prompt, GET /requests/{id}) says so too."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Generator()
+        asked = FRIEND_PROMPT.split(", with a solid")[0]
+        actor.openai.script("image", GeneratedImage(IMAGE, transparent=True, prompt=asked))
+        job = await actor.job(style="friend")
+        assert actor.db.row(job.id)["prompt"] == FRIEND_PROMPT
+        async with actor.run():
+            await actor.generate_send.send(job)
+            await actor.upload_recv.receive()
+        assert actor.db.row(job.id)["prompt"] == asked
+
+
 async def test_moderation_off_goes_straight_to_the_image(autojump_clock):
     with trio.fail_after(TEST_TIMEOUT_S):
         actor = Generator(moderation=False)
@@ -270,7 +286,9 @@ async def test_rate_limited_answer_is_reported_and_retried(autojump_clock):
         assert actor.openai.count("image") == 2
 
 
-async def test_server_errors_every_time_fail_after_max_attempts(autojump_clock):
+async def test_server_errors_are_an_outage_retried_until_the_deadline(autojump_clock):
+    # An image API answering 5xx is down, not refusing this call: the request's attempts
+    # are not spent on it; it is retried until the deadline, then fails as expired.
     with trio.fail_after(TEST_TIMEOUT_S):
         actor = Generator()
         actor.openai.always("image", lambda: openai_error(500, "The server had an error"))
@@ -279,11 +297,49 @@ async def test_server_errors_every_time_fail_after_max_attempts(autojump_clock):
             await actor.generate_send.send(job)
             failed = await actor.finalize_recv.receive()
             assert await nothing_within(actor.upload_recv, QUIET_S) is None
+        assert failed.failure.reason is Reason.EXPIRED and failed.step is Step.FAILING
+        assert actor.openai.count("image") > 3 * MAX_ATTEMPTS
+        row = actor.db.row(job.id)
+        assert (row["step"], row["failure_reason"]) == ("failing", "expired")
+        assert "deadline" in row["failure_detail"]
+
+
+async def test_an_outage_of_the_image_api_does_not_fail_the_request(autojump_clock):
+    # 503 for 15 s (many more failures than DYNAMO_MAX_ATTEMPTS), then the API is back:
+    # the image is bought, within a couple of seconds of the return.
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Generator()
+        back_at = trio.current_time() + 15
+        answers = []
+        image = actor.openai.defaults["image"]
+
+        def image_api():
+            if trio.current_time() < back_at:
+                answers.append(503)
+                return openai_error(503, "Service Unavailable")
+            return image
+
+        actor.openai.always("image", image_api)
+        job = await actor.job()
+        async with actor.run():
+            await actor.generate_send.send(job)
+            generated = await actor.upload_recv.receive()
+        assert generated.step is Step.GENERATED and generated.failure is None
+        assert len(answers) > MAX_ATTEMPTS
+        assert trio.current_time() - back_at <= openai_call.OUTAGE_BACKOFF_CAP_S + 0.5
+
+
+async def test_failures_that_are_not_an_outage_fail_after_max_attempts(autojump_clock):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Generator()
+        actor.openai.always("image", lambda: openai_error(409, "Conflict"))
+        job = await actor.job()
+        async with actor.run():
+            await actor.generate_send.send(job)
+            failed = await actor.finalize_recv.receive()
         assert failed.failure.reason is Reason.ERROR and failed.step is Step.FAILING
         assert actor.openai.count("image") == MAX_ATTEMPTS
-        row = actor.db.row(job.id)
-        assert (row["step"], row["failure_reason"]) == ("failing", "error")
-        assert "attempts" in row["failure_detail"]
+        assert "attempts" in actor.db.row(job.id)["failure_detail"]
 
 
 # -- resuming ---------------------------------------------------------------------------

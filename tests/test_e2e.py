@@ -135,8 +135,10 @@ async def test_ghost_and_friend_from_rabbitmq_to_the_screen(
         assert json.loads(g["inputs"]) == {"subject": "a seal"}
         assert json.loads(f["inputs"]) == {"color": "yellow", "subject": "caterpillar in a top hat"}
         assert g["prompt"] == "a ghostly image of a seal, with glitchy VHS artifacts, dark background"
-        assert f["prompt"].startswith("a yellow caterpillar in a top hat, illustrated in the style")
-        assert f["prompt"].endswith("with a solid indigo background suitable for chroma keying")
+        # The stored prompt is the one the image was asked with: transparent, no chroma key.
+        assert f["prompt"] == asked["friend"].body["prompt"] == (
+            "a yellow caterpillar in a top hat, illustrated in the style of 1990s digital clip"
+            " art images, with a limited 256-color palette and sharp black outlines")
         for row in (g, f):
             assert row["finished_at"] is not None and row["error_message"] is None
             assert row["state"] == "succeeded"

@@ -108,6 +108,24 @@ async def test_the_stream_needs_a_ticket_used_once(served):
                 assert again.status_code == 401
 
 
+async def test_a_client_with_headers_may_open_the_stream_with_its_bearer_token(served, fake_auth):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with httpx.AsyncClient() as client:
+            for token, role in ((VIEWER_TOKEN, "viewer"), (BROADCASTER_TOKEN, "broadcaster")):
+                async with client.stream("GET", f"{served}/events",
+                                         headers=bearer(token)) as response:
+                    assert response.status_code == 200
+                    assert response.headers["content-type"].startswith("text/event-stream")
+                    name, data = await anext(sse.events(response))
+                    assert (name, data["caller"]["role"]) == ("hello", role)
+            # A refused token is refused here too, even with a ticket beside it.
+            ticket = await sse.ticket(client, served, VIEWER_TOKEN)
+            response = await client.get(f"{served}/events", params={"ticket": ticket},
+                                        headers=bearer("not-a-token"))
+            assert response.status_code == 401
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
 async def test_changes_by_any_process_reach_the_broadcaster_and_the_viewer_their_own(
         api, served, http_database):  # noqa: F811
     with trio.fail_after(TEST_TIMEOUT_S):

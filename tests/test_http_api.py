@@ -20,9 +20,10 @@ import pytest
 import trio
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
+from trio_asyncio import aio_as_trio
 
 from actors import http
-from dynamo import config, genreq, metrics
+from dynamo import broker, config, genreq, metrics
 from dynamo.api import create_app, openapi_document
 from dynamo.db import open_database
 from dynamo.jobs import Reason, Step, Viewer
@@ -517,10 +518,29 @@ async def test_status(api):
         assert body["actors"]["ledger"] == {"name": "ledger", "state": "restarting",
                                             "restarts": 2, "last_error": "OSError: down",
                                             "outage_restarts": 0}
-        assert body["channels"]["reserve"] == {"used": 0, "capacity": CHANNEL_CAPACITY}
+        assert body["queues"]["reserve"] == {"depth": 0, "capacity": CHANNEL_CAPACITY}
+        assert "dynamo.generation-requests" not in body["queues"]  # no broker configured
         assert set(body["rate_limiter"]["kinds"]) == {"image", "text"}
         assert body["requests"] == {"queued": 1, "processing": 0, "succeeded": 0, "failed": 1}
         assert body["orphan_debits"] == 0 and body["in_flight"] == 0
+
+
+async def test_status_shows_the_input_queue_and_answers_through_a_broker_outage(api, vhost):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with broker.open_broker(infra.amqp_url(vhost)) as rabbit:
+            for n in range(3):  # nobody consumes here: they wait in the input queue
+                await rabbit.publish_json(broker.REQUESTS_EXCHANGE, {"n": n}, message_id=str(n))
+            client = api.client(broker=rabbit)
+            response = await client.get("/status", headers=bearer(BROADCASTER_TOKEN))
+            assert response.status_code == 200
+            queues = (await response.get_json())["queues"]
+            assert queues[broker.REQUESTS_QUEUE] == {"depth": 3, "capacity": None}
+            assert queues["reserve"] == {"depth": 0, "capacity": CHANNEL_CAPACITY}
+            await aio_as_trio(rabbit._connection.close)()  # the broker is gone
+            response = await client.get("/status", headers=bearer(BROADCASTER_TOKEN))
+            assert response.status_code == 200
+            entry = (await response.get_json())["queues"][broker.REQUESTS_QUEUE]
+            assert entry["depth"] is None and "unreachable" in entry["error"]
 
 
 async def test_metrics(api):

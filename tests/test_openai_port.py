@@ -167,6 +167,7 @@ async def test_friend_is_asked_transparent_without_the_chroma_clause(fake_openai
     assert image.format == "WEBP" and image.mode == "RGBA"
     assert image.getpixel((2, 2))[3] == 0 and image.getpixel((512, 512))[3] == 255
     assert answer.value.transparent is True
+    assert answer.value.prompt == call.body["prompt"]  # what the request will store
 
 
 async def test_a_refused_transparency_is_learned_once_and_the_friend_keyed_instead(fake_openai, caplog):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import trio
 
-from dynamo.supervisor import MAX_RESTARTS, Supervisor, TooManyRestarts
+from dynamo import outages
+from dynamo.db_errors import DatabaseUnavailable
+from dynamo.supervisor import (
+    MAX_RESTARTS,
+    OUTAGE_LIMIT_S,
+    OutageTooLong,
+    Supervisor,
+    TooManyRestarts,
+)
 
 
 async def test_a_crashing_actor_is_restarted_alone(autojump_clock):
@@ -89,3 +97,75 @@ async def test_a_setup_error_comes_out_of_start(autojump_clock):
         with pytest.raises(ValueError, match="no such queue"):
             await supervisor.start(nursery, "intake", misconfigured)
     assert supervisor.actors["intake"].restarts == 0
+
+
+# -- outages are not crashes ------------------------------------------------------------
+
+
+def _database(down_for_s: float):
+    """A dependency that is down from now for `down_for_s`, and its probe."""
+    back_at = trio.current_time() + down_for_s
+
+    async def probe():
+        if trio.current_time() < back_at:
+            raise DatabaseUnavailable("refused")
+
+    return outages.Dependencies(database=outages.Dependency("database", probe=probe)), back_at
+
+
+async def test_an_actor_stopped_by_an_outage_waits_and_is_not_counted(autojump_clock):
+    with trio.fail_after(3600):
+        dependencies, back_at = _database(600)
+        supervisor = Supervisor(dependencies=dependencies)
+        runs = 0
+        restarted = []
+        supervisor.on_restart = restarted.append
+
+        async def needs_the_database(task_status):
+            nonlocal runs
+            runs += 1
+            task_status.started()
+            if trio.current_time() < back_at:
+                await trio.sleep(1)
+                raise DatabaseUnavailable("ConnectionRefusedError: refused")
+            await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            await supervisor.start(nursery, "resume", needs_the_database)
+            await trio.sleep(300)
+            status = supervisor.actors["resume"]
+            assert status.state == "waiting" and status.restarts == 0
+            assert status.last_error.startswith("DatabaseUnavailable")
+            await trio.sleep(301)
+            assert trio.current_time() <= back_at + 1.1
+            assert status.state == "running"
+            # Started again once after the outage, however long it was: no counted crash.
+            assert status.restarts == 0 and status.outage_restarts == 1 and runs == 2
+            assert restarted == ["resume"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_outage_longer_than_the_limit_exits(autojump_clock):
+    with trio.fail_after(3 * OUTAGE_LIMIT_S):
+        dependencies, _ = _database(2 * OUTAGE_LIMIT_S)
+        dependencies["database"].went_down("refused")
+        supervisor = Supervisor(dependencies=dependencies)
+        started = trio.current_time()
+        with pytest.raises(OutageTooLong, match="database unreachable for 90[01] s"):
+            await supervisor.watch_outages()
+        assert OUTAGE_LIMIT_S <= trio.current_time() - started <= OUTAGE_LIMIT_S + 1.1
+
+
+async def test_an_outage_shorter_than_the_limit_does_not_exit(autojump_clock):
+    with trio.fail_after(3 * OUTAGE_LIMIT_S):
+        dependencies, back_at = _database(OUTAGE_LIMIT_S - 10)
+        database = dependencies["database"]
+        database.went_down("refused")
+        supervisor = Supervisor(dependencies=dependencies)
+        with trio.move_on_after(2 * OUTAGE_LIMIT_S) as watched:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(supervisor.watch_outages)
+                await database.wait_until_up()
+                await trio.sleep(OUTAGE_LIMIT_S)  # and up for a while since
+                nursery.cancel_scope.cancel()
+        assert not watched.cancelled_caught and database.up

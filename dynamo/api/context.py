@@ -35,6 +35,7 @@ class ApiContext:
     models: Any = None  # dynamo.openai_models.ModelsStatus (`.as_json()`), for /status
     spend: Any = None  # dynamo.spend.Spend: /status `spend`, a request's calls and cost
     fleet: Any = None  # dynamo.fleet.Fleet (`await .status()`); None: not shown
+    broker: Any = None  # dynamo.broker's port: /status asks it for the input queue's depth
 
 
 def current_api() -> ApiContext:

@@ -30,6 +30,8 @@ INFO = {
 SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer"}}
 # `security: []` on a route: no token needed.
 PUBLIC: list = []
+# The event stream: the bearer token, or no header at all (its one-use ticket instead).
+BEARER_OR_TICKET: list = [{"bearer": []}, {}]
 
 
 class _Provider(OpenAPIProvider):
@@ -37,7 +39,7 @@ class _Provider(OpenAPIProvider):
         if isinstance(model, type) and issubclass(model, schemas.Media):
             response = {
                 "description": inspect.cleandoc(model.__doc__ or ""),
-                "content": {media: {"schema": {"type": "string"}} for media in model.media_types},
+                "content": {media: {"schema": model.schema} for media in model.media_types},
             }
             return response, {}
         response, definitions = super().build_response_object(model, headers_model)

@@ -2,7 +2,10 @@
 images. (The OpenAPI document is served by quart-schema: `openapi.py`.)
 
 `/status` is built by `status_body`, a plain dict: a new key is one more line there, and
-the live page shows keys it does not know yet as they are."""
+the live page shows keys it does not know yet as they are. Its `queues` are each of the
+pipeline's channels and, where a broker is configured, the RabbitMQ input queue, each
+with its `depth` and `capacity` (None: unbounded); the broker is given
+`BROKER_QUERY_S` to answer, so that a broker outage never holds /status up."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import trio
 from quart import Blueprint, Response
 from quart_schema import document_response, security_scheme, validate_response
 
+from dynamo import broker as broker_port
 from dynamo import metrics
 from dynamo.api import schemas
 from dynamo.api.access import authenticate_broadcaster
@@ -32,6 +36,9 @@ IMAGE_CONTENT_TYPES = {
 }
 # An image's key contains its request id, so it never changes once written.
 IMAGE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+# How long /status waits for RabbitMQ to say how deep the input queue is; past it the
+# depth is unknown (None) and the answer says why.
+BROKER_QUERY_S = 1.0
 
 
 @blueprint.get("/healthz")
@@ -72,7 +79,7 @@ async def status_body(api) -> dict:
     counts.update(await api.pipeline.db.counts_by_state())
     return {
         "actors": {name: actor.as_json() for name, actor in api.supervisor.actors.items()},
-        "channels": channel_statistics(api.channels),
+        "queues": {**channel_statistics(api.channels), **await input_queue(api.broker)},
         "rate_limiter": api.limiter_status.as_json() if api.limiter_status is not None else None,
         "requests": counts,
         "orphan_debits": await api.pipeline.db.orphan_debit_count(),
@@ -92,10 +99,25 @@ def channel_statistics(channels: dict) -> dict[str, dict]:
         metrics.QUEUE_DEPTH.labels(name).set(stats.current_buffer_used)
         metrics.QUEUE_CAPACITY.labels(name).set(capacity)
         answer[name] = {
-            "used": stats.current_buffer_used,
+            "depth": stats.current_buffer_used,
             "capacity": None if math.isinf(capacity) else int(capacity),
         }
     return answer
+
+
+async def input_queue(broker) -> dict[str, dict]:
+    """The RabbitMQ input queue's depth (messages ready), if a broker is configured."""
+    if broker is None or not getattr(broker, "configured", False):
+        return {}
+    entry: dict = {"depth": None, "capacity": None}
+    with trio.move_on_after(BROKER_QUERY_S) as scope:
+        try:
+            entry["depth"] = await broker.queue_depth()
+        except broker_port.BrokerUnavailable as exc:
+            entry["error"] = f"broker unreachable: {exc}"
+    if scope.cancelled_caught:
+        entry["error"] = f"the broker did not answer within {BROKER_QUERY_S:g} s"
+    return {broker_port.REQUESTS_QUEUE: entry}
 
 
 @blueprint.get("/metrics")

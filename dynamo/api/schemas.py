@@ -261,9 +261,13 @@ class ActorStatus(_Open):
     last_error: str | None
 
 
-class ChannelStatistics(_Open):
-    used: int = Field(ge=0)
+class QueueStatistics(_Open):
+    """A queue's depth (None: the broker did not say; `error` says why) and capacity
+    (None: unbounded)."""
+
+    depth: int | None = Field(ge=0)
     capacity: int | None = Field(ge=0)
+    error: str | None = None
 
 
 class ModelState(_Open):
@@ -319,7 +323,9 @@ class Status(_Open):
     """The service's state. Other keys may appear."""
 
     actors: dict[str, ActorStatus]
-    channels: dict[str, ChannelStatistics]
+    queues: dict[str, QueueStatistics] = Field(
+        description="Each pipeline channel, and the RabbitMQ input queue where configured."
+    )
     rate_limiter: dict[str, Any] | None
     requests: dict[str, int] = Field(description="Requests by state.")
     orphan_debits: int = Field(
@@ -353,7 +359,11 @@ class Ticket(BaseModel):
 class EventsQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ticket: str | None = Field(None, description="From `POST /events/tickets`; used once.")
+    ticket: str | None = Field(
+        None,
+        description="From `POST /events/tickets`; used once. Not needed with an "
+        "Authorization: Bearer header.",
+    )
 
 
 # -- answers that are not JSON ------------------------------------------------------------
@@ -363,6 +373,8 @@ class Media(RootModel[str]):
     """Marks an answer that is not JSON: `media_types` are its content types."""
 
     media_types: ClassVar[tuple[str, ...]] = ()
+    # The schema of the body (of each event, for an event stream).
+    schema: ClassVar[dict] = {"type": "string"}
 
 
 class EventStream(Media):
@@ -371,6 +383,14 @@ class EventStream(Media):
     every few seconds), `resync` (changes may have been missed: read again)."""
 
     media_types = ("text/event-stream",)
+    schema = {
+        "type": "object",
+        "properties": {
+            "event": {"type": "string", "enum": ["hello", "request", "status", "resync"]},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+        },
+        "required": ["event", "data"],
+    }
 
 
 class Html(Media):

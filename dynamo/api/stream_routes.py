@@ -1,7 +1,10 @@
 """The live page's event stream: server-sent events of request changes (contract §7).
 
 `POST /events/tickets` (bearer token) answers a one-use ticket (`tickets.py`);
-`GET /events?ticket=...` redeems it and streams, as `text/event-stream`:
+`GET /events?ticket=...` redeems it and streams, as `text/event-stream`. A client that can
+send headers (not a browser's EventSource) may instead open `GET /events` with its
+`Authorization: Bearer` header, checked as on every other route. Either way no token is
+ever in the URL. The stream carries:
 
 - `hello`: who is listening (`{"caller": ...}`), once, first;
 - `request`: a request's body as GET /requests/{id} answers it, whenever its step or state
@@ -22,14 +25,14 @@ import logging
 import uuid
 
 import trio
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response, current_app, request
 from quart_schema import document_response, security_scheme, validate_querystring, validate_response
 
 from dynamo.api import bodies, ops_routes, schemas
 from dynamo.api.access import Caller, authenticate, unauthorized
 from dynamo.api.context import current_api
 from dynamo.api.errors import ApiError
-from dynamo.api.openapi import PUBLIC, errors
+from dynamo.api.openapi import BEARER_OR_TICKET, errors
 from dynamo.api.tickets import TICKET_TTL_S
 from dynamo.db_events import RESYNC, RequestChange
 
@@ -66,12 +69,18 @@ async def issue_ticket():
 @validate_querystring(schemas.EventsQuery)
 @document_response(schemas.EventStream, 200)
 @errors(401, 503)
-@security_scheme(PUBLIC)
+@security_scheme(BEARER_OR_TICKET)
 async def events(query_args: schemas.EventsQuery):
-    """The live stream of request changes (server-sent events); `ticket` authenticates."""
-    caller = current_app.extensions[TICKETS_KEY].redeem(query_args.ticket)
+    """The live stream of request changes (server-sent events); a `ticket` or the bearer
+    token in the Authorization header authenticates."""
+    if request.headers.get("Authorization"):
+        caller = await authenticate()
+    else:
+        caller = current_app.extensions[TICKETS_KEY].redeem(query_args.ticket)
     if caller is None:
-        raise unauthorized("a valid ticket is required (POST /events/tickets)")
+        raise unauthorized(
+            "a valid ticket (POST /events/tickets) or an Authorization: Bearer header is required"
+        )
     changes = current_app.extensions.get(CHANGES_KEY)
     if changes is None:
         raise ApiError(503, "the live stream is not available", {"Retry-After": "5"})

@@ -135,13 +135,12 @@ async def _route(api, row) -> None:
 
 
 def _json_object(raw: bytes) -> dict:
+    """The body's JSON object, read as the broker's messages are (UTF-8 only, depth and
+    numbers bounded, no lone surrogates), or a 400 saying why not."""
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "body: not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body: must be a JSON object")
-    return body
+        return genreq.load_json(raw)
+    except genreq.InvalidRequest as exc:
+        raise ApiError(400, exc.reason_text) from None
 
 
 def _idempotency_key() -> str | None:

@@ -17,7 +17,7 @@ export function newer(known, incoming) {
 // A request may be cancelled at these steps (the server decides; this only offers it).
 export const CANCELLABLE = new Set(["received", "reserved", "screened"]);
 // /status keys with a panel of their own; any other key goes to "More".
-const KNOWN_STATUS_KEYS = new Set(["actors", "channels", "rate_limiter", "requests",
+const KNOWN_STATUS_KEYS = new Set(["actors", "queues", "rate_limiter", "requests",
   "orphan_debits", "in_flight", "models", "spend", "fleet"]);
 
 export function el(tag, attrs = {}, ...children) {
@@ -238,9 +238,9 @@ export function ops(status) {
   }
   if (status.models) parts.push(models(status.models));
   if (status.fleet) parts.push(fleet(status.fleet));
-  if (status.channels) {
-    parts.push(table("Channels", ["channel", "used", "capacity"],
-      Object.entries(status.channels).map(([k, c]) => [k, String(c.used), cell(c.capacity)])));
+  if (status.queues) {
+    parts.push(table("Queues", ["queue", "depth", "capacity"],
+      Object.entries(status.queues).map(([k, q]) => [k, q.depth === null ? (q.error || "–") : String(q.depth), cell(q.capacity)])));
   }
   for (const [key, value] of Object.entries(status)) {
     if (!KNOWN_STATUS_KEYS.has(key)) {
