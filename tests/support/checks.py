@@ -66,11 +66,18 @@ async def request_rows(database: str) -> list[asyncpg.Record]:
 
 async def check_failed_row(database: str, request_id: str, *, reason: str, message: str,
                            viewer: dict = VIEWER) -> asyncpg.Record:
-    """The request's row: failed for `reason`, the viewer's sentence kept, finished."""
-    rows = await fetch_rows(database, "select * from dynamo.image_request where id = $1",
-                            uuid.UUID(request_id))
-    assert len(rows) == 1, f"no row for request {request_id}"
-    row = rows[0]
+    """The request's row: failed for `reason`, the viewer's sentence kept, finished.
+
+    The result is published before `done` is stored: the row is waited for (under the
+    caller's deadline) until it is done."""
+    while True:
+        rows = await fetch_rows(database, "select * from dynamo.image_request where id = $1",
+                                uuid.UUID(request_id))
+        assert len(rows) == 1, f"no row for request {request_id}"
+        row = rows[0]
+        if row["step"] == "done":
+            break
+        await trio.sleep(0.02)
     assert row["twitch_user_id"] == viewer["twitch_user_id"]
     assert (row["state"], row["step"]) == ("failed", "done")
     assert row["failure_reason"] == reason
