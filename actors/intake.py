@@ -63,15 +63,16 @@ async def run(
         readiness.consuming = True
         task_status.started()
         async for delivery in deliveries:
-            key = message_key(delivery.message_id, delivery.body)
             try:
                 await _take_patiently(delivery, pipeline, reserve_send, results_send)
             except Exception as exc:
                 if outages.outage_of(exc) is not None:
                     raise  # waited out below it already; not this message's fault
+                key = message_key(delivery.message_id, delivery.body)
                 await _after_crash(delivery, key, exc, crashed)
             else:
-                crashed.forget(key)
+                if crashed:  # a message that crashed before went through this time
+                    crashed.forget(message_key(delivery.message_id, delivery.body))
     finally:
         readiness.consuming = False
         with trio.move_on_after(1, shield=True):

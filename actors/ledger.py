@@ -79,6 +79,7 @@ async def run(
     serve = functools.partial(
         serve_jobs, actor=ACTOR, inflight=pipeline.inflight, pipeline=pipeline
     )
+    reserve = functools.partial(_reserve, points, pipeline, ViewerGate())
     async with trio.open_nursery() as nursery:
         task_status.started()
         nursery.start_soon(
@@ -87,7 +88,7 @@ async def run(
                 reserve_recv,
                 concurrency=RESERVE_CONCURRENCY,
                 step=outages.patient_step(
-                    pipeline.dependencies, pipeline, functools.partial(_reserve, points, pipeline, ViewerGate())
+                    pipeline.dependencies, pipeline, reserve
                 ),
                 outboxes={"reserved": schedule_send, "failed": finalize_send},
             )

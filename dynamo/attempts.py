@@ -31,6 +31,9 @@ class CrashedAttempts:
         self._remembered = remembered
         self._counts: OrderedDict[str, int] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._counts)
+
     def crashed(self, key: str) -> int:
         """Records one more crashed attempt at `key`; answers how many there were."""
         count = self._counts.pop(key, 0) + 1

@@ -94,6 +94,7 @@ class Settings:
 _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
+_HTTP = ("http", "https")
 _RMQ_VARS = ("RMQ_HOST", "RMQ_PORT", "RMQ_VHOST", "RMQ_USER", "RMQ_PASSWORD")
 _PG_VARS = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD")
 _SPACES_VARS = (
@@ -148,6 +149,25 @@ class _Reader:
     def port(self, name: str, default: int) -> int:
         return int(self.number(name, default, minimum=1, maximum=65535, integer=True))
 
+    def url(self, name: str, schemes: tuple[str, ...], default: str | None = None) -> str | None:
+        """A URL with one of `schemes` and a host. Its value is never echoed: URLs carry
+        credentials (AMQP_URL, DATABASE_URL) or are secrets themselves (webhooks)."""
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            parts = urllib.parse.urlsplit(value)
+            parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
+        except ValueError:
+            parts = None
+        # A database URL may name no host: the local socket.
+        needs_host = not set(schemes) & {"postgres", "postgresql"}
+        if parts is None or parts.scheme.lower() not in schemes or (needs_host and not parts.hostname):
+            starts = " or ".join(f"{scheme}://" for scheme in schemes)
+            self.errors.append(f"{name} must be a URL starting with {starts}")
+            return default
+        return value
+
     def optional_number(self, name: str, *, minimum: float) -> float | None:
         if self.text(name) is None:
             return None
@@ -172,7 +192,7 @@ class _Reader:
 
 
 def _amqp_url(r: _Reader) -> str | None:
-    if url := r.text("AMQP_URL"):
+    if url := r.url("AMQP_URL", ("amqp", "amqps")):
         return url
     if not r.text("RMQ_HOST"):
         return None
@@ -184,7 +204,7 @@ def _amqp_url(r: _Reader) -> str | None:
 
 
 def _database_url(r: _Reader) -> str | None:
-    if url := r.text("DATABASE_URL"):
+    if url := r.url("DATABASE_URL", ("postgresql", "postgres")):
         return url
     if not r.text("PGHOST"):
         return None
@@ -209,11 +229,13 @@ def _storage(r: _Reader) -> StorageSettings | None:
     bucket = r.text("SPACES_BUCKET_NAME")
     endpoint = r.text("SPACES_ENDPOINT_URL").rstrip("/")
     if "://" in endpoint:  # a local S3 server: path-style URLs
+        if r.url("SPACES_ENDPOINT_URL", _HTTP) is None:
+            return None
         public = f"{endpoint}/{bucket}"
     else:  # upstream style, a bare host: https and virtual-host URLs
         public = f"https://{bucket}.{endpoint}"
         endpoint = f"https://{endpoint}"
-    public = (r.text("SPACES_PUBLIC_BASE_URL") or public).rstrip("/")
+    public = (r.url("SPACES_PUBLIC_BASE_URL", _HTTP) or public).rstrip("/")
     return StorageSettings(
         bucket=bucket,
         region=r.text("SPACES_REGION_NAME"),
@@ -246,13 +268,13 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
         amqp_url=_amqp_url(r),
         database_url=_database_url(r),
         openai_api_key=r.text("OPENAI_API_KEY"),
-        openai_base_url=r.text("OPENAI_BASE_URL"),
-        auth_url=r.text("AUTH_URL", "http://localhost:5002").rstrip("/"),
+        openai_base_url=r.url("OPENAI_BASE_URL", _HTTP),
+        auth_url=r.url("AUTH_URL", _HTTP, "http://localhost:5002").rstrip("/"),
         auth_shared_secret=r.text("AUTH_SHARED_SECRET"),
-        ledger_url=r.text("LEDGER_URL", "http://localhost:5003").rstrip("/"),
+        ledger_url=r.url("LEDGER_URL", _HTTP, "http://localhost:5003").rstrip("/"),
         storage=_storage(r),
-        discord_ghosts_webhook_url=r.text("DISCORD_GHOSTS_WEBHOOK_URL", ""),
-        discord_friends_webhook_url=r.text("DISCORD_FRIENDS_WEBHOOK_URL", ""),
+        discord_ghosts_webhook_url=r.url("DISCORD_GHOSTS_WEBHOOK_URL", _HTTP, ""),
+        discord_friends_webhook_url=r.url("DISCORD_FRIENDS_WEBHOOK_URL", _HTTP, ""),
         http_host=host,
         http_port=port,
         data_dir=Path(r.text("DYNAMO_DATA_DIR", "./.dynamo")),

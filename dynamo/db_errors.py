@@ -9,8 +9,14 @@ that dropped the connection is `DatabaseUnavailable` (try again later). Anything
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import asyncpg
+
+# asyncpg's pool logs a WARNING with a traceback each time it fails to reconnect its
+# minimum of connections (every 1-8 s of an outage); dynamo.outages reports the outage
+# once when it begins and once when it ends.
+logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 
 class DataRejected(Exception):

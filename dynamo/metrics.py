@@ -49,7 +49,9 @@ ACTOR_RESTARTS = Counter(
     "dynamo_actor_restarts_total", "Actor restarts after a crash", ["actor"], registry=REGISTRY
 )
 DEAD_LETTERS = Counter(
-    "dynamo_dead_letters_total", "Input messages dead-lettered as invalid", registry=REGISTRY
+    "dynamo_dead_letters_total",
+    "Input messages dead-lettered: invalid, or their handling crashed 3 times",
+    registry=REGISTRY,
 )
 ORPHAN_DEBITS = Counter(
     "dynamo_orphan_debits_total",

@@ -8,11 +8,9 @@ retry-after, a refused API key, or any other failure), so that the limiter paces
 learns limits. A refused key (AuthFailure) does not spend the request's attempts: the
 call waits for the limiter's circuit to close and tries again, as long as the deadline lets.
 
-An outage of the API (5xx, no connection, a timeout) does not spend the request's attempts
-either: such calls are retried until the request's deadline, with a backoff capped at
-`OUTAGE_BACKOFF_CAP_S` so that the API's return is used within a few seconds. The
-attempts (DYNAMO_MAX_ATTEMPTS) bound the failures that say something about the call
-itself (429 without end, 408, 409).
+An outage of the API (5xx, no connection, a timeout) is waited out with a longer backoff
+(`retry.OUTAGE_BACKOFF_S`): every attempt counts against DYNAMO_MAX_ATTEMPTS, as the
+contract says, and the default 6 span at least 31 s.
 """
 
 from __future__ import annotations
@@ -26,10 +24,6 @@ from dynamo import metrics, retry
 from dynamo.permits import CallKind, CallOutcome, Permit, acquire_permit, report_outcome
 
 log = logging.getLogger(__name__)
-
-# The longest wait between two attempts: a recovered API is used within it, while the
-# rate limiter's permits keep the retries of all workers paced.
-OUTAGE_BACKOFF_CAP_S = 2.0
 
 
 async def call_openai(
@@ -78,8 +72,7 @@ async def call_openai(
                 deadline=deadline,
                 max_attempts=max_attempts,
                 classify=_as_raised,
-                backoff_cap_s=OUTAGE_BACKOFF_CAP_S,
-                counted=_counted,
+                outage=_outage,
             )
         except _AuthPaused:
             continue
@@ -115,9 +108,8 @@ class _AuthPaused(Exception):
     pass
 
 
-def _counted(error: retry.Transient) -> bool:
-    """An outage of the API is not the request's attempt: only other failures count."""
-    return not error.unavailable
+def _outage(error: retry.Transient) -> bool:
+    return error.unavailable
 
 
 def _as_raised(exc: Exception) -> Exception:

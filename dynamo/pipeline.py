@@ -296,17 +296,34 @@ class _Serving:
         """The outcome of a job whose step raised `exc`: failed as `error` when it can be."""
         metrics.JOB_ERRORS.labels(self.actor).inc()
         log.error("unexpected error in %s", self.actor, exc_info=exc, extra=job.log_extra)
-        if self.pipeline is not None:
-            detail = f"{self.actor}: {type(exc).__name__}: {exc}"[:2000]
-            failure = messages.failure(Reason.ERROR, detail)
-            fail = functools.partial(self.pipeline.fail, job, failure)
-            moved = await outages.patiently(self.pipeline.dependencies, fail)
-            if moved and self.failed_outcome in self.outboxes:
-                return self.failed_outcome  # on to its refund and its result
+        if self.pipeline is not None and await self._as_persisted(job):
+            # At RESERVING a debit may exist that only the ledger knows: the resume sweep
+            # looks for it in the ledger's history before anything else.
+            if job.step is not Step.RESERVING:
+                detail = f"{self.actor}: {type(exc).__name__}: {exc}"[:2000]
+                failure = messages.failure(Reason.ERROR, detail)
+                fail = functools.partial(self.pipeline.fail, job, failure)
+                moved = await outages.patiently(self.pipeline.dependencies, fail)
+                if moved and self.failed_outcome in self.outboxes:
+                    return self.failed_outcome  # on to its refund and its result
         # Past the point of failing (announced, or failing already), or no way on from
         # here: out of the pipeline, so that the resume sweep routes it from its step.
         self.inflight.finish(job.id)
         return None
+
+    async def _as_persisted(self, job: Job) -> bool:
+        """Makes `job` its stored copy (the step may have raised between a write and
+        updating the job: the refund must see the flow id the database holds)."""
+        read = functools.partial(self.pipeline.job, job.id)
+        try:
+            fresh = await outages.patiently(self.pipeline.dependencies, read)
+        except Exception:
+            log.exception("request unreadable after an error", extra=job.log_extra)
+            return False
+        if fresh is None:
+            return False
+        outages.refresh(job, fresh)
+        return True
 
 
 def _description(style: Style | None, inputs) -> str:

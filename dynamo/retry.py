@@ -92,6 +92,13 @@ class ContentRejected(CallError):
     """The content filter refused the request."""
 
 
+# The backoff after a failure that looks like an outage of the whole system (5xx, no
+# connection): equal jitter from 2 s doubling, so that the default 6 attempts (contract:
+# DYNAMO_MAX_ATTEMPTS counts every attempt) span at least (2+4+8+16+32)/2 = 31 s, a
+# routine blip of the API, and at most 62 s.
+OUTAGE_BACKOFF_S = {"base_s": 2.0, "cap_s": 32.0, "floor": 0.5}
+
+
 class GaveUp(Exception):
     """A transient failure outlasted the attempts or the deadline; `last_error` is the last one."""
 
@@ -107,17 +114,20 @@ def backoff_s(
     base_s: float = 1.0,
     cap_s: float = 60.0,
     retry_after_s: float | None = None,
+    floor: float = 0.0,
     rng=random,
 ) -> float:
     """Seconds to wait before retry number `attempt` (0 for the first retry).
 
-    Full jitter: uniform(0, min(cap_s, base_s * 2**attempt)). A server's `retry_after_s` is
-    honoured as a floor (plus up to RETRY_AFTER_JITTER_S), even above `cap_s`.
+    Full jitter: uniform(floor * c, c) with c = min(cap_s, base_s * 2**attempt) (`floor`
+    0.5 is "equal jitter": the waits add up to at least half their ceilings). A server's
+    `retry_after_s` is honoured as a floor (plus up to RETRY_AFTER_JITTER_S), even above
+    `cap_s`.
     """
     if retry_after_s is not None:
         return max(0.0, retry_after_s) + rng.uniform(0.0, RETRY_AFTER_JITTER_S)
     ceiling = min(cap_s, base_s * 2.0 ** min(max(attempt, 0), _MAX_EXPONENT))
-    return rng.uniform(0.0, ceiling)
+    return rng.uniform(floor * ceiling, ceiling)
 
 
 def retry_after_from_headers(headers: Mapping[str, str] | None) -> float | None:
@@ -183,7 +193,7 @@ async def retrying(
     classify: Callable[[Exception], Exception],
     on_retry: Callable[[int, Transient, float], object] | None = None,
     backoff_cap_s: float = 60.0,
-    counted: Callable[[Transient], bool] | None = None,
+    outage: Callable[[Transient], bool] | None = None,
     log_extra: Mapping[str, str] | None = None,
     rng=random,
 ) -> T:
@@ -191,8 +201,8 @@ async def retrying(
 
     `deadline` is a trio.current_time() value: a retry that would start after it is not
     made. `backoff_cap_s` caps the exponential backoff. `max_attempts` counts every call
-    (None: unlimited until the deadline) whose failure `counted(error)` says counts (by
-    default every one); failures it does not count are retried until the deadline.
+    (None: unlimited until the deadline). A failure `outage(error)` calls an outage of the
+    system waits OUTAGE_BACKOFF_S instead, so that the attempts span a routine blip.
     Either way the last Transient comes out wrapped in `GaveUp`. Anything `classify` does not turn
     into a Transient propagates at once. `on_retry(attempt, error, delay_s)`, sync or
     async, is told of each retry before its wait; `log_extra` (the request id) goes on the
@@ -201,7 +211,6 @@ async def retrying(
     if max_attempts is not None and max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
     attempt = 0
-    spent = 0  # the attempts that count against max_attempts
     while True:
         attempt += 1
         try:
@@ -212,13 +221,14 @@ async def retrying(
                 if error is exc:
                     raise
                 raise error from exc
-            if counted is None or counted(error):
-                spent += 1
-            if max_attempts is not None and spent >= max_attempts:
+            if max_attempts is not None and attempt >= max_attempts:
                 raise GaveUp(error, reason="attempts") from exc
-            delay_s = backoff_s(
-                attempt - 1, retry_after_s=error.retry_after_s, cap_s=backoff_cap_s, rng=rng
-            )
+            if outage is not None and outage(error) and error.retry_after_s is None:
+                delay_s = backoff_s(attempt - 1, **OUTAGE_BACKOFF_S, rng=rng)
+            else:
+                delay_s = backoff_s(
+                    attempt - 1, retry_after_s=error.retry_after_s, cap_s=backoff_cap_s, rng=rng
+                )
             if trio.current_time() + delay_s > deadline:
                 raise GaveUp(error, reason="deadline") from exc
         metrics.RETRIES.labels(system).inc()

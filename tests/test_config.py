@@ -197,3 +197,17 @@ def test_local_images_are_addressed_where_the_api_is_reached(addr, url, tmp_path
     assert settings.local_http_url == url
     storage = service.make_storage(dataclasses.replace(settings, data_dir=tmp_path))
     assert storage.public_url("k/k-0.jpg") == f"{url}/images/k/k-0.jpg"
+
+
+@pytest.mark.parametrize("name, value", [
+    ("AMQP_URL", "rabbit:5672"), ("AMQP_URL", "amqp://u:hunter2@rabbit:port/"),
+    ("DATABASE_URL", "mysql://u:hunter2@db/x"), ("AUTH_URL", "localhost:5002"),
+    ("LEDGER_URL", "ledger"), ("OPENAI_BASE_URL", "api.openai.com/v1"),
+    ("DISCORD_GHOSTS_WEBHOOK_URL", "hunter2"), ("DISCORD_FRIENDS_WEBHOOK_URL", "ftp://x/hunter2"),
+    ("SPACES_ENDPOINT_URL", "ftp://s3.local"), ("SPACES_PUBLIC_BASE_URL", "cdn/hunter2"),
+])
+def test_a_url_that_cannot_be_used_names_its_variable_but_not_its_value(name, value):
+    with pytest.raises(config.ConfigError) as error:
+        config.load({**FULL, name: value})
+    assert name in str(error.value)
+    assert "hunter2" not in str(error.value)  # URLs carry credentials, webhooks are secrets

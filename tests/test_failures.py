@@ -276,9 +276,8 @@ async def test_image_api_failing_more_times_than_allowed_is_an_error_refunded(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
     with trio.fail_after(30):
         await start(rabbit, dynamo_process, DYNAMO_MAX_ATTEMPTS="2")
-        # 408s: failures of the call itself, which spend attempts (5xx are an outage of
-        # the API, waited out until the deadline instead).
-        fake_openai.script("images", [408, 408, 408])
+        # Contract §1: every attempt counts, an outage's (5xx) too.
+        fake_openai.script("images", [500, 500, 500])
         await rabbit.publish(genreq("a seal"))
 
         result = checks.check_failure_result(
@@ -287,7 +286,7 @@ async def test_image_api_failing_more_times_than_allowed_is_an_error_refunded(
             pg_database, result["request_id"], reason="error", message=result["message"])
         checks.check_refunded(fake_ledger, result["request_id"])
         # Exactly DYNAMO_MAX_ATTEMPTS image calls, then no more.
-        assert fake_openai.statuses("images") == [408, 408]
+        assert fake_openai.statuses("images") == [500, 500]
         await check_nothing_on_stream(rabbit)
 
 

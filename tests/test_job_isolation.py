@@ -205,3 +205,49 @@ async def test_an_outage_is_not_a_job_failure(autojump_clock):
                 await jobs_send.send(job)
         assert raised.group_contains(DatabaseUnavailable, depth=None)
         assert db.row(job.id)["step"] == Step.RESERVED.value
+
+
+async def _serve_one_raising(db, job, outboxes):
+    """Serves `job` with a step that raises; returns what reached the outbox 'failed'."""
+    pipeline = make_pipeline(db)
+    jobs_send, jobs_recv = channel()
+
+    async def step(job):
+        raise RuntimeError("a bug after a write")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_jobs(
+            jobs_recv, actor="test", inflight=pipeline.inflight, concurrency=1, step=step,
+            outboxes=outboxes, pipeline=pipeline))
+        pipeline.inflight.add(job.id)
+        await jobs_send.send(job)
+        while job.id in pipeline.inflight:
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_refund_sees_the_flow_id_stored_before_the_error(autojump_clock):
+    """The step stored the flow id, then raised before its job in memory had it."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        db = MemoryDatabase()
+        request_id = db.add_request(step=Step.RESERVING)
+        job = await make_pipeline(db).job(request_id)
+        db.requests[request_id].update(step=Step.RESERVED.value, flow_id="flow-stored")
+        failed_send, failed_recv = channel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve_one_raising, db, job, {"failed": failed_send})
+            failed = await failed_recv.receive()
+            nursery.cancel_scope.cancel()
+        assert failed.flow_id == "flow-stored" and failed.step is Step.FAILING
+
+
+async def test_a_job_at_reserving_is_left_to_the_sweeps_adoption(autojump_clock):
+    """A debit may exist that only the ledger knows: failing the request now would leave
+    it pending; the resume sweep first looks for it in the ledger's history."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        db = MemoryDatabase()
+        job = await make_pipeline(db).job(db.add_request(step=Step.RESERVING))
+        failed_send, failed_recv = channel()
+        await _serve_one_raising(db, job, {"failed": failed_send})
+        assert await nothing_within(failed_recv, QUIET_S) is None
+        assert db.row(job.id)["step"] == Step.RESERVING.value

@@ -6,12 +6,15 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import re
 import uuid
 
 from dynamo.db import iso
 from dynamo.messages import VIEWER_MESSAGES
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+# A UTC offset's digits, as RFC 3339 writes them after its sign (`02:00`).
+_OFFSET = re.compile(r"\d{2}:?\d{2}")
 _MICROSECOND = datetime.timedelta(microseconds=1)
 _FALLBACK_MESSAGES = {reason.value: message for reason, message in VIEWER_MESSAGES.items()}
 
@@ -100,7 +103,9 @@ def _rfc3339(value: str) -> datetime.datetime | None:
 
 def _plus_offset(value: str) -> str:
     head, space, offset = value.rpartition(" ")
-    return f"{head}+{offset}" if space and head[-3:-2] == ":" else value
+    if space and ":" in head and _OFFSET.fullmatch(offset):
+        return f"{head}+{offset}"
+    return value
 
 
 def parse_cursor(cursor: str) -> tuple[datetime.datetime, uuid.UUID]:

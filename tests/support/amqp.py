@@ -17,14 +17,16 @@ from dynamo import broker as topology
 
 
 class Rabbit:
-    def __init__(self, connection):
+    def __init__(self, connection, url: str):
         self.connection = connection
+        self.url = url
+        self._raw: RawPublisher | None = None
         self.collected: dict[str, list[aio_pika.abc.AbstractIncomingMessage]] = {}
 
     @classmethod
     async def connect(cls, url: str) -> Rabbit:
         connection = await aio_as_trio(aio_pika.connect_robust)(url)
-        rabbit = cls(connection)
+        rabbit = cls(connection, url)
         rabbit.channel = await aio_as_trio(connection.channel)(publisher_confirms=True)
         # Declared as dispatch and the alerts service would, before dynamo runs.
         for name in (topology.REQUESTS_EXCHANGE, topology.ONSCREEN_EXCHANGE, topology.RESULTS_EXCHANGE):
@@ -33,7 +35,15 @@ class Rabbit:
         return rabbit
 
     async def publish(self, body, *, message_id: str | None = None, exchange=topology.REQUESTS_EXCHANGE):
+        """Publishes persistent JSON as dispatch does; without a message_id when none is
+        given (through `RawPublisher`: aio-pika would add a random one)."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if message_id is None:
+            if self._raw is None:
+                self._raw = await RawPublisher.connect(self.url)
+            await self._raw.publish(data, exchange=exchange, content_type="application/json",
+                                    delivery_mode=2)
+            return
         ex = await aio_as_trio(self.channel.get_exchange)(exchange)
         await aio_as_trio(ex.publish)(
             aio_pika.Message(data, message_id=message_id, content_type="application/json",
@@ -71,6 +81,8 @@ class Rabbit:
         return out
 
     async def close(self) -> None:
+        if self._raw is not None:
+            await self._raw.aclose()
         await aio_as_trio(self.connection.close)()
 
 

@@ -64,20 +64,25 @@ async def request_rows(database: str) -> list[asyncpg.Record]:
     return await fetch_rows(database, "select * from dynamo.image_request order by created_at")
 
 
+# How long a request's row may take to show `done` after its result arrived.
+ROW_TRAILS_RESULT_S = 10.0
+
+
 async def check_failed_row(database: str, request_id: str, *, reason: str, message: str,
                            viewer: dict = VIEWER) -> asyncpg.Record:
     """The request's row: failed for `reason`, the viewer's sentence kept, finished.
 
-    The result is published before `done` is stored: the row is waited for (under the
-    caller's deadline) until it is done."""
-    while True:
-        rows = await fetch_rows(database, "select * from dynamo.image_request where id = $1",
-                                uuid.UUID(request_id))
-        assert len(rows) == 1, f"no row for request {request_id}"
-        row = rows[0]
-        if row["step"] == "done":
-            break
-        await trio.sleep(0.02)
+    The result is published before its step `done` is stored (a crash between the two
+    publishes it again, never loses it), so the row may trail the result by a moment."""
+    with trio.move_on_after(ROW_TRAILS_RESULT_S):
+        while True:
+            rows = await fetch_rows(
+                database, "select * from dynamo.image_request where id = $1", uuid.UUID(request_id))
+            assert len(rows) == 1, f"no row for request {request_id}"
+            if rows[0]["step"] == "done":
+                break
+            await trio.sleep(0.05)
+    row = rows[0]
     assert row["twitch_user_id"] == viewer["twitch_user_id"]
     assert (row["state"], row["step"]) == ("failed", "done")
     assert row["failure_reason"] == reason
