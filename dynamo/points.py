@@ -161,9 +161,9 @@ class Points:
 
     async def pending_redemptions(
         self, job: Job, token: str, since: datetime.datetime
-    ) -> list[str]:
-        """Flow ids of the viewer's pending image-alert debits of this request's cost made
-        at or after `since` (the ledger's clock), oldest first."""
+    ) -> list[tuple[datetime.datetime, str]]:
+        """(made at, flow id) of the viewer's pending image-alert debits of this request's
+        cost made at or after `since` (the ledger's clock), oldest first."""
         found: list[tuple[datetime.datetime, str]] = []
         seen: set[str] = set()
         cursor = ""
@@ -199,7 +199,7 @@ class Points:
             # Newest first: once an entry is older than `since`, so is the rest.
             if not cursor or any(at < since for at, _ in entries):
                 break
-        return [flow_id for _, flow_id in sorted(found)]
+        return sorted(found)
 
 
 def _timestamp(text: str) -> datetime.datetime:
@@ -233,5 +233,5 @@ class FreePoints:
     async def refund(self, flow_id: str, token: str) -> None:
         return None
 
-    async def pending_redemptions(self, job: Job, token: str, since) -> list[str]:
+    async def pending_redemptions(self, job: Job, token: str, since) -> list:
         return []

@@ -511,7 +511,7 @@ class FakePoints(_Observable):
         (flow id, viewer id, made at), as the ledger's history would show them; reserve()
         adds to it."""
         def history():
-            return [flow_id for flow_id, viewer_id, made_at in sorted(
+            return [(made_at, flow_id) for flow_id, viewer_id, made_at in sorted(
                         self.pending_made, key=lambda made: made[2])
                     if viewer_id == job.viewer.twitch_user_id and made_at >= since
                     and self.flows.get(flow_id) == "pending"]

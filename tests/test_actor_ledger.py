@@ -428,3 +428,35 @@ async def test_accept_outage_is_retried_until_the_ledger_is_back(autojump_clock)
         assert trio.current_time() >= outage_ends
         assert done.step is Step.ACCEPTED
         assert actor.points.succeeded("accept") == ["flow-7"]
+
+
+async def test_a_lookup_waits_for_the_viewers_reservation_in_flight(autojump_clock):
+    """In one process a resumed request never sees the debit of a reservation of the same
+    viewer whose flow id is on its way to the database: it looks once that is stored."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Ledger()
+        live = await actor.job()
+        resumed = await actor.job()
+        assert await actor.db.advance(resumed.id, [Step.RECEIVED], Step.RESERVING,
+                                      reserving_since=_utcnow())
+        resumed.step = Step.RESERVING
+        store_flow, storing, go_on = actor.db.store_flow, trio.Event(), trio.Event()
+
+        async def slow_store(request_id, flow_id):
+            if request_id == live.id:
+                storing.set()
+                await go_on.wait()
+            return await store_flow(request_id, flow_id)
+
+        actor.db.store_flow = slow_store
+        async with actor.run():
+            await actor.reserve_send.send(live)
+            await storing.wait()
+            await actor.reserve_send.send(resumed)
+            assert await nothing_within(actor.schedule_recv, QUIET_S) is None
+            assert actor.points.attempts("history") == []  # waiting for the store
+            go_on.set()
+            scheduled = {(await actor.schedule_recv.receive()).id for _ in range(2)}
+        assert scheduled == {live.id, resumed.id}
+        assert actor.db.row(live.id)["flow_id"] == "flow-1"
+        assert actor.db.row(resumed.id)["flow_id"] == "flow-2"  # its own, reserved afresh

@@ -36,6 +36,13 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+async def flows_since(points, job, token, since) -> list[str]:
+    found = await points.pending_redemptions(job, token, since)
+    assert [at for at, _ in found] == sorted(at for at, _ in found)
+    assert all(at >= since for at, _ in found)
+    return [flow_id for _, flow_id in found]
+
+
 async def test_409_on_accept_and_refund_is_already_finalized(points, fake_ledger):
     with trio.fail_after(TEST_TIMEOUT_S):
         job = a_job()
@@ -75,8 +82,8 @@ async def test_history_finds_the_viewers_pending_image_debits_since_a_time(point
         await points.accept(accepted, token)
         first, second = await points.reserve(job, token), await points.reserve(job, token)
         await points.reserve(other, await points.service_token(other))
-        assert await points.pending_redemptions(job, token, since) == [first, second]
-        assert await points.pending_redemptions(job, token, since - datetime.timedelta(seconds=5)) == [
+        assert await flows_since(points, job, token, since) == [first, second]
+        assert await flows_since(points, job, token, since - datetime.timedelta(seconds=5)) == [
             before, first, second]
         assert await points.pending_redemptions(job, token, _now()) == []
         call = fake_ledger.calls_to("history")[0]
@@ -90,7 +97,7 @@ async def test_history_is_read_page_by_page(points, fake_ledger, monkeypatch):
         token = await points.service_token(job)
         since = _now()
         flows = [await points.reserve(job, token) for _ in range(5)]
-        assert await points.pending_redemptions(job, token, since) == flows
+        assert await flows_since(points, job, token, since) == flows
         paths = [call.path for call in fake_ledger.calls_to("history")]
         assert len(paths) == 3 and all("from=" in path for path in paths[1:])
 
