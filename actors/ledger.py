@@ -231,7 +231,11 @@ async def _adopt_orphan(points, pipeline: Pipeline, job: Job, token: str) -> str
             job.id, [Step.RESERVING], Step.RESERVING, orphan_suspected=True
         )
         return None if moved else "dropped"
-    for flow_id in candidates:
+    # Another request's lost debit may be a candidate too (the history does not say
+    # whose a debit is): the one made closest to this reservation's start is tried
+    # first, and is this request's own unless two reservations began within moments.
+    began = since + datetime.timedelta(seconds=CLOCK_SKEW_S)
+    for _, flow_id in sorted(candidates, key=lambda made: abs(made[0] - began)):
         stored = await pipeline.db.adopt_flow(job.id, flow_id)
         if stored == "moved":
             return "dropped"

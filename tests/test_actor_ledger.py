@@ -256,21 +256,7 @@ async def test_a_new_debit_adopted_by_a_resumed_request_is_left_to_it(autojump_c
         assert actor.points.flows == {"flow-1": "pending", "flow-2": "pending"}
 
 
-async def test_a_resumed_request_waits_while_the_viewer_has_a_debit_on_its_way(autojump_clock):
-    """The same two requests, the live one's debit made but its answer still on the way
-    when the resumed one looks at the history: the resumed one waits for the viewer's
-    reservation to be stored, so each request keeps the debit made for it (the ledger's
-    imageRequestId stays right) and nobody reserves twice."""
-    with trio.fail_after(TEST_TIMEOUT_S):
-        actor = Ledger()
-        live = await actor.job()
-        resumed = await actor.job()
-        assert await actor.db.advance(resumed.id, [Step.RECEIVED], Step.RESERVING,
-                                      reserving_since=_utcnow())
-        resumed.step = Step.RESERVING
-        made_then_slow = actor.points.reserve
-
-        async def reserve(job, token):
+async def reserve(job, token):
             flow_id = await made_then_slow(job, token)
             if job.id == live.id:
                 await trio.sleep(5)  # the debit is in the history; its answer is not here
