@@ -256,23 +256,6 @@ async def test_a_new_debit_adopted_by_a_resumed_request_is_left_to_it(autojump_c
         assert actor.points.flows == {"flow-1": "pending", "flow-2": "pending"}
 
 
-async def reserve(job, token):
-            flow_id = await made_then_slow(job, token)
-            if job.id == live.id:
-                await trio.sleep(5)  # the debit is in the history; its answer is not here
-            return flow_id
-
-        actor.points.reserve = reserve
-        async with actor.run():
-            await actor.reserve_send.send(live)
-            await trio.sleep(1)
-            await actor.reserve_send.send(resumed)
-            scheduled = {job.id: job.flow_id for job in
-                         [await actor.schedule_recv.receive(), await actor.schedule_recv.receive()]}
-        assert scheduled == {live.id: "flow-1", resumed.id: "flow-2"}
-        assert actor.points.succeeded("reserve") == [live.id, resumed.id]
-
-
 async def test_a_job_already_reserved_goes_on_without_a_call(autojump_clock):
     with trio.fail_after(TEST_TIMEOUT_S):
         actor = Ledger()
