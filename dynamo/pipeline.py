@@ -30,6 +30,7 @@ class InFlight:
         self._ids: set[uuid.UUID] = set()
         self._held: dict[str, set[uuid.UUID]] = defaultdict(set)
         self._orphans: dict[str, set[uuid.UUID]] = defaultdict(set)
+        self._finish_watchers: list[set[uuid.UUID]] = []
 
     def __contains__(self, request_id: uuid.UUID) -> bool:
         return request_id in self._ids
@@ -49,6 +50,20 @@ class InFlight:
 
     def finish(self, request_id: uuid.UUID) -> None:
         self._ids.discard(request_id)
+        for finished in self._finish_watchers:
+            finished.add(request_id)
+
+    @contextmanager
+    def watching_finishes(self):
+        """The ids finished while the block runs: the resume sweep reads rows while jobs
+        go on, and a row read before its job finished is stale (a quick one, such as an
+        invalid request's result, can be added, done and finished within one sweep)."""
+        finished: set[uuid.UUID] = set()
+        self._finish_watchers.append(finished)
+        try:
+            yield finished
+        finally:
+            self._finish_watchers.remove(finished)
 
     async def route(self, job, channel) -> None:
         """Sends a job just `add()`ed; if the send is cancelled (shutdown), the job is not

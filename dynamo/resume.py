@@ -100,9 +100,12 @@ async def _sweep(
     db = pipeline.db
     await db.heartbeat(pipeline.worker_id, hostname, pid)
     await reap_dead_neighbours(db, pipeline.worker_id, hostname)
-    skipped = [*pipeline.inflight.ids(), *unreadable]
-    rows = await db.claim_unfinished(pipeline.worker_id, skipped, LEASE_S)
+    with pipeline.inflight.watching_finishes() as finished:
+        skipped = [*pipeline.inflight.ids(), *unreadable]
+        rows = await db.claim_unfinished(pipeline.worker_id, skipped, LEASE_S)
     for row in rows:
+        if row["id"] in finished:
+            continue  # went through the pipeline while we read it: the row is stale
         try:
             job = pipeline.job_from_row(row)
         except Exception:
