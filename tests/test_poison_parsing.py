@@ -20,14 +20,10 @@ from hypothesis import strategies as st
 from dynamo import genreq
 from dynamo.genreq import InvalidRequest, parse_inputs, parse_message
 from dynamo.jobs import Style, Viewer
+from tests.support.poison import GHOST
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-GHOST = {"type": "image",
-         "viewer": {"twitch_user_id": "90790024", "twitch_display_name": "wasabimilkshake"},
-         "state": {"broadcast_id": 13, "screening_id": "96d1ca5c-7658-48c9-8193-9d1739854467",
-                   "tape_id": 124},
-         "payload": {"style": "ghost", "inputs": {"subject": "a seal"}}}
 FRIEND = {"type": "image",
           "viewer": {"twitch_user_id": "90790024", "twitch_display_name": "wasabimilkshake"},
           "state": {"broadcast_id": 0, "screening_id": "00000000-0000-0000-0000-000000000000",
