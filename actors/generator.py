@@ -119,6 +119,9 @@ async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
             if await worker.budget_reached():
                 raise _BudgetReached()
             if job.step is Step.RESERVED:
+                # The list may have grown since the ledger looked: refunded if so.
+                if blocked := await pipeline.reject_if_blocked(job):
+                    return blocked
                 if not await _screen(worker, job, moderation):
                     return "failed" if job.failure else "dropped"
             started = trio.current_time()

@@ -1,6 +1,8 @@
 """The ledger actor: reserves points before any paid call, and finalizes the debit.
 
-Receives jobs on `reserve_recv` (new or resumed requests): gets a service token from the
+Receives jobs on `reserve_recv` (new or resumed requests). A subject holding a blocked
+term (DYNAMO_BLOCKED_TERMS_FILE) fails as rejected here, before any call: no point is
+reserved, no OpenAI call made. Otherwise it gets a service token from the
 auth service, reserves the debit (`POST /outflow`), persists the flow id at once, and
 sends the job on `schedule_send`. A 409 means insufficient points: the request fails
 without any OpenAI call. An auth or ledger outage is retried until the request's deadline
@@ -111,6 +113,8 @@ async def _reserve(points, pipeline: Pipeline, gate: ViewerGate, job: Job) -> st
         return "reserved"
     if job.step not in (Step.RECEIVED, Step.RESERVING):
         return "dropped"
+    if job.step is Step.RECEIVED and (blocked := await pipeline.reject_if_blocked(job)):
+        return blocked  # before any call, and before any point is reserved
     started = trio.current_time()
     try:
         token = await retry.retrying(

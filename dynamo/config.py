@@ -20,7 +20,7 @@ from pathlib import Path
 
 import dotenv
 
-from dynamo import pricing
+from dynamo import blocked_terms, pricing
 
 # Models OpenAI serves today with no announced shutdown (checked on 2026-12-01 against the
 # deprecations page; README "Models and what they cost" says why these two).
@@ -77,6 +77,13 @@ class Settings:
     prices: dict = dataclasses.field(default_factory=dict)  # DYNAMO_PRICES: model -> Prices
     # The image API's tokens per minute; None: learned from the answers' headers.
     image_tokens_per_minute: float | None = None
+    # The broadcaster's safety net (contract §4): the generated image screened, held for
+    # approval, subjects with a blocked term rejected.
+    image_moderation: bool = True
+    approval: bool = False
+    approval_timeout_s: float = 120.0
+    approval_timeout_action: str = "reject"  # reject | approve
+    blocked_terms_file: Path | None = None
     defaults_used: tuple[str, ...] = ()  # WARNING lines for the development profile
 
     @property
@@ -182,6 +189,22 @@ class _Reader:
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             self.errors.append(f"{name}: {exc}")
             return {}
+
+    def switch(self, name: str, default: str) -> bool:
+        return self.choice(name, default, _SWITCH) in _ON
+
+    def terms_file(self, name: str) -> Path | None:
+        """A blocked-terms file that can be read now (else one error naming why)."""
+        raw = self.text(name)
+        if raw is None:
+            return None
+        path = Path(raw)
+        try:
+            blocked_terms.load(path)
+        except blocked_terms.BlockedTermsError as exc:
+            self.errors.append(f"{name}: {exc}")
+            return None
+        return path
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         value = (self.text(name) or default).lower()
@@ -290,11 +313,23 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
         image_quality=r.choice("DYNAMO_IMAGE_QUALITY", DEFAULT_IMAGE_QUALITY, IMAGE_QUALITIES),
         daily_budget_usd=r.optional_number("DYNAMO_DAILY_BUDGET_USD", minimum=0),
         prices=r.prices("DYNAMO_PRICES"),
-        moderation=r.choice("DYNAMO_MODERATION", "on", ("on", "off", "true", "false", "1", "0"))
-        in ("on", "true", "1"),
+        moderation=r.switch("DYNAMO_MODERATION", "on"),
+        image_moderation=r.switch("DYNAMO_IMAGE_MODERATION", "on"),
+        approval=r.switch("DYNAMO_APPROVAL", "off"),
+        approval_timeout_s=r.number("DYNAMO_APPROVAL_TIMEOUT_S", 120.0, minimum=1),
+        approval_timeout_action=r.choice(
+            "DYNAMO_APPROVAL_TIMEOUT_ACTION", "reject", ("reject", "approve")
+        ),
+        blocked_terms_file=r.terms_file("DYNAMO_BLOCKED_TERMS_FILE"),
         log_format=r.choice("DYNAMO_LOG_FORMAT", "text", ("text", "json")),
         admin_token=r.text("DYNAMO_ADMIN_TOKEN"),
     )
+    if settings["approval"] and settings["approval_timeout_s"] >= settings["request_timeout_s"]:
+        r.errors.append(
+            f"DYNAMO_APPROVAL_TIMEOUT_S ({settings['approval_timeout_s']:g}) must be shorter "
+            f"than DYNAMO_REQUEST_TIMEOUT_S ({settings['request_timeout_s']:g}): an image "
+            "waiting for approval would expire first"
+        )
     missing = {
         "RabbitMQ (RMQ_HOST or AMQP_URL)": settings["amqp_url"],
         "PostgreSQL (PGHOST or DATABASE_URL)": settings["database_url"],
@@ -326,6 +361,8 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
     return Settings(**settings)
 
 
+_SWITCH = ("on", "off", "true", "false", "1", "0")
+_ON = ("on", "true", "1")
 # Secrets that may be set and empty (a database user without a password): set is given.
 _MAY_BE_EMPTY = frozenset({"RMQ_PASSWORD", "PGPASSWORD"})
 

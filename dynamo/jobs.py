@@ -27,6 +27,10 @@ class Step(str, enum.Enum):
     SCREENED = "screened"  # moderation passed; a friend's name is stored
     GENERATING = "generating"  # the image call was started: no longer cancellable
     GENERATED = "generated"  # the raw image bytes are stored in the database
+    # The image passed its screening and waits for the broadcaster (DYNAMO_APPROVAL): no
+    # actor holds it; a decision (or its timeout) moves it on, in whichever process.
+    AWAITING_APPROVAL = "awaiting_approval"
+    APPROVED = "approved"  # the broadcaster (or the timeout) approved it: on to storage
     STORED = "stored"  # the processed image is uploaded, its URL in dynamo.image
     ANNOUNCED = "announced"  # the onscreen event was confirmed by the broker
     ACCEPTED = "accepted"  # the ledger accepted the debit

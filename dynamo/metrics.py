@@ -124,3 +124,20 @@ JOB_ERRORS = Counter(
     ["actor"],
     registry=REGISTRY,
 )
+BLOCKED_SUBJECTS = Counter(
+    "dynamo_blocked_subjects_total",
+    "Requests rejected because their subject holds a term of DYNAMO_BLOCKED_TERMS_FILE",
+    registry=REGISTRY,
+)
+IMAGES_FLAGGED = Counter(
+    "dynamo_images_flagged_total",
+    "Generated images the moderation endpoint flagged (rejected, refunded, never shown)",
+    registry=REGISTRY,
+)
+APPROVALS = Counter(
+    "dynamo_approvals_total",
+    "Decisions on images awaiting approval taken by this process: approved or rejected "
+    "by the broadcaster, or timeout (DYNAMO_APPROVAL_TIMEOUT_ACTION applied)",
+    ["decision"],
+    registry=REGISTRY,
+)

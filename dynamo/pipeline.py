@@ -102,8 +102,11 @@ class Pipeline:
         request_timeout_s: float,
         points_cost: int,
         dependencies: outages.Dependencies | None = None,
+        blocked_terms=None,
     ):
         self.db = db
+        # DYNAMO_BLOCKED_TERMS_FILE's list in force (dynamo.blocked_terms), or None.
+        self.blocked_terms = blocked_terms
         self.worker_id = worker_id
         self.request_timeout_s = request_timeout_s
         self.points_cost = points_cost
@@ -214,6 +217,20 @@ class Pipeline:
         if await self.fail(job, messages.failure(Reason.ERROR, "stored request unreadable")):
             return job
         return None
+
+    async def reject_if_blocked(self, job: Job) -> str | None:
+        """Fails the request as `rejected` if its subject holds a blocked term: "failed",
+        or "dropped" if it moved on meanwhile; None if it holds none."""
+        if self.blocked_terms is None or not isinstance(job.inputs.get("subject"), str):
+            return None
+        line = self.blocked_terms.match(job.inputs["subject"])
+        if line is None:
+            return None
+        metrics.BLOCKED_SUBJECTS.inc()
+        # The term itself is never logged: its line in the file says which it is.
+        detail = f"the subject holds a blocked term (line {line} of the blocked terms file)"
+        moved = await self.fail(job, messages.failure(Reason.REJECTED, detail))
+        return "failed" if moved else "dropped"
 
     async def job(self, request_id: uuid.UUID) -> Job | None:
         row = await self.db.load_request(request_id)

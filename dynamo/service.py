@@ -39,6 +39,7 @@ from actors import (
 )
 from actors import fleet as fleet_actor
 from dynamo import embedded_pg, outages, resume
+from dynamo.blocked_terms import BlockedTerms
 from dynamo.broker import open_broker
 from dynamo.budget import Budget
 from dynamo.config import Settings
@@ -184,6 +185,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
         request_timeout_s=settings.request_timeout_s,
         points_cost=settings.points_cost if settings.auth_shared_secret else 0,
         dependencies=dependencies,
+        blocked_terms=BlockedTerms(settings.blocked_terms_file),
     )
     supervisor = Supervisor(on_restart=pipeline.inflight.take_orphans, dependencies=dependencies)
     storage = make_storage(settings)
@@ -247,6 +249,8 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
                     every_s=BROKER_FOLLOW_S,
                 )
             )
+        if settings.blocked_terms_file is not None:
+            await start(pipeline_nursery, "blocked_terms", pipeline.blocked_terms.watch)
         await start(
             pipeline_nursery,
             "discord",

@@ -87,6 +87,18 @@ async def status_body(api) -> dict:
         "models": api.models.as_json() if api.models is not None else None,
         "spend": await api.spend.status_json() if api.spend is not None else None,
         "fleet": await api.fleet.status() if api.fleet is not None else None,
+        "safety": await safety_status(api),
+    }
+
+
+async def safety_status(api) -> dict:
+    """The broadcaster's safety net: the blocked terms (how many, when loaded: never the
+    words), image screening, and approvals."""
+    blocked = api.pipeline.blocked_terms
+    settings = api.settings
+    return {
+        "blocked_terms": blocked.status_json() if blocked is not None else None,
+        "image_moderation": bool(getattr(settings, "image_moderation", False)),
     }
 
 

@@ -337,6 +337,12 @@ class Status(_Open):
     models: ModelsStatus | None = None
     spend: Spend | None = None
     fleet: Fleet | None = None
+    safety: dict[str, Any] | None = Field(
+        None,
+        description="The safety net: `blocked_terms` {configured, terms (how many), "
+        "loaded_at, error}, `image_moderation`, and `approvals` {enabled, waiting, "
+        "approved, rejected, timeout, timeout_s, timeout_action}.",
+    )
 
 
 # -- the live page's stream -------------------------------------------------------------
