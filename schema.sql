@@ -186,3 +186,16 @@ create trigger image_request_notify
 alter table dynamo.image_request add column if not exists reserving_since timestamptz;
 create unique index if not exists image_request_flow_id_unique
     on dynamo.image_request (flow_id);
+
+-- Issue 17, the broadcaster's safety net. A screened image may wait for the broadcaster
+-- at step `awaiting_approval` until `approval_deadline` (its raw bytes stay in
+-- dynamo.generated_image, never in public storage); the decision, whoever took it, is
+-- `approval_decision` (approved, rejected, timeout). `image_flagged`: the moderation
+-- endpoint flagged the generated image.
+alter table dynamo.image_request
+    add column if not exists approval_deadline timestamptz,
+    add column if not exists approval_decision text,
+    add column if not exists approval_decided_at timestamptz,
+    add column if not exists image_flagged boolean not null default false;
+create index if not exists image_request_awaiting_approval
+    on dynamo.image_request (approval_deadline) where step = 'awaiting_approval';

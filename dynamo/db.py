@@ -41,7 +41,8 @@ REQUEST_COLUMNS = """
     r.id, r.twitch_user_id, r.twitch_display_name, r.broadcast_id, r.screening_id, r.style,
     r.inputs, r.prompt, r.created_at, r.finished_at, r.error_message, r.step, r.state,
     r.source, r.expires_at, r.points_cost, r.flow_id, r.failure_reason, r.failure_detail,
-    r.announced_at, r.discord_posted_at, r.orphan_suspected,
+    r.announced_at, r.discord_posted_at, r.orphan_suspected, r.approval_deadline,
+    r.approval_decision,
     (select a.value from dynamo.answer a where a.image_request_id = r.id limit 1) as name,
     (select i.url from dynamo.image i where i.image_request_id = r.id and i.index = 0) as image_url,
     (select i.color from dynamo.image i where i.image_request_id = r.id and i.index = 0) as image_color,
@@ -237,7 +238,8 @@ class Database:
         )
 
     async def save_image(self, request_id: uuid.UUID, url: str, color: str) -> bool:
-        """Records the stored image and moves generated → stored, dropping the raw bytes."""
+        """Records the stored image and moves generated (or approved) → stored, dropping
+        the raw bytes."""
         return await self._run(_save_image, request_id, url, color)
 
     async def mark_discord_posted(self, request_id: uuid.UUID) -> bool:
@@ -268,12 +270,13 @@ class Database:
     async def claim_unfinished(
         self, worker_id: uuid.UUID, in_flight: Sequence[uuid.UUID], lease_s: float
     ) -> list[asyncpg.Record]:
-        """Takes every unfinished request nobody alive owns, plus own ones not in flight."""
+        """Takes every unfinished request nobody alive owns, plus own ones not in flight;
+        not those awaiting approval: nobody holds them, a decision moves them on."""
         return await self.fetch(
             f"""
             with claimed as (
                 update dynamo.image_request r set owner = $1
-                where r.step <> 'done'
+                where r.step <> 'done' and r.step <> 'awaiting_approval'
                   and (r.owner is null
                        or (r.owner = $1 and not (r.id = any($2::uuid[])))
                        or (r.owner <> $1 and not exists (
@@ -417,7 +420,7 @@ async def _save_image(pool, request_id, url: str, color: str) -> bool:
         async with conn.transaction():
             status = await conn.execute(
                 "update dynamo.image_request set step = 'stored', updated_at = now() "
-                "where id = $1 and step = 'generated'",
+                "where id = $1 and step in ('generated', 'approved')",
                 request_id,
             )
             if not status.endswith(" 1"):

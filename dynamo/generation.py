@@ -35,6 +35,7 @@ from dynamo.retry import Transient
 __all__ = [
     "Answer",
     "GeneratedImage",
+    "ImageVerdict",
     "ModelInfo",
     "ModelNotFound",
     "NameAnswer",
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The moderation model that judges images too (contract §4).
+IMAGE_MODERATION_MODEL = "omni-moderation-latest"
 # An image answer can take a minute; the deadline around each call is the caller's.
 CALL_TIMEOUT_S = 120.0
 MODEL_NOT_FOUND = "model_not_found"
@@ -72,6 +75,18 @@ class GeneratedImage:
     # The prompt the image was asked with (the chroma-key clause left out when asked
     # transparent): what the request stores as its prompt. None: the order's prompt.
     prompt: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageVerdict:
+    flagged: bool
+    # The categories flagged, each with the input types the API says it judged ("image").
+    categories: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{name} ({'/'.join(kinds) or 'n/a'})" for name, kinds in sorted(self.categories.items())
+        ) or "flagged"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +132,24 @@ class OpenAIGenerator:
             result = raw.parse()
         flagged = any(r.flagged for r in result.results)
         return Answer(flagged, dict(raw.headers), model=result.model)
+
+    async def moderate_image(self, data: bytes) -> Answer[ImageVerdict]:
+        """Whether the moderation endpoint flags the image `data` (sent as a data URL)."""
+        part = {"type": "image_url", "image_url": {"url": imaging.data_url(data)}}
+        with _classified():
+            raw = await self._client.moderations.with_raw_response.create(
+                model=IMAGE_MODERATION_MODEL, input=[part]
+            )
+            result = raw.parse()
+        flagged: dict[str, list[str]] = {}
+        for judged in result.results:
+            categories = judged.categories.model_dump(by_alias=True)
+            applied = judged.category_applied_input_types.model_dump(by_alias=True)
+            for name, hit in categories.items():
+                if hit:
+                    flagged[name] = list(applied.get(name) or [])
+        verdict = ImageVerdict(any(r.flagged for r in result.results), flagged)
+        return Answer(verdict, dict(raw.headers), model=result.model)
 
     async def name(self, prompt: str, *, attempt: int = 0) -> Answer[NameAnswer]:
         """A friend's name; `attempt` 1 gives a reasoning model more room to answer in."""
@@ -210,6 +243,9 @@ class OfflineGenerator:
 
     async def moderate(self, text: str) -> Answer[bool]:
         return Answer(False, {})
+
+    async def moderate_image(self, data: bytes) -> Answer[ImageVerdict]:
+        return Answer(ImageVerdict(False), {})
 
     async def name(self, prompt: str, *, attempt: int = 0) -> Answer[NameAnswer]:
         return Answer(NameAnswer("Offline Friend", True), {})

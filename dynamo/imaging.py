@@ -10,6 +10,7 @@ accepts only PNG, WEBP and JPEG of a sane size and raises ValueError for anythin
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import io
@@ -101,6 +102,20 @@ def sniff(data: bytes) -> Header | None:
     except (struct.error, IndexError):
         return None
     return None
+
+
+CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def content_type(data: bytes) -> str:
+    """The MIME type of an encoded image by its header (PNG if it cannot be told)."""
+    header = sniff(data)
+    return CONTENT_TYPES[header.format] if header is not None else "image/png"
+
+
+def data_url(data: bytes) -> str:
+    """The image as a base64 data URL, as the moderation endpoint takes it."""
+    return f"data:{content_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _sniff_jpeg(data: bytes) -> Header | None:

@@ -47,6 +47,7 @@ class Router:
         announce_send,
         finalize_send,
         results_send,
+        screen_send=None,
     ):
         self._channels = {
             Step.RECEIVED: reserve_send,
@@ -54,7 +55,10 @@ class Router:
             Step.RESERVED: schedule_send,
             Step.SCREENED: schedule_send,
             Step.GENERATING: schedule_send,
-            Step.GENERATED: upload_send,
+            # Screened (again) before anyone sees it; awaiting_approval goes nowhere: no
+            # actor holds a waiting image, a decision routes it (dynamo.approval).
+            Step.GENERATED: screen_send or upload_send,
+            Step.APPROVED: upload_send,
             Step.STORED: announce_send,
             Step.ANNOUNCED: finalize_send,
             Step.FAILING: finalize_send,

@@ -28,9 +28,11 @@ import trio_asyncio
 
 from actors import (
     announcer,
+    approval_clock,
     discord,
     generator,
     http,
+    image_screen,
     intake,
     ledger,
     model_watch,
@@ -39,6 +41,7 @@ from actors import (
 )
 from actors import fleet as fleet_actor
 from dynamo import embedded_pg, outages, resume
+from dynamo.approval import Approvals
 from dynamo.blocked_terms import BlockedTerms
 from dynamo.broker import open_broker
 from dynamo.budget import Budget
@@ -64,7 +67,8 @@ log = logging.getLogger(__name__)
 RESERVE_CAPACITY = 8  # new requests waiting for the ledger
 SCHEDULE_CAPACITY = 4  # reserved requests on their way into the limiter's fair queue
 GENERATE_CAPACITY = 0  # a job is handed over only when a generator worker is free
-UPLOAD_CAPACITY = 4  # generated images waiting for the uploader
+SCREEN_CAPACITY = 4  # generated images waiting for their screening
+UPLOAD_CAPACITY = 4  # screened (or approved) images waiting for the uploader
 ANNOUNCE_CAPACITY = 4  # stored images waiting for their alert
 # Failures and accepts come from every stage; a larger buffer keeps stages from waiting
 # on the ledger during a burst of failures.
@@ -210,6 +214,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
     permits_send, permits_recv = trio.open_memory_channel(
         PERMITS_CAPACITY_PER_WORKER * settings.generator_workers
     )
+    screen_send, screen_recv = trio.open_memory_channel(SCREEN_CAPACITY)
     upload_send, upload_recv = trio.open_memory_channel(UPLOAD_CAPACITY)
     announce_send, announce_recv = trio.open_memory_channel(ANNOUNCE_CAPACITY)
     finalize_send, finalize_recv = trio.open_memory_channel(FINALIZE_CAPACITY)
@@ -220,6 +225,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
         "schedule": schedule_send,
         "generate": generate_send,
         "permits": permits_send,
+        "screen": screen_send,
         "upload": upload_send,
         "announce": announce_send,
         "finalize": finalize_send,
@@ -229,10 +235,18 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
     router = resume.Router(
         reserve_send=reserve_send,
         schedule_send=schedule_send,
+        screen_send=screen_send,
         upload_send=upload_send,
         announce_send=announce_send,
         finalize_send=finalize_send,
         results_send=results_send,
+    )
+    approvals = Approvals(
+        pipeline,
+        upload_send=upload_send,
+        finalize_send=finalize_send,
+        timeout_s=settings.approval_timeout_s,
+        timeout_action=settings.approval_timeout_action,
     )
     start = supervisor.start
 
@@ -303,13 +317,40 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
         )
         await start(
             pipeline_nursery,
+            "image_screen",
+            lambda task_status: image_screen.run(
+                generator=gen,
+                pipeline=pipeline,
+                screen_recv=screen_recv,
+                permits_send=permits_send,
+                upload_send=upload_send,
+                finalize_send=finalize_send,
+                settings=image_screen.ScreenSettings(
+                    image_moderation=settings.image_moderation,
+                    approval=settings.approval,
+                    approval_timeout_s=settings.approval_timeout_s,
+                    max_attempts=settings.max_attempts,
+                ),
+                spend=spend,
+                task_status=task_status,
+            ),
+        )
+        # Always, also with approval off: images left waiting by an earlier configuration
+        # still get their timeout's action.
+        await start(
+            pipeline_nursery,
+            "approval_clock",
+            lambda task_status: approval_clock.run(approvals=approvals, task_status=task_status),
+        )
+        await start(
+            pipeline_nursery,
             "generator",
             lambda task_status: generator.run(
                 generator=gen,
                 pipeline=pipeline,
                 generate_recv=generate_recv,
                 permits_send=permits_send,
-                upload_send=upload_send,
+                upload_send=screen_send,  # every generated image is screened first
                 finalize_send=finalize_send,
                 workers=settings.generator_workers,
                 max_attempts=settings.max_attempts,
@@ -390,6 +431,7 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
                 models=ports.models,
                 spend=spend,
                 broker=broker,
+                approvals=approvals,
             )
             url = await start(
                 intake_nursery,

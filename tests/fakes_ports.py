@@ -269,7 +269,7 @@ class MemoryDatabase(_Observable):
     async def save_image(self, request_id: uuid.UUID, url: str, color: str) -> bool:
         await trio.lowlevel.checkpoint()
         row = self.requests.get(request_id)
-        if row is None or row["step"] != Step.GENERATED.value:
+        if row is None or row["step"] not in (Step.GENERATED.value, Step.APPROVED.value):
             return False
         row["step"] = Step.STORED.value
         row["updated_at"] = _utcnow()
@@ -314,7 +314,7 @@ class MemoryDatabase(_Observable):
             "expires_at": now + datetime.timedelta(seconds=timeout_s),
             "points_cost": points_cost, "flow_id": None, "failure_reason": None,
             "failure_detail": None, "announced_at": None, "discord_posted_at": None,
-            "orphan_suspected": False,
+            "orphan_suspected": False, "approval_deadline": None, "approval_decision": None,
             # columns load_request does not return
             "message_key": message_key, "body_sha256": body_sha256,
             "intake_acked": intake_acked, "owner": owner, "accepted_at": None,

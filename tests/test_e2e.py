@@ -19,7 +19,7 @@ from trio_asyncio import aio_as_trio
 
 from dynamo import broker as topology
 from dynamo import imaging
-from tests.support import infra
+from tests.support import checks, infra
 from tests.support.amqp import bodies
 
 pytestmark = pytest.mark.integration
@@ -153,8 +153,10 @@ async def test_ghost_and_friend_from_rabbitmq_to_the_screen(
                                         "who is caterpillar in a top hat. Please answer with a "
                                         "single name, and no additional text.")
 
-        # One moderation per subject, one name, two images; the viewer's id as `user`.
-        assert fake_openai.count("moderations") == 2 and fake_openai.count("chat") == 1
+        # One moderation per subject, one name, two images, each image screened; the
+        # viewer's id as `user`.
+        assert checks.subject_moderations(fake_openai) == 2 and fake_openai.count("chat") == 1
+        assert checks.image_moderations(fake_openai) == 2
         assert [c.body["user"] for c in fake_openai.calls_to("images")] == ["90790024"] * 2
 
         # The metrics moved with the requests, in Prometheus' own text format.

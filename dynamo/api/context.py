@@ -36,6 +36,7 @@ class ApiContext:
     spend: Any = None  # dynamo.spend.Spend: /status `spend`, a request's calls and cost
     fleet: Any = None  # dynamo.fleet.Fleet (`await .status()`); None: not shown
     broker: Any = None  # dynamo.broker's port: /status asks it for the input queue's depth
+    approvals: Any = None  # dynamo.approval.Approvals: decisions on images awaiting approval
 
 
 def current_api() -> ApiContext:

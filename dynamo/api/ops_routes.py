@@ -96,10 +96,15 @@ async def safety_status(api) -> dict:
     words), image screening, and approvals."""
     blocked = api.pipeline.blocked_terms
     settings = api.settings
-    return {
+    answer = {
         "blocked_terms": blocked.status_json() if blocked is not None else None,
         "image_moderation": bool(getattr(settings, "image_moderation", False)),
     }
+    if api.approvals is not None:
+        approvals = await api.approvals.status_json()
+        answer["images_flagged"] = approvals.pop("images_flagged")
+        answer["approvals"] = {"enabled": bool(getattr(settings, "approval", False)), **approvals}
+    return answer
 
 
 def channel_statistics(channels: dict) -> dict[str, dict]:

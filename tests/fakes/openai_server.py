@@ -15,6 +15,13 @@ family does transparency, else 400) and `quality`, and answer with `usage`
 1, spend hidden reasoning tokens, and answer "" with finish_reason `length` when
 `max_completion_tokens` leaves no room; older ones refuse `reasoning_effort`.
 
+Moderation takes `input` as the real endpoint does (a string, a list of strings, or a list
+of `text` and `image_url` parts, at most one image, as a URL or a base64 data URL), with
+its 400s for bad input, and answers `category_applied_input_types`. Text is flagged for
+one of `flagged_words`; an image this fake generated from a prompt holding
+IMAGE_MARKER_WORD ("gruesome") carries a mark in its pixels and is flagged (violence,
+violence/graphic, applied to the image).
+
 Rate limits are a sliding 60 s window (on `trio.current_time()`) over the calls that
 passed the limit check: `images_per_minute` for images, `text_per_minute` for chat and
 moderations together (the contract has one text limit for both), and
@@ -41,7 +48,7 @@ from quart_trio import QuartTrio
 
 from . import openai_catalogue as catalogue
 from ._service import Call, FakeService, json_response
-from .pictures import encode, png_for_prompt, transparent_png_for_prompt
+from .pictures import encode, is_marked, marked, png_for_prompt, transparent_png_for_prompt
 
 WINDOW_S = 60.0
 BUCKET_OF_ENDPOINT = {"images": "images", "chat": "text", "moderations": "text"}
@@ -56,6 +63,20 @@ MODERATION_CATEGORIES = (
     "illicit/violent", "self-harm", "self-harm/intent", "self-harm/instructions",
     "sexual", "sexual/minors", "violence", "violence/graphic",
 )  # fmt: skip
+# The categories the omni moderation model judges images for too (the others: text only),
+# as the SDK's `category_applied_input_types` types them.
+IMAGE_CATEGORIES = frozenset({
+    "self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "violence",
+    "violence/graphic",
+})  # fmt: skip
+# The real endpoint takes one image per request.
+MAX_MODERATION_IMAGES = 1
+# An image generated from a prompt holding this word carries a mark in its pixels
+# (pictures.marked), and the moderation endpoint flags an image with that mark, for
+# violence and violence/graphic, applied to the image: a test's "gruesome" ghost is
+# generated, then flagged when dynamo screens it.
+IMAGE_MARKER_WORD = "gruesome"
+DATA_URL = re.compile(r"data:(image/(?:png|jpeg|webp|gif));base64,(.*)", re.DOTALL)
 # Retry-after suggested by a scripted 429 (a real one follows the window instead).
 SCRIPTED_RETRY_AFTER_S = 1.0
 
@@ -341,27 +362,87 @@ class FakeOpenAI(FakeService):
         return self._invalid(call, message, param, "unsupported_value")
 
     async def _moderate(self, call: Call) -> Response:
+        """As the real endpoint: `input` a string, a list of strings (one result each), or
+        a list of `text` and `image_url` parts (one result for them all; at most one
+        image, given as a URL or a base64 data URL). Text is flagged for a word of
+        `flagged_words`; an image for the mark of IMAGE_MARKER_WORD."""
         body = call.body if isinstance(call.body, dict) else {}
-        inputs = body.get("input")
-        if isinstance(inputs, str):
-            texts = [inputs]
-        elif isinstance(inputs, list) and inputs:
-            texts = [item if isinstance(item, str) else str(item.get("text", "")) for item in inputs]
-        else:
-            return self._invalid(call, "'input' is a required property", "input")
-        results = []
-        for text in texts:
-            flagged = _mentions(text, self.flagged_words)
-            results.append({
-                "flagged": flagged,
-                "categories": {name: flagged and name == "violence" for name in MODERATION_CATEGORIES},
-                "category_scores": {
-                    name: 0.97 if flagged and name == "violence" else 1e-6 for name in MODERATION_CATEGORIES
-                },
-                "category_applied_input_types": {name: ["text"] for name in MODERATION_CATEGORIES},
-            })  # fmt: skip
         model = body.get("model") or "omni-moderation-latest"
+        parsed = self._moderation_inputs(call, body.get("input"), model)
+        if isinstance(parsed, Response):
+            return parsed
+        results = [self._moderation_result(texts, images) for texts, images in parsed]
         return self._answer(call, {"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results})
+
+    def _moderation_inputs(self, call: Call, inputs: Any, model: str):
+        """[(texts, images)] per result, or the 400 the real endpoint answers."""
+        if isinstance(inputs, str):
+            return [([inputs], [])]
+        if not isinstance(inputs, list) or not inputs:
+            return self._invalid(call, "'input' is a required property", "input")
+        if all(isinstance(item, str) for item in inputs):
+            return [([item], []) for item in inputs]
+        texts, images = [], []
+        for index, part in enumerate(inputs):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
+                if not isinstance(url, str):
+                    return self._invalid(call, f"Missing required parameter: 'input[{index}].image_url.url'.",
+                                         f"input[{index}].image_url.url", "missing_required_parameter")
+                picture = self._image_of(url)
+                if picture is None:
+                    return self._invalid(call, f"Invalid image in 'input[{index}]': expected a PNG, JPEG, "
+                                         "WEBP or non-animated GIF, as a URL or a base64 data URL.",
+                                         f"input[{index}]", "invalid_image_format")
+                images.append(picture)
+            else:
+                return self._invalid(call, f"Invalid value for 'input[{index}]': expected a string, or an "
+                                     "object of type 'text' or 'image_url'.", f"input[{index}]", "invalid_value")
+        if len(images) > MAX_MODERATION_IMAGES:
+            return self._invalid(call, f"Number of images ({len(images)}) exceeds maximum of "
+                                 f"{MAX_MODERATION_IMAGES}", "input", "too_many_images")
+        if images and not model.startswith("omni-moderation"):
+            return self._invalid(call, f"The model '{model}' does not support image inputs.", "model",
+                                 "invalid_value")
+        return [(texts, images)]
+
+    def _image_of(self, url: str) -> bytes | None:
+        """The picture a part points at: a data URL's bytes, or one of this fake's files."""
+        if match := DATA_URL.fullmatch(url):
+            try:
+                data = base64.b64decode(match.group(2), validate=True)
+            except ValueError:
+                return None
+        else:
+            name = url.rsplit("/files/", 1)[-1] if url.startswith(f"{self.url}/files/") else None
+            data = self.files.get(name, (None, ""))[0] if name else None
+        if not data:
+            return None
+        try:
+            is_marked(data)
+        except ValueError:
+            return None
+        return data
+
+    def _moderation_result(self, texts: list[str], images: list[bytes]) -> dict:
+        text_flagged = any(_mentions(text, self.flagged_words) for text in texts)
+        image_flagged = any(is_marked(image) for image in images)
+        applied = {}
+        for name in MODERATION_CATEGORIES:
+            kinds = (["text"] if texts else []) + (["image"] if images and name in IMAGE_CATEGORIES else [])
+            applied[name] = kinds
+        def hit(name: str) -> bool:
+            return (text_flagged and name == "violence") or (
+                image_flagged and name in ("violence", "violence/graphic"))
+        return {
+            "flagged": text_flagged or image_flagged,
+            "categories": {name: hit(name) for name in MODERATION_CATEGORIES},
+            "category_scores": {name: 0.97 if hit(name) else 1e-6 for name in MODERATION_CATEGORIES},
+            "category_applied_input_types": applied,
+        }
 
     def image_usage(self, body: dict) -> dict:
         """The `usage` an image answer carries for a request `body`: output image tokens by
@@ -408,6 +489,8 @@ class FakeOpenAI(FakeService):
             picture = self.transparent_png_for(prompt, (width, height))
         else:
             picture = self.png_for(prompt, (width, height))
+        if _mentions(prompt, {IMAGE_MARKER_WORD}):
+            picture = marked(picture)  # flagged when it comes back to the moderation endpoint
         compression = body.get("output_compression")
         data = encode(picture, output_format, 100 if compression is None else int(compression))
         call.extra["image"] = data  # what was sent, for tests to compare with what is stored

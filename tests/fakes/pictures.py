@@ -16,7 +16,7 @@ import io
 import re
 from functools import lru_cache
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageStat
 
 # One RGB value for each of the contract's 13 colors (contract §3), as backgrounds.
 CHROMA_RGB: dict[str, tuple[int, int, int]] = {
@@ -125,3 +125,40 @@ def encode(png: bytes, output_format: str, compression: int = 100) -> bytes:
     else:
         image.save(buffer, format="WEBP", quality=compression)
     return buffer.getvalue()
+
+
+# The fake moderation's marker (openai_server.IMAGE_MARKER_WORD): a picture generated
+# from a prompt holding the marker word gets this block in its top-left corner, and the
+# fake's moderation endpoint flags a picture that has it. Large and flat, so that it
+# survives JPEG and WEBP compression.
+MARK_RGB = (255, 0, 255)
+MARK_BOX = (0, 0, 96, 96)
+# What a compressed block may stray from MARK_RGB, per channel.
+MARK_TOLERANCE = 24
+
+
+@lru_cache(maxsize=16)
+def marked(png: bytes) -> bytes:
+    """`png` with the moderation marker painted in (opaque, also on a transparent one)."""
+    image = Image.open(io.BytesIO(png))
+    fill = (*MARK_RGB, 255) if image.mode == "RGBA" else MARK_RGB
+    ImageDraw.Draw(image).rectangle(MARK_BOX, fill=fill)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def is_marked(data: bytes) -> bool:
+    """Whether an encoded picture (any format Pillow reads) carries the marker. Raises
+    ValueError if `data` is not a picture."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # Pillow raises many kinds for bytes that are no picture
+        raise ValueError(f"not an image: {exc}") from exc
+    left, top, right, bottom = MARK_BOX
+    inner = (left + 16, top + 16, right - 16, bottom - 16)
+    if image.width < right or image.height < bottom:
+        return False
+    mean = ImageStat.Stat(image.convert("RGB").crop(inner)).mean
+    return all(abs(m - want) <= MARK_TOLERANCE for m, want in zip(mean, MARK_RGB, strict=True))

@@ -212,3 +212,15 @@ def check_no_points_moved(fake_auth, fake_ledger) -> None:
     """Not one call to auth or the ledger: nothing reserved, nothing to refund."""
     assert fake_ledger.calls == [] and fake_ledger.flows == {}
     assert fake_auth.count("service-token") == 0
+
+
+def subject_moderations(fake_openai) -> int:
+    """Moderation calls for a subject (text input); images are screened with parts."""
+    return sum(1 for call in fake_openai.calls_to("moderations")
+               if isinstance(call.body, dict) and isinstance(call.body.get("input"), str))
+
+
+def image_moderations(fake_openai) -> int:
+    """Moderation calls screening a generated image (an `image_url` part)."""
+    return sum(1 for call in fake_openai.calls_to("moderations")
+               if isinstance(call.body, dict) and isinstance(call.body.get("input"), list))

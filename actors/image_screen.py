@@ -1,0 +1,147 @@
+"""The image screen: every generated image is judged before anyone can see it.
+
+Receives jobs on `screen_recv` at step GENERATED (the raw image is in the database). With
+DYNAMO_IMAGE_MODERATION on, the image goes to the moderation endpoint as a data URL (a
+text permit from the rate limiter first, like any moderation call; its cost recorded).
+Flagged: the request fails as rejected (`finalize_send`, refunded), its bytes are
+dropped, nothing is stored, published or shown. Passed, and with DYNAMO_APPROVAL on: the
+request moves to AWAITING_APPROVAL and leaves the pipeline (no worker, no permit held;
+`dynamo.approval` routes it once decided). Passed without approval: on to `upload_send`.
+
+The moderation call is bounded by the request's deadline (then: expired, refunded); an
+API that keeps failing fails the request as error: an unscreened image is never shown.
+On shutdown or crash the job resumes from GENERATED and is screened again (free).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import trio
+
+from dynamo import metrics, outages, retry
+from dynamo.db_approval import ApprovalQueries
+from dynamo.jobs import Job, Reason, Step
+from dynamo.messages import failure
+from dynamo.openai_call import call_openai
+from dynamo.permits import CallKind
+from dynamo.pipeline import Pipeline, serve_jobs
+from dynamo.spend import Spend
+
+log = logging.getLogger(__name__)
+
+ACTOR = "image_screen"
+# Screenings at once: each is one short, free call; more only queue for permits.
+SCREEN_CONCURRENCY = 4
+# How a screening's cost is recorded in dynamo.openai_call (moderation is free today).
+IMAGE_MODERATION = "image_moderation"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScreenSettings:
+    image_moderation: bool
+    approval: bool
+    approval_timeout_s: float
+    max_attempts: int
+
+
+async def run(
+    *,
+    generator,
+    pipeline: Pipeline,
+    screen_recv,
+    permits_send,
+    upload_send,
+    finalize_send,
+    settings: ScreenSettings,
+    spend: Spend | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+):
+    task_status.started()
+    screen = functools.partial(
+        _screen, _Screen(generator, pipeline, permits_send, spend, settings)
+    )
+    await serve_jobs(
+        screen_recv,
+        actor=ACTOR,
+        inflight=pipeline.inflight,
+        pipeline=pipeline,
+        concurrency=SCREEN_CONCURRENCY,
+        step=outages.patient_step(pipeline.dependencies, pipeline, screen),
+        outboxes={"passed": upload_send, "failed": finalize_send},
+    )
+
+
+@dataclasses.dataclass
+class _Screen:
+    generator: object
+    pipeline: Pipeline
+    permits_send: object
+    spend: Spend | None
+    settings: ScreenSettings
+
+
+async def _screen(screen: _Screen, job: Job) -> str:
+    """Returns "passed", "failed", "waiting" (for the broadcaster) or "dropped"."""
+    pipeline = screen.pipeline
+    if job.step is Step.APPROVED:
+        return "passed"  # judged and decided before a restart
+    if job.step is not Step.GENERATED:
+        return "dropped"
+    if screen.settings.image_moderation:
+        verdict = await _judge(screen, job)
+        if verdict != "passed":
+            return verdict
+    if not screen.settings.approval:
+        return "passed"
+    queries = ApprovalQueries(pipeline.db)
+    if not await queries.await_approval(job.id, screen.settings.approval_timeout_s):
+        return "dropped"
+    job.step = Step.AWAITING_APPROVAL
+    log.info("image awaits the broadcaster's approval", extra=job.log_extra)
+    # Out of the pipeline: nothing holds it while it waits; the decision routes it.
+    pipeline.inflight.finish(job.id)
+    return "waiting"
+
+
+async def _judge(screen: _Screen, job: Job) -> str:
+    pipeline = screen.pipeline
+    raw = await pipeline.db.load_generated(job.id)
+    if raw is None:
+        await pipeline.fail(job, failure(Reason.ERROR, "generated image missing"))
+        return "failed"
+    started = trio.current_time()
+    with trio.move_on_at(job.deadline):
+        try:
+            answer = await call_openai(
+                screen.permits_send,
+                CallKind.TEXT,
+                functools.partial(screen.generator.moderate_image, raw),
+                deadline=job.deadline,
+                max_attempts=screen.settings.max_attempts,
+                log_extra=job.log_extra,
+            )
+        except retry.GaveUp as exc:
+            reason = Reason.EXPIRED if exc.reason == "deadline" else Reason.ERROR
+            await pipeline.fail(job, failure(reason, f"image not screened: {exc}"))
+            return "failed"
+        except retry.CallError as exc:
+            await pipeline.fail(job, failure(Reason.ERROR, f"image not screened: {exc}"))
+            return "failed"
+        if screen.spend is not None and answer.model is not None:
+            await outages.patiently(
+                pipeline.dependencies,
+                functools.partial(screen.spend.record, job.id, IMAGE_MODERATION, answer),
+            )
+        metrics.STEP_SECONDS.labels("screen_image").observe(trio.current_time() - started)
+        if not answer.value.flagged:
+            return "passed"
+        metrics.IMAGES_FLAGGED.inc()
+        detail = f"moderation flagged the generated image: {answer.value.describe()}"
+        moved = await pipeline.fail(job, failure(Reason.REJECTED, detail))
+        await ApprovalQueries(pipeline.db).flag_image(job.id)
+        return "failed" if moved else "dropped"
+    await pipeline.fail(job, failure(Reason.EXPIRED, "deadline passed while screening the image"))
+    return "failed"
