@@ -28,15 +28,13 @@ from dynamo.messages import failure
 from dynamo.openai_call import call_openai
 from dynamo.permits import CallKind
 from dynamo.pipeline import Pipeline, serve_jobs
-from dynamo.spend import Spend
+from dynamo.spend import IMAGE_MODERATION, Spend
 
 log = logging.getLogger(__name__)
 
 ACTOR = "image_screen"
 # Screenings at once: each is one short, free call; more only queue for permits.
 SCREEN_CONCURRENCY = 4
-# How a screening's cost is recorded in dynamo.openai_call (moderation is free today).
-IMAGE_MODERATION = "image_moderation"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # What a call was for, as stored and as the spend metric's `kind` label.
 IMAGE, NAME, MODERATION = "image", "name", "moderation"
+IMAGE_MODERATION = "image_moderation"  # the screening of a generated image (free)
 
 _INSERT_SQL = """
     insert into dynamo.openai_call (image_request_id, kind, model, usage, cost_usd)

@@ -358,7 +358,7 @@ async def test_viewers_read_their_own_requests_and_the_broadcaster_any(api):
             "prompt": body["prompt"],
             "viewer": {"twitch_user_id": BOB[0], "twitch_display_name": BOB[1]},
             "finished_at": None, "images": [], "name": "Sir Hatsworth", "failure": None,
-            "cost_usd": 0.0,
+            "cost_usd": 0.0, "approval": None,
         }
         assert body["prompt"].startswith("a red caterpillar in a top hat")
         for bad in ("not-a-uuid", str(uuid.uuid4())):

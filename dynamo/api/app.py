@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from dynamo.api import (
     access,
+    approval_routes,
     context,
     openapi,
     ops_routes,
@@ -54,7 +55,14 @@ def build_app() -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = submit_routes.MAX_BODY_BYTES
     openapi.install(app)
     app.json.sort_keys = False  # bodies read in the order they are written
-    for routes in (page_routes, ops_routes, submit_routes, requests_routes, stream_routes):
+    for routes in (
+        page_routes,
+        ops_routes,
+        submit_routes,
+        requests_routes,
+        approval_routes,
+        stream_routes,
+    ):
         app.register_blueprint(routes.blueprint)
     _add_logging(app)
     _add_error_handlers(app)

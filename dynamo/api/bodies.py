@@ -50,7 +50,21 @@ def request_json(row) -> dict:
         "failure": failure,
         # What its OpenAI calls cost, by the price table (0 until one was answered).
         "cost_usd": float(row.get("cost_usd") or 0),
+        "approval": _approval(row),
     }
+
+
+def _approval(row) -> dict | None:
+    """While an image awaits the broadcaster: when the wait ends and how long is left
+    (the page counts down from it); after a decision: which."""
+    deadline, decision = row.get("approval_deadline"), row.get("approval_decision")
+    if row["step"] == "awaiting_approval" and deadline is not None:
+        left = (deadline - datetime.datetime.now(datetime.UTC)).total_seconds()
+        return {"deadline": iso(deadline), "seconds_left": max(0.0, round(left, 1)),
+                "decision": None}
+    if decision is not None:
+        return {"deadline": iso(deadline), "seconds_left": None, "decision": decision}
+    return None
 
 
 def accepted_json(row) -> dict:

@@ -161,11 +161,21 @@ class RequestViewer(_Open):
 class OpenAICall(_Open):
     """One answered OpenAI call of a request, priced by the price table."""
 
-    kind: Literal["image", "name", "moderation"]
+    kind: Literal["image", "name", "moderation", "image_moderation"]
     model: str
     usage: dict[str, Any] = Field(description="The answer's `usage`, as the API sent it.")
     cost_usd: float = Field(ge=0)
     created_at: Timestamp
+
+
+class Approval(_Open):
+    """An image's wait for the broadcaster's decision."""
+
+    deadline: Timestamp | None = Field(description="When the timeout's action applies.")
+    seconds_left: float | None = Field(
+        ge=0, description="While it waits: seconds until the deadline, as answered."
+    )
+    decision: Literal["approved", "rejected", "timeout"] | None
 
 
 class RequestBody(_Open):
@@ -188,6 +198,9 @@ class RequestBody(_Open):
     )
     openai_calls: list[OpenAICall] | None = Field(
         None, description="GET /requests/{id} only: each answered OpenAI call."
+    )
+    approval: Approval | None = Field(
+        None, description="Waiting for the broadcaster (DYNAMO_APPROVAL), or decided."
     )
 
 
