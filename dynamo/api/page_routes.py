@@ -26,6 +26,7 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 WEB_FILES = {
     "app.js": "text/javascript; charset=utf-8",
     "render.js": "text/javascript; charset=utf-8",
+    "approval.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
 }
 # Images may come from S3-compatible storage on another origin.

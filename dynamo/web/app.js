@@ -4,12 +4,15 @@
 // that every change arrives on the stream. A dropped stream reconnects by itself, with
 // a new ticket, after a growing pause (no polling storm).
 
+import * as approval from "./approval.js";
 import * as render from "./render.js";
 
 const TOKEN_KEY = "dynamo.token";
 const RECONNECT_S = [1, 2, 4, 8, 15];
 const FINISHED_SHOWN = 50;
 const RELATIVE_TIMES_EVERY_MS = 10_000;
+const COUNTDOWN_EVERY_MS = 1_000;
+const TITLE = "dynamo · live";
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -21,6 +24,8 @@ const state = {
   failures: 0,
   reconnectTimer: null,
   itemErrors: new Map(), // request id -> the last action's error, kept across renders
+  previews: new Map(), // request id awaiting approval -> its image's blob: URL ("" while loading)
+  deadlines: new Map(), // request id awaiting approval -> when its wait ends, by this clock
 };
 
 class ApiError extends Error {
@@ -55,6 +60,7 @@ function showSignIn(message = "") {
   $("sign-out").hidden = true;
   $("sign-in").hidden = false;
   $("who").textContent = "";
+  renderApprovals();
   $("sign-in-error").textContent = message;
   setLive("signed out", "off");
   $("token").focus();
@@ -145,7 +151,12 @@ async function reload() {
     // The pages were read while the stream kept going: a change it brought meanwhile wins.
     const known = state.requests;
     state.requests = new Map();
-    for (const page of pages) for (const request of page.requests) state.requests.set(request.id, render.newer(known.get(request.id), request));
+    for (const page of pages) {
+      for (const request of page.requests) {
+        noteDeadline(request);
+        state.requests.set(request.id, render.newer(known.get(request.id), request));
+      }
+    }
     renderRequests();
   } catch (error) {
     if (error.status === 401) return showSignIn("Your token is no longer accepted; sign in again.");
@@ -157,8 +168,17 @@ async function reload() {
 }
 
 function upsert(request) {
+  noteDeadline(request);
   state.requests.set(request.id, render.newer(state.requests.get(request.id), request));
   renderRequests();
+}
+
+// The server says how many seconds a wait has left as it answers: counted down from now.
+function noteDeadline(request) {
+  const left = request.approval && request.approval.seconds_left;
+  if (request.step === approval.WAITING_STEP && typeof left === "number") {
+    state.deadlines.set(request.id, Date.now() + left * 1000);
+  }
 }
 
 function finishedTime(request) {
@@ -166,6 +186,7 @@ function finishedTime(request) {
 }
 
 function renderRequests() {
+  renderApprovals();
   // Rendering replaces the lists: keep the keyboard's place.
   const focused = document.activeElement;
   const focusedId = focused && focused.closest && focused.closest("[data-id]")?.dataset.id;
@@ -187,6 +208,69 @@ function renderRequests() {
   if (focusedId && focusedClass) {
     const again = document.querySelector(`[data-id="${CSS.escape(focusedId)}"] .${CSS.escape(focusedClass)}`);
     if (again) again.focus();
+  }
+}
+
+// -- the images awaiting approval (the broadcaster's; a viewer sees "waiting" in flight) --------
+
+function renderApprovals() {
+  const broadcaster = state.caller && state.caller.role === "broadcaster";
+  const waiting = broadcaster ? approval.waiting([...state.requests.values()])
+    .sort((a, b) => (state.deadlines.get(a.id) ?? 0) - (state.deadlines.get(b.id) ?? 0)) : [];
+  const ids = new Set(waiting.map((r) => r.id));
+  for (const [id, url] of state.previews) {
+    if (ids.has(id)) continue;
+    if (url) URL.revokeObjectURL(url);
+    state.previews.delete(id);
+    state.deadlines.delete(id);
+  }
+  for (const request of waiting) if (!state.previews.has(request.id)) loadPreview(request.id);
+  document.title = waiting.length ? `(${waiting.length}) awaiting approval · dynamo` : TITLE;
+  $("approvals").hidden = waiting.length === 0;
+  $("approvals-count").textContent = waiting.length ? `(${waiting.length})` : "";
+  // The keyboard stays on the panel: on the same item, or where a decided one was.
+  const list = $("approvals-list");
+  const focused = document.activeElement;
+  const focusedItem = focused && focused.closest ? focused.closest(".approval-item") : null;
+  const place = focusedItem ? [...list.children].indexOf(focusedItem) : -1;
+  const focusedClass = focusedItem && focused !== focusedItem ? focused.className : null;
+  list.replaceChildren(...waiting.map((request) => approval.item(request, {
+    previewUrl: (id) => state.previews.get(id) || null,
+    deadlineMs: state.deadlines.get(request.id),
+    onDecide: decide,
+    errorFor: (id) => state.itemErrors.get(id) || "",
+  })));
+  if (place >= 0 && list.children.length) {
+    const again = list.querySelector(`[data-id="${CSS.escape(focusedItem.dataset.id)}"]`);
+    const target = again || list.children[Math.min(place, list.children.length - 1)];
+    const button = again && focusedClass ? target.querySelector(`.${CSS.escape(focusedClass)}`) : null;
+    (button || target).focus();
+  }
+}
+
+async function loadPreview(id) {
+  state.previews.set(id, "");
+  try {
+    const response = await fetch(`/requests/${encodeURIComponent(id)}/preview`,
+      { headers: { Authorization: `Bearer ${state.token}` } });
+    if (!response.ok) throw new ApiError(response.status, `HTTP ${response.status}`);
+    const url = URL.createObjectURL(await response.blob());
+    if (!state.previews.has(id)) return URL.revokeObjectURL(url); // decided meanwhile
+    state.previews.set(id, url);
+    renderApprovals();
+  } catch (error) {
+    if (state.previews.get(id) === "") state.previews.delete(id);
+  }
+}
+
+async function decide(request, approve) {
+  try {
+    const decided = await api("POST", `/requests/${encodeURIComponent(request.id)}/${approve ? "approve" : "reject"}`);
+    itemError(request.id, "");
+    upsert(decided);
+  } catch (error) {
+    itemError(request.id, error.status === 409 ? "Already decided (elsewhere, or timed out)." : error.message);
+    if (error.status === 409) api("GET", `/requests/${encodeURIComponent(request.id)}`).then(upsert).catch(() => {});
   }
 }
 
@@ -283,6 +367,7 @@ function start() {
     radio.addEventListener("change", () => { $("color-field").hidden = radio.value !== "friend" || !radio.checked; });
   }
   setInterval(() => { if (state.caller) renderRequests(); }, RELATIVE_TIMES_EVERY_MS);
+  setInterval(() => approval.tick(), COUNTDOWN_EVERY_MS);
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) signIn(saved);
   else showSignIn();

@@ -3,7 +3,10 @@
 // shown, as a generic table, so new server keys appear without changing the page.
 
 export const STEPS = ["received", "reserving", "reserved", "screened", "generating",
-  "generated", "stored", "announced", "accepted", "failing", "refunded", "done"];
+  "generated", "awaiting_approval", "approved", "stored", "announced", "accepted", "failing",
+  "refunded", "done"];
+// What a step is called where a viewer reads it (the step's own name otherwise).
+const STEP_LABELS = { awaiting_approval: "waiting for the broadcaster" };
 // A request's step only moves forward (STEPS is in that order, on either path), so of two
 // copies of one request the one further along is the newer: an answer that was on its way
 // while the stream delivered a later change (a cancel's 202, a page read) must not undo it.
@@ -18,7 +21,7 @@ export function newer(known, incoming) {
 export const CANCELLABLE = new Set(["received", "reserved", "screened"]);
 // /status keys with a panel of their own; any other key goes to "More".
 const KNOWN_STATUS_KEYS = new Set(["actors", "queues", "rate_limiter", "requests",
-  "orphan_debits", "in_flight", "models", "spend", "fleet"]);
+  "orphan_debits", "in_flight", "models", "spend", "fleet", "safety"]);
 
 export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -88,13 +91,14 @@ export function inFlight(requests, { canCancel, onCancel, errorFor }) {
   }
   const steps = [...STEPS, ...[...byStep.keys()].filter((step) => !STEPS.includes(step))];
   const groups = steps.filter((step) => byStep.has(step)).map((step) => el("div", { class: "step" },
-    el("h3", {}, step, " ", el("span", { class: "count" }, byStep.get(step).length)),
+    el("h3", {}, STEP_LABELS[step] || step, " ", el("span", { class: "count" }, byStep.get(step).length)),
     el("ul", { class: "requests" }, byStep.get(step)
       .sort((a, b) => Date.parse(a.created_at) - Date.parse(b.created_at))
       .map((request) => el("li", { class: `request ${request.state}`, "data-id": request.id, "data-step": request.step },
         el("span", { class: `style ${request.style}` }, request.style),
         el("span", { class: "subject" }, describe(request)),
         el("span", { class: "viewer" }, viewerName(request)),
+        STEP_LABELS[request.step] ? el("span", { class: "waiting" }, STEP_LABELS[request.step]) : null,
         when(request.created_at),
         canCancel && CANCELLABLE.has(request.step) && request.state === "queued"
           ? el("button", { type: "button", class: "cancel", onclick: () => onCancel(request),
@@ -207,6 +211,27 @@ function models(value) {
     m.error ? `${m.state ?? "?"}: ${m.error}` : String(m.state ?? "–")]));
 }
 
+// The safety net: the blocked terms (how many, when read: never the words), image
+// screening, approvals.
+function safety(value) {
+  const blocked = value.blocked_terms || {};
+  const approvals = value.approvals || {};
+  const rows = [
+    ["blocked terms", blocked.configured
+      ? `${blocked.terms} term${blocked.terms === 1 ? "" : "s"}, read ${blocked.loaded_at ? new Date(blocked.loaded_at).toLocaleTimeString() : "?"}${blocked.error ? ` (last change refused: ${blocked.error})` : ""}`
+      : "off"],
+    ["image screening", value.image_moderation ? "on" : "off"],
+    ["images flagged", cell(value.images_flagged)],
+  ];
+  if (value.approvals) {
+    rows.push(["approval", approvals.enabled
+      ? `on: ${approvals.timeout_action} after ${approvals.timeout_s} s` : "off"]);
+    rows.push(["waiting / approved / rejected / timed out",
+      [approvals.waiting, approvals.approved, approvals.rejected, approvals.timeout].map(cell).join(" / ")]);
+  }
+  return table("Safety", ["", "value"], rows);
+}
+
 export function ops(status) {
   const parts = [];
   const kinds = (status.rate_limiter || {}).kinds;
@@ -236,6 +261,7 @@ export function ops(status) {
       ...Object.entries(status.requests).map(([k, v]) => [k, String(v)]),
       ["in flight here", cell(status.in_flight)], ["orphan debits", cell(status.orphan_debits)]]));
   }
+  if (status.safety) parts.push(safety(status.safety));
   if (status.models) parts.push(models(status.models));
   if (status.fleet) parts.push(fleet(status.fleet));
   if (status.queues) {
