@@ -5,7 +5,8 @@ a worker screens the subject with the moderation endpoint (flagged: the request 
 rejected, no image bought), asks a friend's name (stored in `dynamo.answer`), persists
 SCREENED, claims the request (SCREENED → GENERATING: from here on it cannot be cancelled),
 generates the image and persists its raw bytes (GENERATED) before sending the job on
-`upload_send`. Failures go on `finalize_send` for a refund.
+`upload_send` (the service wires it to the image screen, which judges every image
+before it can be stored). Failures go on `finalize_send` for a refund.
 
 Every OpenAI call goes through `openai_call.call_openai` (a permit from the rate limiter
 first, its outcome reported after, transient errors retried within the request's

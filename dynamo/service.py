@@ -3,7 +3,8 @@
     broker ──intake──▶ reserve ──ledger(reserve)──▶ schedule ──rate_limiter──▶ generate
     http ───────────▶ reserve                                   ▲ permits       │
                                                                 └──────generator pool
-    generate ─▶ upload ──uploader──▶ announce ──announcer(alerts)──▶ finalize
+    generate ─▶ screen ──image_screen──▶ upload ──uploader──▶ announce ──announcer(alerts)──▶ finalize
+                            └▶ awaiting_approval ──(API decision, approval_clock)──▶ upload | finalize
     failures (any stage) ─────────────────────────────────────────▶ finalize
     finalize ──ledger(accept/refund)──▶ results ──announcer(results)──▶ discord
 
