@@ -141,3 +141,6 @@ APPROVALS = Counter(
     ["decision"],
     registry=REGISTRY,
 )
+# Every decision shows in the scrape from the start, at 0, so a rate over it is defined.
+for _decision in ("approved", "rejected", "timeout"):
+    APPROVALS.labels(_decision)
