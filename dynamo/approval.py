@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import uuid
 
+import trio
+
 from dynamo import metrics
 from dynamo.db_approval import APPROVED, REJECTED, TIMEOUT, ApprovalQueries
 from dynamo.pipeline import Pipeline
@@ -83,7 +85,16 @@ class Approvals:
             "image %s (%s)", "approved" if approve else "rejected", decision, extra=job.log_extra
         )
         if pipeline.inflight.add(job.id):  # else this process's resume sweep took it
-            await pipeline.inflight.route(job, self.upload_send if approve else self.finalize_send)
+            channel = self.upload_send if approve else self.finalize_send
+            try:
+                channel.send_nowait(job)
+            except trio.WouldBlock:
+                # The next stage is busy: the decision is stored and this process owns the
+                # request, so its resume sweep routes it within seconds; the broadcaster's
+                # click is not kept waiting for that.
+                pipeline.inflight.finish(job.id)
+                log.info("decision stored; the request goes on at the next sweep",
+                         extra=job.log_extra)
         return True
 
     async def status_json(self) -> dict:
