@@ -281,3 +281,31 @@ async def test_another_process_takes_the_decision_and_two_racing_decisions_end_o
             [uuid.UUID(raced)])
         assert [row["approval_decision"] for row in rows] == [
             "approved" if winner == "approve" else "rejected"]
+
+
+async def test_a_clean_stop_does_not_wait_for_images_awaiting_a_decision(
+        rabbit, dynamo_process, tokens, fake_ledger, pg_database):
+    with trio.fail_after(90):
+        await collect(rabbit)
+        service = await start(dynamo_process)
+        request_id = await submit(service)
+        await wait_for_step(service, request_id, "awaiting_approval")
+        stopping = trio.current_time()
+        assert await service.terminate() == 0
+        # Nothing in hand: the drain's grace period (10 s) is not waited out.
+        assert trio.current_time() - stopping < 8
+        restarted = await start(dynamo_process)
+        assert (await decide(restarted, request_id, "approve")).status_code == 202
+        assert (await one_result(rabbit))["outcome"] == "success"
+        check_accepted_once(fake_ledger, request_id)
+
+
+async def test_an_approval_timeout_not_shorter_than_the_request_timeout_stops_the_start(
+        dynamo_process):
+    service = dynamo_process(DYNAMO_APPROVAL="on", DYNAMO_APPROVAL_TIMEOUT_S="60",
+                             DYNAMO_REQUEST_TIMEOUT_S="60")
+    service.start()
+    with trio.fail_after(30):
+        assert await service.wait_exited() == 2
+    lines = [line for line in service.logs().splitlines() if line.strip()]
+    assert len(lines) == 1 and "DYNAMO_APPROVAL_TIMEOUT_S" in lines[0], lines
