@@ -184,7 +184,7 @@ async def test_no_decision_in_time_applies_the_configured_action(
         rabbit, dynamo_process, tokens, fake_ledger, fake_s3, pg_database, action):
     with trio.fail_after(90):
         await collect(rabbit)
-        service = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="2",
+        service = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="3",
                               DYNAMO_APPROVAL_TIMEOUT_ACTION=action)
         request_id = await submit(service)
         await wait_for_step(service, request_id, "awaiting_approval")
@@ -208,27 +208,29 @@ async def test_a_wait_survives_a_kill_and_its_timeout_still_applies(
         rabbit, dynamo_process, tokens, fake_ledger, fake_s3, pg_database):
     with trio.fail_after(120):
         await collect(rabbit)
-        service = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="4")
-        kept, timed_out = await submit(service, "a kept seal"), await submit(service, "a late seal")
-        for request_id in (kept, timed_out):
-            await wait_for_step(service, request_id, "awaiting_approval")
-        service.kill()  # kill -9 while both wait
+        # Each wait keeps the deadline it began with, whatever the next process says.
+        first = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="90")
+        kept = await submit(first, "a kept seal")
+        await wait_for_step(first, kept, "awaiting_approval")
+        first.kill()  # kill -9 while it waits
+        second = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="2")
+        late = await submit(second, "a late seal")
+        await wait_for_step(second, late, "awaiting_approval")
+        second.kill()
+        await trio.sleep(2.5)  # the late one's wait ends while no process runs
 
-        restarted = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="4")
-        # Still waiting after the restart, and still the broadcaster's to decide.
-        assert (await request_body(restarted, kept))["step"] in ("awaiting_approval", "done")
-        approved = await decide(restarted, kept, "approve")
-        if approved.status_code == 409:  # the restart took longer than the wait
-            assert (await request_body(restarted, kept))["approval"]["decision"] == "timeout"
-        results = {}
-        while len(results) < 2:
-            result = await one_result_after(rabbit, len(results))
-            results[result["request_id"]] = result
-        assert results[timed_out]["message"] == TIMED_OUT
-        if approved.status_code == 202:
-            assert results[kept]["outcome"] == "success"
-            check_accepted_once(fake_ledger, kept)
-        checks.check_refunded(fake_ledger, timed_out, alone=False)
+        third = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="2")
+        late_result = await one_result(rabbit)  # its timeout applied at the start
+        assert late_result["request_id"] == late and late_result["message"] == TIMED_OUT
+        checks.check_refunded(fake_ledger, late, alone=False)
+        body = await request_body(third, kept)
+        assert body["step"] == "awaiting_approval" and body["approval"]["seconds_left"] > 60
+        assert (await decide(third, kept, "approve")).status_code == 202
+        kept_result = await one_result_after(rabbit, 1)
+        assert kept_result["request_id"] == kept and kept_result["outcome"] == "success"
+        check_accepted_once(fake_ledger, kept)
+        [alert] = await alerts(rabbit)
+        assert alert["payload"]["details"]["image_url"] == kept_result["image_url"]
 
 
 async def one_result_after(rabbit, taken: int) -> dict:
