@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib.resources
 import json
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -29,7 +29,9 @@ from dynamo.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+# The package's copy of the root schema.sql (tests/test_package.py keeps them identical),
+# read as a resource so that an installed wheel finds it.
+SCHEMA = importlib.resources.files("dynamo") / "schema.sql"
 # A few connections suffice: every stage holds one only for a single short statement.
 POOL_MAX_SIZE = 8
 # How long startup waits for the database to come up before it gives up.
@@ -103,7 +105,7 @@ class Database:
         await self.fetchval("select 1")
 
     async def apply_schema(self) -> None:
-        await self._run(_apply_schema, SCHEMA_PATH.read_text())
+        await self._run(_apply_schema, SCHEMA.read_text(encoding="utf-8"))
 
     # -- intake ---------------------------------------------------------------------
 

@@ -13,6 +13,11 @@ cleared so that the next start can always go on:
   is gone, or one that is not this data directory's postgres (the pid was reused), is
   stale: it is removed, so that a fresh server starts instead of pgserver taking the
   pid's process for a running server and handing out a socket nobody listens on.
+
+pgserver keeps a lock file (and, for a data directory whose path is too long for a unix
+socket, the socket) in the user's runtime directory. Without XDG_RUNTIME_DIR that would be
+under /run/user or /tmp, which a container with a read-only root filesystem cannot write:
+it is then `run/` in the data directory, so that nothing is written outside it.
 """
 
 from __future__ import annotations
@@ -27,14 +32,22 @@ log = logging.getLogger(__name__)
 
 HANDLES_FILE = ".handle_pids.json"  # pgserver's
 PID_FILE = "postmaster.pid"
+# pgserver's runtime directory, next to the database when XDG_RUNTIME_DIR is unset.
+RUNTIME_DIR = "run"
 
 
 def start(pgdata: Path) -> str:
     """Starts (or reuses) the embedded server; returns its connection URI. Blocking."""
-    import pgserver  # imported here: only the development profile needs it
-
     pgdata.mkdir(parents=True, exist_ok=True)
     pgdata = pgdata.resolve()
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        # Read when pgserver is imported, hence before. The XDG spec wants it private.
+        runtime_dir = pgdata.parent / RUNTIME_DIR
+        runtime_dir.mkdir(mode=0o700, exist_ok=True)
+        runtime_dir.chmod(0o700)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime_dir)
+    import pgserver  # imported here: only the development profile needs it
+
     forget_dead_handles(pgdata)
     remove_stale_lock_files(pgdata)
     with warnings.catch_warnings():

@@ -322,6 +322,7 @@ class Fleet(_Open):
 class Status(_Open):
     """The service's state. Other keys may appear."""
 
+    version: str = Field(description="The running dynamo's version (its package's).")
     actors: dict[str, ActorStatus]
     queues: dict[str, QueueStatistics] = Field(
         description="Each pipeline channel, and the RabbitMQ input queue where configured."
