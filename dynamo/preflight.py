@@ -34,6 +34,8 @@ def data_dir_problem(settings: Settings) -> str | None:
     for directory in [data_dir, *(data_dir / name for name in DATA_SUBDIRECTORIES)]:
         if directory != data_dir and not directory.is_dir():
             continue  # made later, inside a directory found writable
+        if directory.exists() and not directory.is_dir():
+            return f"the data directory {directory} (DYNAMO_DATA_DIR) is not a directory"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=directory):
