@@ -15,9 +15,10 @@ cleared so that the next start can always go on:
   pid's process for a running server and handing out a socket nobody listens on.
 
 pgserver keeps a lock file (and, for a data directory whose path is too long for a unix
-socket, the socket) in the user's runtime directory. Without XDG_RUNTIME_DIR that would be
-under /run/user or /tmp, which a container with a read-only root filesystem cannot write:
-it is then `run/` in the data directory, so that nothing is written outside it.
+socket, the socket) in the user's runtime directory, and initdb's output in temporary
+files. A container with a read-only root filesystem can write neither /run/user nor /tmp:
+without XDG_RUNTIME_DIR the runtime directory is `run/` in the data directory, and when no
+temporary directory is writable, temporary files go to its `tmp/`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,18 +36,15 @@ HANDLES_FILE = ".handle_pids.json"  # pgserver's
 PID_FILE = "postmaster.pid"
 # pgserver's runtime directory, next to the database when XDG_RUNTIME_DIR is unset.
 RUNTIME_DIR = "run"
+# Temporary files, in the data directory when no temporary directory is writable.
+TEMPORARY_DIR = "tmp"
 
 
 def start(pgdata: Path) -> str:
     """Starts (or reuses) the embedded server; returns its connection URI. Blocking."""
     pgdata.mkdir(parents=True, exist_ok=True)
     pgdata = pgdata.resolve()
-    if not os.environ.get("XDG_RUNTIME_DIR"):
-        # Read when pgserver is imported, hence before. The XDG spec wants it private.
-        runtime_dir = pgdata.parent / RUNTIME_DIR
-        runtime_dir.mkdir(mode=0o700, exist_ok=True)
-        runtime_dir.chmod(0o700)
-        os.environ["XDG_RUNTIME_DIR"] = str(runtime_dir)
+    _writable_places_in(pgdata.parent)
     import pgserver  # imported here: only the development profile needs it
 
     forget_dead_handles(pgdata)
@@ -55,6 +54,22 @@ def start(pgdata: Path) -> str:
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
     log.info("embedded PostgreSQL running in %s (pid %s)", pgdata, server.get_pid())
     return server.get_uri()
+
+
+def _writable_places_in(data_dir: Path) -> None:
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        # Read when pgserver is imported, hence before. The XDG spec wants it private.
+        os.environ["XDG_RUNTIME_DIR"] = str(_private_directory(data_dir / RUNTIME_DIR))
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError:  # none of TMPDIR, /tmp, /var/tmp, ... is writable
+        tempfile.tempdir = str(_private_directory(data_dir / TEMPORARY_DIR))
+
+
+def _private_directory(path: Path) -> Path:
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 def forget_dead_handles(pgdata: Path) -> None:
