@@ -20,8 +20,10 @@ import httpx
 import pytest
 import trio
 
+from dynamo import broker as topology
 from dynamo.version import version
 from tests.support import container
+from tests.support.amqp import bodies
 from tests.support.service import free_port
 
 pytestmark = pytest.mark.integration
@@ -29,6 +31,14 @@ pytestmark = pytest.mark.integration
 TEST_TIMEOUT_S = 180
 TOKEN_LINE = re.compile(r"generated DYNAMO_ADMIN_TOKEN for this run: (\S+)\n")
 GHOST = {"style": "ghost", "inputs": {"subject": "a seal"}}
+# What dispatch publishes for a ghost (contract §2).
+GHOST_MESSAGE = {
+    "type": "image",
+    "viewer": {"twitch_user_id": "90790024", "twitch_display_name": "wasabimilkshake"},
+    "state": {"broadcast_id": 13, "screening_id": "96d1ca5c-7658-48c9-8193-9d1739854467",
+              "tape_id": 124},
+    "payload": {"style": "ghost", "inputs": {"subject": "a seal"}},
+}
 # The image's process, as it shows on the host: the venv's console script.
 DYNAMO = "/opt/dynamo/bin/dynamo"
 # What buildah run adds to stderr after a command that failed.
@@ -148,6 +158,26 @@ async def test_the_image_serves_a_ghost_and_stops_on_sigterm(a_container, tmp_pa
     print(f"\nstart to /readyz 200: {ready_s:.2f} s; SIGTERM to exit: {stop_s:.2f} s")
     assert code == 0, log.read_text()
     assert "received SIGTERM" in log.read_text()
+
+
+async def test_the_image_in_production_serves_a_ghost_from_rabbitmq(
+        a_container, tmp_path, rabbit, service_env):
+    """The production variables (the test's RabbitMQ, PostgreSQL and fakes, on the host's
+    network) make it production: no embedded default, a ghost from the queue succeeds."""
+    port = free_port()
+    log = tmp_path / "container.log"
+    with trio.fail_after(TEST_TIMEOUT_S):
+        await rabbit.collect(topology.RESULTS_EXCHANGE)
+        a_container.start("dynamo", log=log,
+                          env={**service_env, "DYNAMO_HTTP_ADDR": f"127.0.0.1:{port}"})
+        await ready_after(f"http://127.0.0.1:{port}", time.monotonic(), a_container, log)
+        await rabbit.publish(GHOST_MESSAGE)
+        [result] = bodies(await rabbit.wait_for(topology.RESULTS_EXCHANGE, 1))
+        assert result["outcome"] == "success", result
+        code, _ = await stopped_after_sigterm(a_container)
+    assert code == 0, log.read_text()
+    assert "(production profile)" in log.read_text()
+    assert "not configured" not in log.read_text()
 
 
 async def test_a_read_only_root_with_the_volume_mounted_works(a_container, tmp_path):
