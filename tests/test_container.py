@@ -11,6 +11,7 @@ In CI (CI=true) missing tools fail the test; elsewhere they skip it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -163,21 +164,25 @@ async def test_the_image_serves_a_ghost_and_stops_on_sigterm(a_container, tmp_pa
 async def test_the_image_in_production_serves_a_ghost_from_rabbitmq(
         a_container, tmp_path, rabbit, service_env):
     """The production variables (the test's RabbitMQ, PostgreSQL and fakes, on the host's
-    network) make it production: no embedded default, a ghost from the queue succeeds."""
+    network) make it production: no embedded default, a ghost from the queue succeeds;
+    DYNAMO_LOG_FORMAT=json makes every line a JSON object."""
     port = free_port()
     log = tmp_path / "container.log"
     with trio.fail_after(TEST_TIMEOUT_S):
         await rabbit.collect(topology.RESULTS_EXCHANGE)
-        a_container.start("dynamo", log=log,
-                          env={**service_env, "DYNAMO_HTTP_ADDR": f"127.0.0.1:{port}"})
+        a_container.start("dynamo", log=log, env={
+            **service_env, "DYNAMO_HTTP_ADDR": f"127.0.0.1:{port}", "DYNAMO_LOG_FORMAT": "json",
+        })
         await ready_after(f"http://127.0.0.1:{port}", time.monotonic(), a_container, log)
         await rabbit.publish(GHOST_MESSAGE)
         [result] = bodies(await rabbit.wait_for(topology.RESULTS_EXCHANGE, 1))
         assert result["outcome"] == "success", result
         code, _ = await stopped_after_sigterm(a_container)
     assert code == 0, log.read_text()
-    assert "(production profile)" in log.read_text()
-    assert "not configured" not in log.read_text()
+    # For log collectors: every line one JSON object.
+    messages = [json.loads(line)["message"] for line in log.read_text().splitlines()]
+    assert f"dynamo {version()} starting (production profile)" in messages
+    assert not [message for message in messages if "not configured" in message]
 
 
 async def test_a_read_only_root_with_the_volume_mounted_works(a_container, tmp_path):
