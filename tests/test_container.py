@@ -83,11 +83,13 @@ def test_the_image_declares_user_port_volume_command_and_healthcheck(image, a_co
     checks = a_container.run(
         "sh", "-c",
         f"id -u; stat -c %u {container.DATA_VOLUME}; dynamo --version; "
-        "python -c 'import pytest' 2>/dev/null || echo no-test-extras",
+        "python -c 'import pytest' 2>/dev/null || echo no-test-extras; "
+        "python -m pip --version >/dev/null 2>&1 || echo no-pip; "
+        "test -e /src || test -e /wheels || echo no-build-files",
     )
-    assert checks.stdout.split("\n")[:4] == [
+    assert checks.stdout.split("\n")[:6] == [
         str(container.IMAGE_UID), str(container.IMAGE_UID), f"dynamo {version()}",
-        "no-test-extras",
+        "no-test-extras", "no-pip", "no-build-files",
     ], checks
 
 
