@@ -55,7 +55,7 @@ def pip_configuration() -> tuple[str, list[str]]:
     for line in listed.splitlines():
         name, _, value = line.partition("=")
         section, _, key = name.rpartition(".")
-        if key:
+        if key and key != "config-file":  # the file is what this makes
             target = variables if section == ":env:" else files
             target[(("global" if section == ":env:" else section), key)] = ast.literal_eval(value)
     parser = configparser.ConfigParser(interpolation=None)
