@@ -187,7 +187,7 @@ async def test_the_image_in_production_serves_a_ghost_from_rabbitmq(
     assert not [message for message in messages if "not configured" in message]
 
 
-async def test_a_read_only_root_with_the_volume_mounted_works(a_container, tmp_path):
+async def test_a_read_only_root_with_the_volume_mounted_works_as_pid_1(a_container, tmp_path):
     volume = tmp_path / "volume"
     volume.mkdir(mode=0o700)
     os.chown(volume, container.IMAGE_UID, container.IMAGE_UID)
@@ -196,13 +196,14 @@ async def test_a_read_only_root_with_the_volume_mounted_works(a_container, tmp_p
     log = tmp_path / "container.log"
     with trio.fail_after(TEST_TIMEOUT_S):
         a_container.start_read_only(
-            "sh", "-c", "touch /written 2>/dev/null && echo ROOT-WRITABLE; exec dynamo",
+            "sh", "-c", 'touch /written 2>/dev/null && echo ROOT-WRITABLE; echo "PID $$"; exec dynamo',
             log=log, volume=volume, env={"DYNAMO_HTTP_ADDR": f"127.0.0.1:{port}"},
         )
         await ready_after(url, time.monotonic(), a_container, log)
         await a_ghost_is_served(url, log)
         code, _ = await stopped_after_sigterm(a_container)
     assert "ROOT-WRITABLE" not in log.read_text()
+    assert "PID 1\n" in log.read_text()  # SIGTERM reached dynamo as PID 1
     assert code == 0, log.read_text()
     assert (volume / "postgres").is_dir() and (volume / "images").is_dir()
 

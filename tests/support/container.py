@@ -136,8 +136,8 @@ class Container:
                         env: dict[str, str] | None = None) -> None:
         """Runs `command` as the image's user on the image's root filesystem mounted
         read-only, with `volume` as its data volume: `docker run --read-only -v` as far as
-        the file system goes (buildah run has no --read-only). A private mount namespace
-        holds the mounts; /proc and /dev are the host's, as a runtime would give them."""
+        the file system goes (buildah run has no --read-only). Private mount and PID
+        namespaces: the command is PID 1, as in a container runtime; /dev is the host's."""
         config = inspect()["Docker"]["config"]
         root = self.root
         environment = dict(item.split("=", 1) for item in config["Env"])
@@ -153,7 +153,8 @@ class Container:
                  "/bin/sh", "-c", f'cd {config["WorkingDir"]} && exec "$@"', "sh", *command]
         self._log = open(log, "wb")
         self.process = subprocess.Popen(
-            ["unshare", "--mount", "--propagation=private", "sh", "-c", script, "sh", root,
+            ["unshare", "--mount", "--pid", "--fork", "--propagation=private",
+             "sh", "-c", script, "sh", root,
              str(volume), *inner],
             stdout=self._log, stderr=subprocess.STDOUT)
 
