@@ -12,7 +12,7 @@ result (`message_id` = `{id}:result`) and persists DONE. Successful requests the
 The two loops run as separate tasks, so a slow ledger never holds up results, and the
 channel cycle announcer → ledger → announcer cannot deadlock.
 
-A confirmation is a fact (`dynamo.confirms`): once the broker confirmed an alert, it is
+A confirmation is a fact (`dynamo.inflight.confirms`): once the broker confirmed an alert, it is
 held in memory and ANNOUNCED is written again until PostgreSQL takes it; a database
 outage never makes it publish the alert again. While RabbitMQ is unreachable, publishing
 waits for it (the robust connection reconnects by itself).
@@ -33,12 +33,14 @@ import math
 
 import trio
 
-from dynamo import events, metrics, outages, retry
-from dynamo.broker import ONSCREEN_EXCHANGE, RESULTS_EXCHANGE
-from dynamo.confirms import ALERT, RESULT
-from dynamo.jobs import Job, Reason, Step
-from dynamo.messages import failure
-from dynamo.pipeline import Pipeline, serve_jobs
+from dynamo import metrics
+from dynamo.domain import published as events
+from dynamo.domain.jobs import Job, Reason, Step
+from dynamo.domain.viewer_messages import failure
+from dynamo.inflight.confirms import ALERT, RESULT
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.rabbitmq.broker import ONSCREEN_EXCHANGE, RESULTS_EXCHANGE
+from dynamo.supervision import outages, retry
 
 log = logging.getLogger(__name__)
 

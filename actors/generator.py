@@ -27,14 +27,16 @@ import logging
 
 import trio
 
-from dynamo import metrics, outages, prompts, retry
-from dynamo.dialect import ImageOrder
-from dynamo.jobs import Failure, Job, Reason, Step, Style
-from dynamo.messages import failure
-from dynamo.openai_call import call_openai
-from dynamo.permits import CallKind
-from dynamo.pipeline import Pipeline, serve_jobs
-from dynamo.spend import IMAGE, MODERATION, NAME, Spend
+from dynamo import metrics
+from dynamo.domain import prompts
+from dynamo.domain.jobs import Failure, Job, Reason, Step, Style
+from dynamo.domain.viewer_messages import failure
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.limits.permits import CallKind
+from dynamo.openai_port.call import call_openai
+from dynamo.openai_port.dialect import ImageOrder
+from dynamo.openai_port.spend import IMAGE, MODERATION, NAME, Spend
+from dynamo.supervision import outages, retry
 
 log = logging.getLogger(__name__)
 

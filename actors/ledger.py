@@ -31,12 +31,13 @@ import math
 
 import trio
 
-from dynamo import metrics, outages, retry
-from dynamo.jobs import Job, Reason, Step
-from dynamo.messages import failure
-from dynamo.pipeline import Pipeline, serve_jobs
-from dynamo.points import AlreadyFinalized, InsufficientPoints
-from dynamo.viewer_gate import ViewerGate
+from dynamo import metrics
+from dynamo.domain.jobs import Job, Reason, Step
+from dynamo.domain.viewer_messages import failure
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.supervision import outages, retry
+from dynamo.viewer_points.gate import ViewerGate
+from dynamo.viewer_points.port import AlreadyFinalized, InsufficientPoints
 
 log = logging.getLogger(__name__)
 

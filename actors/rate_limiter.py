@@ -6,8 +6,8 @@ the ledger and intake. Sends them on `generate_send` (capacity 0: a send complet
 when a generator worker is free), one viewer at a time, round robin. A job whose deadline
 passed is not generated: it goes on `failures_send` as expired (its debit is refunded there).
 
-Serves the permit protocol of `dynamo.permits` on `permits_recv`: a `PermitRequest` is
-answered with a `Permit` once the account's budget (`dynamo.budget`: its windows of calls
+Serves the permit protocol of `dynamo.limits.permits` on `permits_recv`: a `PermitRequest` is
+answered with a `Permit` once the account's budget (`dynamo.limits.budget`: its windows of calls
 and tokens, 429 pause and auth circuit, shared with every process of a fleet) grants it
 (FIFO per kind; image and text are paced independently, so waiting image calls never hold
 up text calls); a `CallOutcome` teaches the budget.
@@ -29,11 +29,11 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from dynamo import metrics
-from dynamo.budget import BudgetUnavailable, Decision, KindConfig
-from dynamo.jobs import Reason
-from dynamo.messages import failure
-from dynamo.permits import CallKind, CallOutcome, PermitRequest
-from dynamo.ratelimit import RateLimiterStatus
+from dynamo.domain.jobs import Reason
+from dynamo.domain.viewer_messages import failure
+from dynamo.limits.budget import BudgetUnavailable, Decision, KindConfig
+from dynamo.limits.permits import CallKind, CallOutcome, PermitRequest
+from dynamo.limits.state import RateLimiterStatus
 
 log = logging.getLogger(__name__)
 

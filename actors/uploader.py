@@ -24,10 +24,13 @@ from collections.abc import Mapping
 
 import trio
 
-from dynamo import imaging, metrics, outages, prompts, retry
-from dynamo.jobs import Job, Reason, Step, Style
-from dynamo.messages import failure
-from dynamo.pipeline import Pipeline, serve_jobs
+from dynamo import metrics
+from dynamo.domain import prompts
+from dynamo.domain.jobs import Job, Reason, Step, Style
+from dynamo.domain.viewer_messages import failure
+from dynamo.images import processing as imaging
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.supervision import outages, retry
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import dotenv
 
-from dynamo import pricing
+from dynamo.openai_port import pricing
 
 # Models OpenAI serves today with no announced shutdown (checked on 2026-12-01 against the
 # deprecations page; README "Models and what they cost" says why these two).

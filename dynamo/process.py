@@ -18,8 +18,8 @@ import sys
 import trio
 
 from dynamo import config, logs, preflight, service
-from dynamo.openai_models import ModelsRefused
-from dynamo.supervisor import OutageTooLong, TooManyRestarts
+from dynamo.openai_port.catalogue import ModelsRefused
+from dynamo.supervision.supervisor import OutageTooLong, TooManyRestarts
 from dynamo.version import version
 
 log = logging.getLogger("dynamo")

@@ -38,23 +38,25 @@ from actors import (
     uploader,
 )
 from actors import fleet as fleet_actor
-from dynamo import embedded_pg, outages, resume
-from dynamo.broker import open_broker
-from dynamo.budget import Budget
 from dynamo.config import Settings
-from dynamo.db import open_database
-from dynamo.fleet import Fleet
-from dynamo.fleet_db import FleetQueries, PostgresStore
-from dynamo.generation import OfflineGenerator, OpenAIGenerator
-from dynamo.openai_models import ModelsStatus, check_and_report
-from dynamo.pipeline import Pipeline
-from dynamo.points import FreePoints, Points
-from dynamo.pricing import PriceTable
-from dynamo.ratelimit import RateLimiterStatus
-from dynamo.readiness import Readiness
-from dynamo.spend import Spend
-from dynamo.storage import LocalStorage, S3Storage
-from dynamo.supervisor import Supervisor
+from dynamo.database import embedded as embedded_pg
+from dynamo.database.fleet_store import FleetQueries, PostgresStore
+from dynamo.database.port import open_database
+from dynamo.images.storage import LocalStorage, S3Storage
+from dynamo.inflight import resume
+from dynamo.inflight.pipeline import Pipeline
+from dynamo.limits.budget import Budget
+from dynamo.limits.fleet_view import Fleet
+from dynamo.limits.state import RateLimiterStatus
+from dynamo.openai_port.catalogue import ModelsStatus, check_and_report
+from dynamo.openai_port.client import OfflineGenerator, OpenAIGenerator
+from dynamo.openai_port.pricing import PriceTable
+from dynamo.openai_port.spend import Spend
+from dynamo.rabbitmq.broker import open_broker
+from dynamo.supervision import outages
+from dynamo.supervision.readiness import Readiness
+from dynamo.supervision.supervisor import Supervisor
+from dynamo.viewer_points.port import FreePoints, Points
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +175,7 @@ class _Ports:
 
 async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -> None:
     db, broker, http_client, gen = ports.db, ports.broker, ports.http_client, ports.generator
-    # What every request needs; an outage of either is waited out (dynamo.outages).
+    # What every request needs; an outage of either is waited out (dynamo.supervision.outages).
     dependencies = outages.Dependencies(
         database=outages.Dependency("database", probe=db.ping),
         broker=outages.Dependency("broker", probe=broker.probe),

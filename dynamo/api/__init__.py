@@ -6,7 +6,7 @@ models), `submit_routes`, `requests_routes`, `ops_routes`, `stream_routes` (the 
 event stream, with `tickets`) and `page_routes` (the live page of `dynamo/web/`): the
 routes; `openapi` (the document at /openapi.json, generated from the routes and their
 models) and `app` (the assembly, with one log line per request). The API reaches
-PostgreSQL only through the database port (`dynamo.db`).
+PostgreSQL only through the database port (`dynamo.database.port`).
 """
 
 from dynamo.api.app import build_app, create_app, openapi_document

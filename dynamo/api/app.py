@@ -36,7 +36,7 @@ from dynamo.api import (
 from dynamo.api.context import ApiContext
 from dynamo.api.errors import ApiError
 from dynamo.api.tickets import Tickets
-from dynamo.db_errors import DataRejected
+from dynamo.database.errors import DataRejected
 
 log = logging.getLogger(__name__)
 

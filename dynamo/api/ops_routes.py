@@ -16,14 +16,14 @@ import trio
 from quart import Blueprint, Response
 from quart_schema import document_response, security_scheme, validate_response
 
-from dynamo import broker as broker_port
 from dynamo import metrics
 from dynamo.api import schemas
 from dynamo.api.access import authenticate_broadcaster
 from dynamo.api.context import current_api
 from dynamo.api.errors import bounded, not_found
 from dynamo.api.openapi import PUBLIC, errors
-from dynamo.jobs import State
+from dynamo.domain.jobs import State
+from dynamo.rabbitmq import broker as broker_port
 from dynamo.version import version
 
 blueprint = Blueprint("ops", __name__)

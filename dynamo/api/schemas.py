@@ -14,8 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 from pydantic_core import PydanticCustomError
 
-from dynamo import genreq, prompts
-from dynamo.jobs import Reason, State, Step, Style
+from dynamo.domain import genreq, prompts
+from dynamo.domain.jobs import Reason, State, Step, Style
 
 # Literal types from the enums, so the document lists the values the code uses.
 StateName = Literal[tuple(state.value for state in State)]  # type: ignore[valid-type]

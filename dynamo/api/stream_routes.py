@@ -34,7 +34,7 @@ from dynamo.api.context import current_api
 from dynamo.api.errors import ApiError
 from dynamo.api.openapi import BEARER_OR_TICKET, errors
 from dynamo.api.tickets import TICKET_TTL_S
-from dynamo.db_events import RESYNC, RequestChange
+from dynamo.database.changes import RESYNC, RequestChange
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,14 @@ import trio
 from quart import Blueprint, request
 from quart_schema import document_headers, document_request, document_response, validate_response
 
-from dynamo import genreq, metrics
+from dynamo import metrics
 from dynamo.api import bodies, schemas
 from dynamo.api.access import Caller, authenticate
 from dynamo.api.context import current_api
 from dynamo.api.errors import DATABASE_DEADLINE_S, ApiError
 from dynamo.api.openapi import errors
-from dynamo.jobs import Step, state_for
+from dynamo.domain import genreq
+from dynamo.domain.jobs import Step, state_for
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,10 @@
+"""Supervision, outages, readiness and retries: how dynamo keeps going when a
+dependency or an actor fails, and tells a bug from an outage.
+
+- `dynamo.supervision.supervisor`: `Supervisor`, one-for-one restarts after Erlang/OTP.
+- `dynamo.supervision.outages`: outages of PostgreSQL and RabbitMQ, waited out
+  (`patiently`, `patient_write`, `Dependencies`).
+- `dynamo.supervision.readiness`: `Readiness`, what GET /readyz reports.
+- `dynamo.supervision.retry`: the retry policy for external calls (`retrying`,
+  `Transient`, `Permanent`, `backoff_s`).
+"""
