@@ -10,7 +10,10 @@ result (`message_id` = `{id}:result`) and persists DONE. Successful requests the
 `discord_send` without waiting (a full channel skips the post rather than delay).
 
 The two loops run as separate tasks, so a slow ledger never holds up results, and the
-channel cycle announcer → ledger → announcer cannot deadlock.
+channel cycle announcer → ledger → announcer cannot deadlock. In both, one job's bug is
+its own (`serve_jobs`): a result that cannot be made (an accepted request whose image row
+is gone) is logged with its request id and counted, and the request is set aside: this
+process's resume sweep does not route it again; the next process to start tries once more.
 
 A confirmation is a fact (`dynamo.inflight.confirms`): once the broker confirmed an alert, it is
 held in memory and ANNOUNCED is written again until PostgreSQL takes it; a database
@@ -84,7 +87,24 @@ async def run(
                 outboxes={True: finalize_send, False: finalize_send},
             )
         )
-        nursery.start_soon(_results_loop, broker, pipeline, results_recv, discord_send)
+        # Results in order too. A result that cannot be made (a bug) is that request's
+        # alone: serve_jobs logs and counts it, and sets the request aside.
+        nursery.start_soon(
+            functools.partial(
+                serve_jobs,
+                results_recv,
+                actor=ACTOR,
+                inflight=pipeline.inflight,
+                pipeline=pipeline,
+                concurrency=1,
+                step=outages.patient_step(
+                    pipeline.dependencies,
+                    pipeline,
+                    functools.partial(_finish_request, broker, pipeline, discord_send),
+                ),
+                outboxes={},
+            )
+        )
         task_status.started()
 
 
@@ -162,23 +182,18 @@ async def _publish(broker, exchange, body, *, message_id, deadline, republished,
         )
 
 
-async def _results_loop(broker, pipeline: Pipeline, results_recv, discord_send):
-    async for job in results_recv:
-        with pipeline.inflight.holding(ACTOR, job.id):
-            done = await outages.patient_step(
-                pipeline.dependencies,
-                pipeline,
-                functools.partial(_publish_result, broker, pipeline),
-            )(job)
-        if not done:
-            continue
-        pipeline.inflight.finish(job.id)
-        if job.failure is None and discord_send is not None:
-            try:
-                discord_send.send_nowait(job)
-            except trio.WouldBlock:
-                log.warning("discord queue full; post skipped", extra=job.log_extra)
-                metrics.DISCORD_POSTS.labels("skipped").inc()
+async def _finish_request(broker, pipeline: Pipeline, discord_send, job: Job) -> None:
+    """The result, DONE, then the request leaves the pipeline (a success goes on to
+    Discord, if its queue has room)."""
+    if not await _publish_result(broker, pipeline, job):
+        return
+    pipeline.inflight.finish(job.id)
+    if job.failure is None and discord_send is not None:
+        try:
+            discord_send.send_nowait(job)
+        except trio.WouldBlock:
+            log.warning("discord queue full; post skipped", extra=job.log_extra)
+            metrics.DISCORD_POSTS.labels("skipped").inc()
 
 
 async def _publish_result(broker, pipeline: Pipeline, job: Job) -> bool:

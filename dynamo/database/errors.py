@@ -1,9 +1,11 @@
 """The database port's own errors, and the one place that maps the driver's onto them.
 
 Callers of `dynamo.database.port.Database` never see an asyncpg exception type: a value PostgreSQL
-refuses is `DataRejected` (retrying cannot help), a database that cannot be reached or
-that dropped the connection is `DatabaseUnavailable` (try again later). Anything else
-(a bug in a query) passes through unchanged.
+refuses is `DataRejected` (retrying cannot help), a database that cannot be reached, that
+dropped the connection, or that could not answer now (a lock not free within the
+transaction's `lock_timeout`, a query cancelled by a statement timeout or an operator) is
+`DatabaseUnavailable` (try again later). Anything else (a bug in a query, a column that
+is not there) passes through unchanged, so that it is loud.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ _UNAVAILABLE = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.QueryCanceledError,  # statement_timeout, pg_cancel_backend
 )
 
 

@@ -26,8 +26,7 @@ import json
 import uuid
 from typing import Any
 
-import asyncpg
-
+from dynamo.database.errors import DatabaseUnavailable, driver_errors_mapped
 from dynamo.limits.budget import BudgetUnavailable, KindConfig
 from dynamo.limits.kind import KindLimiter
 from dynamo.limits.permits import CallKind
@@ -84,8 +83,6 @@ _SAVE_SQL = """
     select 1
 """
 
-# Errors that mean "the database cannot answer now", as opposed to a bug in a step.
-_UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 class PostgresStore:
@@ -98,10 +95,16 @@ class PostgresStore:
         self._worker_id = worker_id
 
     async def transact(self, kind: CallKind, config: KindConfig, step):
+        # Only "not now" (connection lost, lock timeout, a cancelled query: db_errors
+        # decides) makes the budget unavailable; a bug in the SQL or a schema that drifted
+        # goes out as it is, so that the rate limiter crashes and the supervisor counts it.
         try:
-            return await self._db.run_with_pool(_transact, kind, config, step, self._worker_id)
-        except _UNAVAILABLE as exc:
-            raise BudgetUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            with driver_errors_mapped():
+                return await self._db.run_with_pool(
+                    _transact, kind, config, step, self._worker_id
+                )
+        except DatabaseUnavailable as exc:
+            raise BudgetUnavailable(str(exc)) from exc
 
 
 async def _transact(pool, kind: CallKind, config: KindConfig, step, worker_id: uuid.UUID):
@@ -154,23 +157,25 @@ class FleetQueries:
     async def report_in_hand(self, worker_id: uuid.UUID, in_hand: int, http_addr: str) -> None:
         """Updates this process's row (made by the resume sweep's heartbeat)."""
         try:
-            await self._db.execute(
-                "update dynamo.worker set in_hand = $2, http_addr = $3 where id = $1",
-                worker_id,
-                in_hand,
-                http_addr,
-            )
-        except _UNAVAILABLE as exc:
-            raise FleetUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            with driver_errors_mapped():
+                await self._db.execute(
+                    "update dynamo.worker set in_hand = $2, http_addr = $3 where id = $1",
+                    worker_id,
+                    in_hand,
+                    http_addr,
+                )
+        except DatabaseUnavailable as exc:
+            raise FleetUnavailable(str(exc)) from exc
 
     async def snapshot(self, lease_s: float) -> dict[str, Any]:
         """The processes whose heartbeat is fresh, oldest first, each with its calls and
         tokens in the last 60 s by kind; and the fleet's totals in the same 60 s."""
         try:
-            workers = await self._db.fetch(_WORKERS_SQL, lease_s)
-            shares = await self._db.fetch(_SHARES_SQL, WINDOW_S)
-        except _UNAVAILABLE as exc:
-            raise FleetUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            with driver_errors_mapped():
+                workers = await self._db.fetch(_WORKERS_SQL, lease_s)
+                shares = await self._db.fetch(_SHARES_SQL, WINDOW_S)
+        except DatabaseUnavailable as exc:
+            raise FleetUnavailable(str(exc)) from exc
         processes = [dict(worker) | {"budget": {}} for worker in workers]
         by_id = {process["id"]: process for process in processes}
         totals: dict[str, dict[str, int]] = {}

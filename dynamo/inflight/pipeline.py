@@ -4,7 +4,8 @@ somewhere in the pipeline, and the conversions between a request's row and its `
 `InFlight` makes sure a request is routed into the pipeline once: intake, the HTTP API
 and the resume sweep all `add()` before they send, and the announcer `finish()`es it at
 its end state. Each actor holds a job with `holding()`; if the actor crashes, the jobs it
-held are `take_orphans()`ed and routed again once it has restarted.
+held are `take_orphans()`ed and routed again once it has restarted. A request whose
+result cannot be made is `set_aside()`: the resume sweep leaves it until the next start.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class InFlight:
         self._held: dict[str, set[uuid.UUID]] = defaultdict(set)
         self._orphans: dict[str, set[uuid.UUID]] = defaultdict(set)
         self._finish_watchers: list[set[uuid.UUID]] = []
+        self._set_aside: set[uuid.UUID] = set()
 
     def __contains__(self, request_id: uuid.UUID) -> bool:
         return request_id in self._ids
@@ -55,6 +57,16 @@ class InFlight:
         self._ids.discard(request_id)
         for finished in self._finish_watchers:
             finished.add(request_id)
+
+    def set_aside(self, request_id: uuid.UUID) -> None:
+        """Out of the pipeline, and not routed again by this process's resume sweep: a
+        request whose step raised where nothing else can be done for it. The next
+        process to start (a fixed release, maybe) tries it once more."""
+        self.finish(request_id)
+        self._set_aside.add(request_id)
+
+    def set_aside_ids(self) -> list[uuid.UUID]:
+        return list(self._set_aside)
 
     @contextmanager
     def watching_finishes(self):
@@ -324,6 +336,12 @@ class _Serving:
                 moved = await outages.patiently(self.pipeline.dependencies, fail)
                 if moved and self.failed_outcome in self.outboxes:
                     return self.failed_outcome  # on to its refund and its result
+        if job.step in (Step.ACCEPTED, Step.REFUNDED):
+            # Its debit is settled and only its result is left: making the result is
+            # what raised, and would raise again at every sweep.
+            log.error("request set aside until the next start", extra=job.log_extra)
+            self.inflight.set_aside(job.id)
+            return None
         # Past the point of failing (announced, or failing already), or no way on from
         # here: out of the pipeline, so that the resume sweep routes it from its step.
         self.inflight.finish(job.id)

@@ -101,7 +101,7 @@ async def _sweep(
     await db.heartbeat(pipeline.worker_id, hostname, pid)
     await reap_dead_neighbours(db, pipeline.worker_id, hostname)
     with pipeline.inflight.watching_finishes() as finished:
-        skipped = [*pipeline.inflight.ids(), *unreadable]
+        skipped = [*pipeline.inflight.ids(), *pipeline.inflight.set_aside_ids(), *unreadable]
         rows = await db.claim_unfinished(pipeline.worker_id, skipped, LEASE_S)
     for row in rows:
         if row["id"] in finished:

@@ -234,6 +234,30 @@ async def test_a_wrong_token_shows_an_error_and_nothing_else(live, tmp_path):
         await in_browser(steps, screenshot=tmp_path / "wrong-token.png")
 
 
+async def test_a_subject_holding_markup_is_shown_as_text_and_runs_nothing(live, tmp_path):
+    """Every value goes in as text (render.js `el`): markup in a subject is shown as it
+    was typed, makes no element, and its script never runs."""
+    subject = '<img src=x onerror="window.__ran = true"><b>bold</b> seal'
+    with trio.fail_after(TEST_TIMEOUT_S):
+        request_id = await submit(live.url, CASTER_TOKEN, ghost(subject))
+        await wait_finished(live.url, request_id)
+
+    def steps(page):
+        from playwright.sync_api import expect
+
+        sign_in(page, live.url, CASTER_TOKEN)
+        item = page.locator(f'#finished-list li[data-id="{request_id}"]')
+        expect(item.locator(".subject")).to_have_text(subject)
+        assert item.locator("b, img[src='x']").count() == 0
+        # Were there an <img src=x>, it would have failed to load (and run its onerror).
+        page.wait_for_function("[...document.images].every(image => image.complete)")
+        assert page.evaluate("window.__ran") is None
+        assert page.locator("b", has_text="bold").count() == 0
+
+    with trio.fail_after(TEST_TIMEOUT_S):
+        await in_browser(steps, screenshot=tmp_path / "markup-as-text.png")
+
+
 async def test_a_viewer_sees_only_their_own_requests(live, tmp_path):
     with trio.fail_after(TEST_TIMEOUT_S):
         for request_id in (await submit(live.url, ALICE_TOKEN, ghost("alice's own seal")),

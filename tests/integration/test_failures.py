@@ -11,15 +11,20 @@ request without failing it (contract §5).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import uuid
 
+import httpx
 import pytest
 import trio
 
+from dynamo.database.port import open_database
+from dynamo.domain.jobs import Step
+from dynamo.inflight import resume
 from dynamo.rabbitmq import broker as topology
-from tests.support import checks
+from tests.support import checks, infra
 from tests.support.amqp import bodies
 from tests.support.checks import VIEWER, genreq
 from tests.support.crash import fetch_rows
@@ -327,3 +332,35 @@ async def test_points_outage_delays_a_request_without_failing_it(
         statuses = fake.statuses(endpoint)
         back = statuses.index(200)
         assert set(statuses[:back]) == {503} and set(statuses[back:]) == {200}, statuses
+
+
+# ---- a bug in one request's result ------------------------------------------------------
+
+
+async def test_a_result_that_cannot_be_made_does_not_bring_the_process_down(
+        rabbit, dynamo_process, pg_database):
+    """An accepted request whose image row is missing (success_result raises). Before, the
+    announcer crashed on it, the resume sweep routed it again, and after 5 crashes in 60 s
+    the process exited (at every start). Now it is one error, and the process stays up."""
+    with trio.fail_after(90):
+        service = await start(rabbit, dynamo_process)
+        async with open_database(infra.pg_dsn(pg_database)) as db:
+            request_id, _ = await db.insert_request(
+                viewer_id="1001", display_name="GhostFan", broadcast_id=None,
+                screening_id=None, style="ghost", inputs={"subject": "a seal"},
+                prompt="a seal", source="broker", owner=None, timeout_s=900, points_cost=200)
+            assert await db.advance(request_id, [Step.RECEIVED], Step.ACCEPTED,
+                                    flow_id="flow-without-image")
+        errors = 'dynamo_job_errors_total{actor="announcer"} '
+        while True:
+            assert service.process.poll() is None, service.logs()[-2000:]
+            with contextlib.suppress(httpx.TransportError):  # going down: polled above
+                if errors + "1.0" in await service.metrics():
+                    break
+            await trio.sleep(0.2)
+        await trio.sleep(4 * resume.SWEEP_INTERVAL_S)  # routed again (and crashing) before
+        assert service.process.poll() is None, service.logs()[-2000:]
+        assert errors + "1.0" in await service.metrics()
+        assert str(request_id) in service.logs()  # logged with its request id
+        [row] = await fetch_rows(pg_database, "select step from dynamo.image_request")
+        assert row["step"] == "accepted"

@@ -15,6 +15,7 @@ import pytest
 import trio
 from trio_asyncio import aio_as_trio
 
+from dynamo.database import fleet_store as fleet_db
 from dynamo.database.fleet_store import LOCK_KEYS, FleetQueries, PostgresStore
 from dynamo.database.port import open_database
 from dynamo.limits.budget import Budget, BudgetUnavailable, KindConfig
@@ -138,3 +139,48 @@ async def test_a_database_that_cannot_answer_makes_the_budget_unavailable():
     store = PostgresStore(DownDatabase(), uuid.uuid4())
     with pytest.raises(BudgetUnavailable, match="ConnectionRefusedError"):
         await store.transact(CallKind.IMAGE, KindConfig(5), lambda limiter, now: None)
+
+
+async def test_a_query_bug_is_loud_not_an_unavailable_budget(db):
+    """Schema drift (a column the budget's query reads is gone) is a bug: it comes out of
+    the port as the driver's error, so that the rate limiter crashes and the supervisor
+    counts it, instead of holding every OpenAI call with one warning."""
+    with trio.fail_after(30):
+        (budget,) = fleet_of(db, 1, KindConfig(100))
+        await db.execute("alter table dynamo.permit_grant drop column tokens")
+        with pytest.raises(asyncpg.exceptions.UndefinedColumnError):
+            await budget.try_grant(CallKind.IMAGE)
+
+
+async def test_a_lock_timeout_or_a_cancelled_query_makes_the_budget_unavailable(
+        db, pg_database, monkeypatch):
+    """What means "wait": the kind's lock not free within the lock timeout, and a query
+    cancelled under the budget (pg_cancel_backend, a statement timeout)."""
+    with trio.fail_after(30):
+        (budget,) = fleet_of(db, 1, KindConfig(100))
+        monkeypatch.setattr(fleet_db, "_BEGIN_SQL", fleet_db._BEGIN_SQL.replace(
+            f"lock_timeout = '{fleet_db.LOCK_TIMEOUT}'", "lock_timeout = '200ms'"))
+        holder = await aio_as_trio(asyncpg.connect)(infra.pg_dsn(pg_database))
+        try:
+            await aio_as_trio(holder.execute)("begin")
+            await aio_as_trio(holder.execute)(
+                f"select pg_advisory_xact_lock({LOCK_KEYS[CallKind.IMAGE]})")
+            with pytest.raises(BudgetUnavailable, match="LockNotAvailableError"):
+                await budget.try_grant(CallKind.IMAGE)
+
+            monkeypatch.setattr(fleet_db, "_BEGIN_SQL", fleet_db._BEGIN_SQL.replace(
+                "lock_timeout = '200ms'", "lock_timeout = '20s'"))
+
+            async def cancel_the_waiter():
+                while not await aio_as_trio(holder.fetchval)(
+                        "select pg_cancel_backend(pid) from pg_stat_activity"
+                        " where wait_event_type = 'Lock' and pid <> pg_backend_pid()"
+                        " and datname = current_database()"):
+                    await trio.sleep(0.05)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_the_waiter)
+                with pytest.raises(BudgetUnavailable, match="QueryCanceledError"):
+                    await budget.try_grant(CallKind.IMAGE)
+        finally:
+            await aio_as_trio(holder.close)()

@@ -1,9 +1,12 @@
 """The announcer actor alone: the onscreen alert, then the viewer's result (contract §2,
 §3), with the broker port faked."""
 
+import logging
+
 import trio
 
 from actors import announcer
+from dynamo import metrics
 from dynamo.domain.jobs import Reason, Step
 from tests.fakes.ports import (
     FakeBroker,
@@ -14,6 +17,7 @@ from tests.fakes.ports import (
     running,
 )
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
+from tests.unit.test_resume_unreadable import Sweep, SweptDatabase
 
 QUIET_S = 60
 
@@ -251,3 +255,59 @@ async def test_full_discord_queue_skips_the_post_without_delaying_results(autoju
             await actor.db.wait_until(
                 lambda: all(actor.db.row(j.id)["step"] == "done" for j in (first, second)))
         assert len(actor.broker.published) == 2
+
+
+# -- one result's bug is its own ----------------------------------------------------------
+
+
+def _job_errors() -> float:
+    return metrics.REGISTRY.get_sample_value(
+        "dynamo_job_errors_total", {"actor": announcer.ACTOR}) or 0.0
+
+
+async def test_a_result_that_cannot_be_made_fails_alone_and_is_set_aside(autojump_clock, caplog):
+    """An accepted request without its image (success_result raises): logged with its
+    request id and counted; the actor goes on with the next result; the request leaves
+    the pipeline but is not routed again by this process (the next start retries it)."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Announcer()
+        broken = await actor.job(step=Step.ACCEPTED, url_suffix=None)
+        healthy = await actor.job(step=Step.ACCEPTED)
+        before = _job_errors()
+        with caplog.at_level(logging.ERROR):
+            async with actor.run():
+                await actor.results_send.send(broken)
+                await actor.results_send.send(healthy)
+                posted = await actor.discord_recv.receive()
+                assert await nothing_within(actor.discord_recv, QUIET_S) is None
+        assert posted.id == healthy.id
+        assert [m.message_id for m in actor.broker.published] == [f"{healthy.id}:result"]
+        assert _job_errors() == before + 1
+        about_it = [r for r in caplog.records if getattr(r, "request_id", None) == str(broken.id)]
+        assert about_it and about_it[0].exc_info is not None  # with its traceback
+        assert actor.db.row(broken.id)["step"] == Step.ACCEPTED.value  # left as it was
+        assert broken.id not in actor.pipeline.inflight
+        assert broken.id in actor.pipeline.inflight.set_aside_ids()
+
+
+async def test_the_resume_sweep_does_not_route_a_result_that_cannot_be_made_again(autojump_clock):
+    """The sweep routes every unfinished row: a result that raises was routed again every
+    5 s and crashed the announcer each time (5 crashes in 60 s end the process, at every
+    start). Now it raises once, and the actor serves later results."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        db = SweptDatabase()
+        broken = db.add_request(step=Step.ACCEPTED, flow_id="flow-1")  # no image stored
+        sweep = Sweep(db)
+        broker = FakeBroker()
+        before = _job_errors()
+        async with sweep.run(), running(
+                announcer.run, broker=broker, pipeline=sweep.pipeline, announce_recv=channel()[1],
+                results_recv=sweep.recv("results"), finalize_send=channel()[0],
+                discord_send=None):
+            await db.wait_until(lambda: db.claims >= 6)  # the first sweep, and five more
+            healthy = db.add_request(step=Step.ACCEPTED, flow_id="flow-2")
+            db.images[healthy] = {"url": f"https://cdn.example/{healthy}-0.jpg", "color": "#000000"}
+            await db.wait_until(lambda: db.row(healthy)["step"] == Step.DONE.value)
+        assert _job_errors() == before + 1
+        assert [m.message_id for m in broker.published] == [f"{healthy}:result"]
+        assert db.row(broken)["step"] == Step.ACCEPTED.value

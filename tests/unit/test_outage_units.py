@@ -10,6 +10,8 @@ within a second or so of the database's return, and that nothing crashed.
 from __future__ import annotations
 
 import collections
+import contextlib
+import datetime
 import hashlib
 import inspect
 import json
@@ -27,11 +29,20 @@ from dynamo.inflight import resume
 from dynamo.inflight.confirms import ALERT, Confirms
 from dynamo.supervision import outages
 from dynamo.supervision.readiness import Readiness
-from tests.fakes.ports import FakeBroker, MemoryDatabase, channel, make_pipeline, running
+from tests.fakes.ports import (
+    FakeBroker,
+    FakeSpend,
+    MemoryDatabase,
+    channel,
+    make_pipeline,
+    nothing_within,
+    running,
+)
 from tests.support.checks import genreq
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
 from tests.unit.test_actor_announcer import Announcer
-from tests.unit.test_actor_generator import Generator
+from tests.unit.test_actor_generator import IMAGE, Generator
+from tests.unit.test_actor_generator_openai import generator_with_spend, running_with_spend
 from tests.unit.test_actor_ledger import Ledger
 
 OUTAGE_S = 30.0
@@ -294,6 +305,52 @@ async def test_a_bought_image_is_not_bought_again_when_the_database_is_down(
         assert actor.openai.count("image") == 1
         assert generated.step is Step.GENERATED and db.refused["save_generated"] >= 1
         assert trio.current_time() <= db.back_at + RESUME_WITHIN_S
+
+
+class FlakySpend(FakeSpend):
+    """The spend port on a FlakyDatabase: `record` is refused while the database is down."""
+
+    def __init__(self, db: FlakyDatabase, memory: MemoryDatabase):
+        super().__init__(memory)
+        self.flaky = db
+
+    async def record(self, request_id, kind, answer) -> float:
+        if trio.current_time() < self.flaky.down_until:
+            self.flaky.refused["spend.record"] += 1
+            raise DatabaseUnavailable("ConnectionRefusedError: [Errno 111] refused")
+        return await super().record(request_id, kind, answer)
+
+
+async def test_a_bought_image_and_its_cost_are_written_down_after_an_outage_past_the_deadline(
+        autojump_clock):
+    """Deadlines guard waiting, never work already paid for (style.md 17)."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = generator_with_spend(request_timeout_s=60.0)
+        db = flaky(actor)
+        actor.spend = FlakySpend(db, actor.db)
+        job = await actor.job(step=Step.SCREENED)
+        bought = actor.openai.image
+
+        async def image_then_long_outage(order):
+            answer = await bought(order)
+            db.outage(3 * actor.request_timeout_s)  # back well after the request's deadline
+            # The mock clock does not move the wall clock: as read after the outage, the
+            # stored request has expired.
+            actor.db.requests[job.id]["expires_at"] -= datetime.timedelta(hours=1)
+            return answer
+
+        actor.openai.image = image_then_long_outage
+        async with running_with_spend(actor):
+            await actor.generate_send.send(job)
+            generated = await nothing_within(actor.upload_recv, 10 * actor.request_timeout_s)
+        with contextlib.suppress(trio.WouldBlock):
+            failed = actor.finalize_recv.receive_nowait()
+            raise AssertionError(f"failed instead of saved: {failed.failure}")
+        assert generated is not None and generated.step is Step.GENERATED
+        assert trio.current_time() > job.deadline and db.refused["spend.record"] >= 1
+        assert actor.db.generated[job.id] == IMAGE
+        assert [kind for _, kind, _, _ in actor.spend.calls] == ["image"]
+        assert actor.openai.count("image") == 1
 
 
 async def test_intake_waits_for_the_database_then_stores_and_routes_the_message(
