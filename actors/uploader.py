@@ -29,6 +29,7 @@ from dynamo.domain import prompts
 from dynamo.domain.jobs import Job, Reason, Step, Style
 from dynamo.domain.viewer_messages import failure
 from dynamo.images import processing as imaging
+from dynamo.images.storage import StoragePort
 from dynamo.inflight.pipeline import Pipeline, serve_jobs
 from dynamo.supervision import outages, retry
 
@@ -68,7 +69,7 @@ def process_image(style: Style, raw: bytes, inputs: Mapping | None = None) -> tu
 
 async def run(
     *,
-    storage,
+    storage: StoragePort,
     pipeline: Pipeline,
     upload_recv,
     announce_send,
@@ -89,7 +90,7 @@ async def run(
     )
 
 
-async def _store(storage, pipeline: Pipeline, job: Job) -> str:
+async def _store(storage: StoragePort, pipeline: Pipeline, job: Job) -> str:
     if job.step is Step.STORED:
         return "stored"
     started = trio.current_time()

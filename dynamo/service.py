@@ -45,18 +45,18 @@ from actors import fleet as fleet_actor
 from dynamo.config import Settings
 from dynamo.database import embedded as embedded_pg
 from dynamo.database.fleet_store import FleetQueries, PostgresStore
-from dynamo.database.port import open_database
-from dynamo.images.storage import LocalStorage, S3Storage
+from dynamo.database.port import Database, open_database
+from dynamo.images.storage import LocalStorage, S3Storage, StoragePort
 from dynamo.inflight import resume
 from dynamo.inflight.pipeline import Pipeline
 from dynamo.limits.budget import Budget
 from dynamo.limits.fleet_view import Fleet
 from dynamo.limits.state import RateLimiterStatus
 from dynamo.openai_port.catalogue import ModelsStatus, check_and_report
-from dynamo.openai_port.client import OfflineGenerator, OpenAIGenerator
+from dynamo.openai_port.client import GeneratorPort, OfflineGenerator, OpenAIGenerator
 from dynamo.openai_port.pricing import PriceTable
 from dynamo.openai_port.spend import Spend
-from dynamo.rabbitmq.broker import open_broker
+from dynamo.rabbitmq.broker import BrokerPort, open_broker
 from dynamo.supervision import outages
 from dynamo.supervision.children import (
     Channels,
@@ -67,7 +67,7 @@ from dynamo.supervision.children import (
 )
 from dynamo.supervision.readiness import Readiness
 from dynamo.supervision.supervisor import Supervisor
-from dynamo.viewer_points.port import FreePoints, Points
+from dynamo.viewer_points.port import FreePoints, Points, PointsPort
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ async def open_database_for(settings: Settings):
         yield db
 
 
-def make_generator(settings: Settings):
+def make_generator(settings: Settings) -> GeneratorPort:
     if settings.openai_api_key is None:
         return OfflineGenerator()
     return OpenAIGenerator(
@@ -117,13 +117,13 @@ def make_generator(settings: Settings):
     )
 
 
-def make_storage(settings: Settings):
+def make_storage(settings: Settings) -> StoragePort:
     if settings.storage is not None:
         return S3Storage(settings.storage)
     return LocalStorage(settings.data_dir / "images", f"{settings.local_http_url}/images")
 
 
-def make_points(settings: Settings, client: httpx.AsyncClient):
+def make_points(settings: Settings, client: httpx.AsyncClient) -> PointsPort:
     if settings.auth_shared_secret is None:
         return FreePoints()
     return Points(
@@ -177,10 +177,10 @@ async def serve(
 
 @dataclasses.dataclass
 class _Ports:
-    db: object
-    broker: object
+    db: Database
+    broker: BrokerPort
     http_client: httpx.AsyncClient
-    generator: object
+    generator: GeneratorPort
     models: ModelsStatus
 
 
@@ -209,8 +209,8 @@ class _Parts:
 
     pipeline: Pipeline
     supervisor: Supervisor
-    storage: LocalStorage | S3Storage
-    points: FreePoints | Points
+    storage: StoragePort
+    points: PointsPort
     spend: Spend
     limiter_status: RateLimiterStatus
     fleet: Fleet

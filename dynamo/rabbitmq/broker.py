@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import aio_pika
 import aiormq
@@ -116,6 +117,22 @@ class Delivery:
         )
         await self._broker._publish(DEAD_LETTER_EXCHANGE, message)
         await self.ack()
+
+
+class BrokerPort(Protocol):
+    """What the actors, readiness and the HTTP API ask of a broker: `Broker`, `LogBroker`."""
+
+    @property
+    def configured(self) -> bool: ...  # False: no broker, nothing consumed, alerts logged
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def probe(self) -> None: ...  # raises BrokerUnavailable while down
+
+    async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None: ...
+
+    def deliveries(self) -> AsyncIterator[Delivery]: ...
 
 
 class Broker:
