@@ -226,7 +226,7 @@ def _image_order(job: Job) -> ImageOrder:
         without_background = prompts.friend_prompt(
             job.inputs["color"], job.inputs["subject"], chroma_key=False
         )
-    return ImageOrder(job.style, job.prompt, job.viewer.twitch_user_id, without_background)
+    return ImageOrder(job.valid_style, job.prompt, job.viewer.twitch_user_id, without_background)
 
 
 async def _claim(worker: _Worker, job: Job) -> None:

@@ -27,6 +27,7 @@ import os
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
+from typing import overload
 
 import dotenv
 
@@ -123,6 +124,12 @@ class _Reader:
         self.env = env
         self.errors: list[str] = []
 
+    @overload
+    def text(self, name: str) -> str | None: ...
+
+    @overload
+    def text(self, name: str, default: str) -> str: ...
+
     def text(self, name: str, default: str | None = None) -> str | None:
         value = self.env.get(name, "").strip()
         return value if value else default
@@ -158,6 +165,12 @@ class _Reader:
 
     def port(self, name: str, default: int) -> int:
         return int(self.number(name, default, minimum=1, maximum=65535, integer=True))
+
+    @overload
+    def url(self, name: str, schemes: tuple[str, ...]) -> str | None: ...
+
+    @overload
+    def url(self, name: str, schemes: tuple[str, ...], default: str) -> str: ...
 
     def url(self, name: str, schemes: tuple[str, ...], default: str | None = None) -> str | None:
         """A URL with one of `schemes` and a host. Its value is never echoed: URLs carry
@@ -236,8 +249,8 @@ def _storage(r: _Reader) -> StorageSettings | None:
     if missing:
         r.errors.append(f"storage is partly configured; missing {', '.join(missing)}")
         return None
-    bucket = r.text("SPACES_BUCKET_NAME")
-    endpoint = r.text("SPACES_ENDPOINT_URL").rstrip("/")
+    bucket = r.text("SPACES_BUCKET_NAME", "")  # all present: checked just above
+    endpoint = r.text("SPACES_ENDPOINT_URL", "").rstrip("/")
     if "://" in endpoint:  # a local S3 server: path-style URLs
         if r.url("SPACES_ENDPOINT_URL", _HTTP) is None:
             return None
@@ -248,10 +261,10 @@ def _storage(r: _Reader) -> StorageSettings | None:
     public = (r.url("SPACES_PUBLIC_BASE_URL", _HTTP) or public).rstrip("/")
     return StorageSettings(
         bucket=bucket,
-        region=r.text("SPACES_REGION_NAME"),
+        region=r.text("SPACES_REGION_NAME", ""),
         endpoint_url=endpoint,
-        access_key_id=r.text("SPACES_ACCESS_KEY_ID"),
-        secret_key=r.text("SPACES_SECRET_KEY"),
+        access_key_id=r.text("SPACES_ACCESS_KEY_ID", ""),
+        secret_key=r.text("SPACES_SECRET_KEY", ""),
         public_base_url=public,
     )
 
@@ -290,7 +303,7 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
         data_dir=Path(r.text("DYNAMO_DATA_DIR", "./.dynamo")),
         images_per_minute=r.number("DYNAMO_IMAGES_PER_MINUTE", 5.0, minimum=0.01),
         text_requests_per_minute=r.number("DYNAMO_TEXT_REQUESTS_PER_MINUTE", 500.0, minimum=0.01),
-        image_tokens_per_minute=r.number("DYNAMO_IMAGE_TOKENS_PER_MINUTE", None, minimum=1),
+        image_tokens_per_minute=r.optional_number("DYNAMO_IMAGE_TOKENS_PER_MINUTE", minimum=1),
         generator_workers=int(r.number("DYNAMO_GENERATOR_WORKERS", 4, minimum=1, integer=True)),
         max_attempts=int(r.number("DYNAMO_MAX_ATTEMPTS", 6, minimum=1, integer=True)),
         request_timeout_s=r.number("DYNAMO_REQUEST_TIMEOUT_S", 900.0, minimum=1),
@@ -305,7 +318,7 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
         log_format=r.choice("DYNAMO_LOG_FORMAT", "text", ("text", "json")),
         admin_token=r.text("DYNAMO_ADMIN_TOKEN"),
     )
-    missing = {
+    systems = {
         "RabbitMQ (RMQ_HOST or AMQP_URL)": settings["amqp_url"],
         "PostgreSQL (PGHOST or DATABASE_URL)": settings["database_url"],
         "OpenAI (OPENAI_API_KEY)": settings["openai_api_key"],
@@ -313,7 +326,7 @@ def load(env: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Non
         "storage (SPACES_BUCKET_NAME, SPACES_REGION_NAME, SPACES_ENDPOINT_URL, "
         "SPACES_ACCESS_KEY_ID, SPACES_SECRET_KEY)": settings["storage"],
     }
-    missing = [name for name, value in missing.items() if value is None]
+    missing = [name for name, value in systems.items() if value is None]
     problems = list(r.errors)
     if profile == "production" and (missing_names := _missing_in_production(r)):
         problems.append(

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -132,7 +132,7 @@ class BrokerPort(Protocol):
 
     async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None: ...
 
-    def deliveries(self) -> AsyncIterator[Delivery]: ...
+    def deliveries(self) -> AsyncGenerator[Delivery, None]: ...
 
 
 class Broker:
@@ -189,13 +189,14 @@ class Broker:
         )
         await self._publish(exchange, message)
 
-    async def deliveries(self) -> AsyncIterator[Delivery]:
+    async def deliveries(self) -> AsyncGenerator[Delivery, None]:
         """The input queue's messages, as they come, until cancelled.
 
         Rides out broker outages: when the connection breaks, the broker puts the
         deliveries not yet acked back in the queue; once the robust connection is back,
         the consumer is registered again (aio-pika's own iterator gives up after a minute
         of reconnecting) and they come again, marked redelivered."""
+        assert self._queue is not None, "declared when the port was opened"
         while True:
             iterator = self._queue.iterator()
             try:
@@ -257,7 +258,7 @@ class LogBroker:
             extra={"request_id": message_id.split(":")[0]},
         )
 
-    async def deliveries(self) -> AsyncIterator[Delivery]:
+    async def deliveries(self) -> AsyncGenerator[Delivery, None]:
         await trio.sleep_forever()
         yield  # pragma: no cover  (makes this an async generator)
 

@@ -82,7 +82,7 @@ class Supervisor:
         *,
         max_restarts: int = MAX_RESTARTS,
         window_s: float = WINDOW_S,
-        on_restart: Callable[[str], None] | None = None,
+        on_restart: Callable[[str], object] | None = None,  # its return value is not used
         dependencies: outages.Dependencies | None = None,
     ):
         self.max_restarts = max_restarts

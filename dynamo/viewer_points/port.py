@@ -147,7 +147,7 @@ class Points:
             "type": "alert-redemption",
             "numPointsToDebit": self.points_cost,
             "alertType": ALERT_TYPE,
-            "alertMetadata": {"imageRequestId": str(job.id), "style": job.style.value},
+            "alertMetadata": {"imageRequestId": str(job.id), "style": job.valid_style.value},
         }
         response = await self._send(
             "ledger reserve",
