@@ -25,6 +25,7 @@ import functools
 import logging
 import secrets
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import trio
@@ -95,7 +96,7 @@ BROKER_FOLLOW_S = 0.5
 
 
 @contextlib.asynccontextmanager
-async def open_database_for(settings: Settings):
+async def open_database_for(settings: Settings) -> AsyncIterator[Database]:
     if settings.database_url is not None:
         async with open_database(settings.database_url) as db:
             yield db

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -264,7 +264,7 @@ class LogBroker:
 
 
 @asynccontextmanager
-async def open_broker(amqp_url: str | None):
+async def open_broker(amqp_url: str | None) -> AsyncIterator[BrokerPort]:
     """A `Broker` with its topology declared, or a `LogBroker` when there is no URL."""
     if amqp_url is None:
         yield LogBroker()
