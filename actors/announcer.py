@@ -42,7 +42,7 @@ from dynamo.domain.jobs import Job, Reason, Step
 from dynamo.domain.viewer_messages import failure
 from dynamo.inflight.confirms import ALERT, RESULT
 from dynamo.inflight.pipeline import Pipeline, serve_jobs
-from dynamo.rabbitmq.broker import ONSCREEN_EXCHANGE, RESULTS_EXCHANGE
+from dynamo.rabbitmq.broker import ONSCREEN_EXCHANGE, RESULTS_EXCHANGE, BrokerPort
 from dynamo.supervision import outages, retry
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _classify(exc: Exception) -> Exception:
 
 async def run(
     *,
-    broker,
+    broker: BrokerPort,
     pipeline: Pipeline,
     announce_recv,
     results_recv,
@@ -108,7 +108,7 @@ async def run(
         task_status.started()
 
 
-async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:
+async def _announce(broker: BrokerPort, pipeline: Pipeline, job: Job) -> bool | None:
     """True once announced, False if failed instead, None if dropped."""
     if job.step is Step.ANNOUNCED:
         return True
@@ -148,7 +148,7 @@ async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:
     return True
 
 
-async def _publish(broker, exchange, body, *, message_id, deadline, republished, log_extra):
+async def _publish(broker: BrokerPort, exchange, body, *, message_id, deadline, republished, log_extra):
     """Publishes until the broker confirms; waits out a broker outage. A publish whose
     connection broke before its confirm may have gone through: the next one is counted
     in `republished`."""
@@ -182,7 +182,7 @@ async def _publish(broker, exchange, body, *, message_id, deadline, republished,
         )
 
 
-async def _finish_request(broker, pipeline: Pipeline, discord_send, job: Job) -> None:
+async def _finish_request(broker: BrokerPort, pipeline: Pipeline, discord_send, job: Job) -> None:
     """The result, DONE, then the request leaves the pipeline (a success goes on to
     Discord, if its queue has room)."""
     if not await _publish_result(broker, pipeline, job):
@@ -196,7 +196,7 @@ async def _finish_request(broker, pipeline: Pipeline, discord_send, job: Job) ->
             metrics.DISCORD_POSTS.labels("skipped").inc()
 
 
-async def _publish_result(broker, pipeline: Pipeline, job: Job) -> bool:
+async def _publish_result(broker: BrokerPort, pipeline: Pipeline, job: Job) -> bool:
     if job.failure is None:
         body = events.success_result(job)
     elif job.style is None:

@@ -38,6 +38,7 @@ from dynamo.domain.viewer_messages import failure
 from dynamo.inflight.pipeline import Pipeline, serve_jobs
 from dynamo.limits.permits import CallKind
 from dynamo.openai_port.call import call_openai
+from dynamo.openai_port.client import GeneratorPort
 from dynamo.openai_port.dialect import ImageOrder
 from dynamo.openai_port.spend import IMAGE, MODERATION, NAME, Spend
 from dynamo.supervision import outages, retry
@@ -52,7 +53,7 @@ BUDGET_PAUSED_MESSAGE = "Image alerts are paused for today. No points were spent
 
 async def run(
     *,
-    generator,
+    generator: GeneratorPort,
     pipeline: Pipeline,
     generate_recv,
     permits_send,
@@ -88,7 +89,7 @@ async def run(
 class _Worker:
     """What every job's steps share: the ports, and how one OpenAI call is made."""
 
-    def __init__(self, generator, pipeline: Pipeline, permits_send, spend, max_attempts: int):
+    def __init__(self, generator: GeneratorPort, pipeline: Pipeline, permits_send, spend, max_attempts: int):
         self.generator = generator
         self.pipeline = pipeline
         self.permits_send = permits_send
@@ -237,7 +238,7 @@ def _image_order(job: Job) -> ImageOrder:
         without_background = prompts.friend_prompt(
             job.inputs["color"], job.inputs["subject"], chroma_key=False
         )
-    return ImageOrder(job.style, job.prompt, job.viewer.twitch_user_id, without_background)
+    return ImageOrder(job.valid_style, job.prompt, job.viewer.twitch_user_id, without_background)
 
 
 async def _claim(worker: _Worker, job: Job) -> None:

@@ -41,6 +41,7 @@ from dynamo.domain.jobs import Reason, Step
 from dynamo.domain.viewer_messages import failure
 from dynamo.inflight.attempts import CrashedAttempts, message_key
 from dynamo.inflight.pipeline import Pipeline
+from dynamo.rabbitmq.broker import BrokerPort
 from dynamo.supervision import outages
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 async def run(
     *,
-    broker,
+    broker: BrokerPort,
     pipeline: Pipeline,
     reserve_send,
     results_send,

@@ -153,11 +153,13 @@ class _RateLimiter:
 
     async def serve_permits(self, permits_recv: trio.MemoryReceiveChannel) -> None:
         async for message in permits_recv:
-            kind = getattr(message, "kind", None)
-            waiting = self.status.waiting.get(kind)
-            if waiting is None or not isinstance(message, PermitRequest | CallOutcome):
+            if (
+                not isinstance(message, PermitRequest | CallOutcome)
+                or message.kind not in self.status.waiting
+            ):
                 log.error("permit protocol: ignoring %r", message)
                 continue
+            kind, waiting = message.kind, self.status.waiting[message.kind]
             if isinstance(message, PermitRequest):
                 waiting.append(message)
                 if len(waiting) == 1:

@@ -24,7 +24,7 @@ def run() -> int:
         print(f"dynamo healthcheck: {exc}", file=sys.stderr)
         return UNHEALTHY
     url = urllib.parse.urlsplit(settings.local_http_url)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT_S)
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=TIMEOUT_S)
     try:
         connection.request("GET", "/healthz")
         status = connection.getresponse().status

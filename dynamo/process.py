@@ -78,7 +78,7 @@ async def _serve_until_signalled(settings: config.Settings) -> None:
             nursery.cancel_scope.cancel()
 
 
-def _first(group: BaseExceptionGroup) -> BaseException:
+def _first(group: BaseException | None) -> BaseException | None:
     while isinstance(group, BaseExceptionGroup):
         group = group.exceptions[0]
     return group

@@ -19,6 +19,7 @@ import logging
 import pydantic
 import trio
 from quart import g, request
+from quart.json.provider import DefaultJSONProvider
 from quart_schema import RequestSchemaValidationError
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -53,6 +54,8 @@ def build_app() -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = submit_routes.MAX_BODY_BYTES
     openapi.install(app)
+    # quart types `app.json` as the JSONProvider base; it is the default provider.
+    assert isinstance(app.json, DefaultJSONProvider)
     app.json.sort_keys = False  # bodies read in the order they are written
     for routes in (page_routes, ops_routes, submit_routes, requests_routes, stream_routes):
         app.register_blueprint(routes.blueprint)

@@ -114,7 +114,7 @@ async def _stream(api, changes, caller: Caller):
             wake_at = min(
                 next_status if caller.is_broadcaster else now + KEEPALIVE_S, last_sent + KEEPALIVE_S
             )
-            batch = []
+            batch: list | None = []
             # The cancel scope ends before any yield (a yield inside it would leak it).
             with trio.move_on_at(wake_at):
                 batch = await _next_batch(receive)

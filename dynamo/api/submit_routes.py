@@ -61,7 +61,7 @@ async def submit_request():
         raise ApiError(415, "the body must be JSON (Content-Type: application/json)")
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise ApiError(413, f"the body must be at most {MAX_BODY_BYTES} bytes")
-    raw = await request.get_data(cache=False)  # app's MAX_CONTENT_LENGTH bounds a chunked body
+    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)  # app's MAX_CONTENT_LENGTH bounds a chunked body
     body = _json_object(raw)
     idempotency_key = _idempotency_key()
     parsed = _parse(body, raw, caller)

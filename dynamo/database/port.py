@@ -14,7 +14,7 @@ import importlib.resources
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -474,7 +474,7 @@ async def _take_flow(pool, request_id, flow_id: str) -> str:
 
 
 @asynccontextmanager
-async def open_database(dsn: str):
+async def open_database(dsn: str) -> AsyncIterator[Database]:
     """A connected `Database` (inside a trio-asyncio loop), closed on exit."""
     pool = await connect_at_startup(
         functools.partial(

@@ -75,7 +75,7 @@ def is_jpeg(image_bytes: bytes) -> bool:
 
 
 def flatten_to_jpeg(
-    image_bytes: bytes, background_color: str, quality: int = JPEG_QUALITY
+    image_bytes: bytes, background_color: str | None, quality: int = JPEG_QUALITY
 ) -> bytes:
     """A JPEG of a keyed-out image laid back onto its `#rrggbb` background.
 

@@ -172,7 +172,9 @@ def _validate(model: type[BaseModel], data: object, prefix: tuple[str, ...], pro
         return None
 
 
-def _check_payload(data: object, prefix: tuple[str, ...], problems: list[str]):
+def _check_payload(
+    data: object, prefix: tuple[str, ...], problems: list[str]
+) -> tuple[Style, dict[str, Any]] | None:
     """(style, normalized inputs), or None after adding the payload's problems."""
     payload = _validate(_Payload, data, prefix, problems)
     if payload is None:

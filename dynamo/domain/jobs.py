@@ -102,5 +102,12 @@ class Job:
     raw_style: str | None = None  # the style as it came, for an invalid request's result
 
     @property
+    def valid_style(self) -> Style:
+        """The style of a request that passed validation: every job past intake."""
+        if self.style is None:
+            raise ValueError(f"request {self.id} has no valid style")
+        return self.style
+
+    @property
     def log_extra(self) -> dict[str, str]:
         return {"request_id": str(self.id), "step": self.step.value}

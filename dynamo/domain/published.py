@@ -24,7 +24,7 @@ def onscreen_event(job: Job) -> dict[str, Any]:
         details["background_color"] = job.image_color
     return {
         "type": "image",
-        "payload": {"type": job.style.value, "viewer": job.viewer.as_json(), "details": details},
+        "payload": {"type": job.valid_style.value, "viewer": job.viewer.as_json(), "details": details},
     }
 
 
@@ -35,7 +35,7 @@ def success_result(job: Job) -> dict[str, Any]:
         "request_id": str(job.id),
         "outcome": "success",
         "viewer": job.viewer.as_json(),
-        "style": job.style.value,
+        "style": job.valid_style.value,
         "description": job.description,
         "image_url": job.image_url,
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import boto3
 import botocore.config
@@ -28,6 +29,16 @@ _BOTO_CONFIG = botocore.config.Config(
 )
 # Uploads run in threads; a few at once are plenty for images of ~1 MB.
 UPLOAD_THREADS = trio.CapacityLimiter(4)
+
+
+class StoragePort(Protocol):
+    """Where the uploader puts images: `S3Storage` or `LocalStorage`."""
+
+    def public_url(self, key: str) -> str: ...
+
+    async def upload(self, key: str, data: bytes, content_type: str) -> str: ...  # the URL
+
+    async def ping(self) -> None: ...
 
 
 class S3Storage:

@@ -146,7 +146,10 @@ class Pipeline:
         )
 
     def invalid_fields(self, exc: genreq.InvalidRequest, body: bytes) -> dict:
-        """What can be stored of an invalid request, so that it has an id and a result."""
+        """What can be stored of an invalid request with a viewer (one without is only
+        dead-lettered), so that it has an id and a result."""
+        if exc.viewer is None:
+            raise ValueError("an invalid request without a viewer is not stored")
         style, inputs = "", {}
         try:
             payload = genreq.load_json(body).get("payload")

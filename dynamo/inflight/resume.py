@@ -110,10 +110,11 @@ async def _sweep(
             job = pipeline.job_from_row(row)
         except Exception:
             # One bad row must not stop the sweep (and with it every other request).
-            job = await pipeline.fail_unreadable(row)
-            if job is None:
+            failed = await pipeline.fail_unreadable(row)
+            if failed is None:
                 unreadable.add(row["id"])
                 continue
+            job = failed
         if pipeline.inflight.add(job.id):
             log.info("resuming request from step %s", job.step.value, extra=job.log_extra)
             await pipeline.inflight.route(job, router.channel_for(job))

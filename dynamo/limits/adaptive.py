@@ -103,8 +103,8 @@ class AdaptiveLimit:
         known = [self._configured_tokens]
         if now - self._learned_tokens_at < LEARNED_LIMIT_TTL_S:
             known.append(self._learned_tokens)
-        known = [tokens for tokens in known if tokens is not None]
-        return min(known) if known else None
+        ceilings = [tokens for tokens in known if tokens is not None]
+        return min(ceilings) if ceilings else None
 
     def next_allowed(self, now: float, tokens: int = 0) -> float:
         self.window.token_limit = self.token_ceiling(now)

@@ -175,7 +175,7 @@ class KindLimiter:
         """Learns from a call's answer; `expected_tokens`: what such a call was expected
         to cost, for an answer whose permit is not known."""
         if outcome.tokens_used is not None:
-            self._count_tokens(outcome, now, expected_tokens)
+            self._count_tokens(outcome, outcome.tokens_used, now, expected_tokens)
         if outcome.auth_failed:
             if outcome.probe and self.circuit.is_open:
                 self.circuit.probe_failed(now)
@@ -216,10 +216,12 @@ class KindLimiter:
                 return False
         return not outcome.succeeded or self.limit.success_changes_nothing(now, outcome.headers)
 
-    def _count_tokens(self, outcome: CallOutcome, now: float, expected_tokens: int) -> None:
+    def _count_tokens(
+        self, outcome: CallOutcome, tokens_used: int, now: float, expected_tokens: int
+    ) -> None:
         """What the answer says the call cost replaces what was expected of it; without the
         permit to match, only a cost above what was expected is added, from now on."""
-        used = max(0, outcome.tokens_used)
+        used = max(0, tokens_used)
         grant = self.limit.window.find(_grant_id(outcome))
         if grant is not None:
             grant.tokens = used

@@ -120,8 +120,8 @@ class ModelsStatus:
             days = state.days_left(today)
             state.state = OK if days is None else (SHUT_DOWN if days <= 0 else RETIRING)
         state.checked_at = datetime.datetime.now(datetime.UTC)
-        if state.shutdown_date is not None:
-            metrics.MODEL_SHUTDOWN_DAYS.labels(state.id).set(state.days_left(today))
+        if (days_left := state.days_left(today)) is not None:  # a shutdown date is known
+            metrics.MODEL_SHUTDOWN_DAYS.labels(state.id).set(days_left)
         else:
             try:
                 metrics.MODEL_SHUTDOWN_DAYS.remove(state.id)

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx
 import openai
@@ -86,6 +86,25 @@ class NameAnswer:
 class ModelInfo:
     id: str
     shutdown_date: str | None  # YYYY-MM-DD, or None when none is announced
+
+
+class GeneratorPort(Protocol):
+    """What the generator actor and the catalogue ask of OpenAI: `OpenAIGenerator`, or
+    `OfflineGenerator`'s placeholders."""
+
+    offline: bool
+    image_model: str
+    text_model: str
+
+    def expected_image_tokens(self) -> int: ...
+
+    async def moderate(self, text: str) -> Answer[bool]: ...
+
+    async def name(self, prompt: str, *, attempt: int = 0) -> Answer[NameAnswer]: ...
+
+    async def image(self, order: ImageOrder) -> Answer[GeneratedImage]: ...
+
+    async def aclose(self) -> None: ...
 
 
 class OpenAIGenerator:

@@ -12,8 +12,9 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import aio_pika
 import aiormq
@@ -118,6 +119,22 @@ class Delivery:
         await self.ack()
 
 
+class BrokerPort(Protocol):
+    """What the actors, readiness and the HTTP API ask of a broker: `Broker`, `LogBroker`."""
+
+    @property
+    def configured(self) -> bool: ...  # False: no broker, nothing consumed, alerts logged
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def probe(self) -> None: ...  # raises BrokerUnavailable while down
+
+    async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None: ...
+
+    def deliveries(self) -> AsyncGenerator[Delivery, None]: ...
+
+
 class Broker:
     configured = True
 
@@ -172,13 +189,14 @@ class Broker:
         )
         await self._publish(exchange, message)
 
-    async def deliveries(self) -> AsyncIterator[Delivery]:
+    async def deliveries(self) -> AsyncGenerator[Delivery, None]:
         """The input queue's messages, as they come, until cancelled.
 
         Rides out broker outages: when the connection breaks, the broker puts the
         deliveries not yet acked back in the queue; once the robust connection is back,
         the consumer is registered again (aio-pika's own iterator gives up after a minute
         of reconnecting) and they come again, marked redelivered."""
+        assert self._queue is not None, "declared when the port was opened"
         while True:
             iterator = self._queue.iterator()
             try:
@@ -240,13 +258,13 @@ class LogBroker:
             extra={"request_id": message_id.split(":")[0]},
         )
 
-    async def deliveries(self) -> AsyncIterator[Delivery]:
+    async def deliveries(self) -> AsyncGenerator[Delivery, None]:
         await trio.sleep_forever()
         yield  # pragma: no cover  (makes this an async generator)
 
 
 @asynccontextmanager
-async def open_broker(amqp_url: str | None):
+async def open_broker(amqp_url: str | None) -> AsyncIterator[BrokerPort]:
     """A `Broker` with its topology declared, or a `LogBroker` when there is no URL."""
     if amqp_url is None:
         yield LogBroker()

@@ -45,6 +45,8 @@ WAITER_RECHECK_S = PROBE_CAP_S
 class BrokerUnavailable(ConnectionError):
     """RabbitMQ cannot be reached, or the connection broke: try again later."""
 
+    maybe_sent: bool = False  # whether a message may have reached the broker before the break
+
 
 def outage_of(exc: BaseException) -> str | None:
     """The dependency an exception says is unreachable ("database", "broker"), or None.
@@ -90,14 +92,14 @@ class Dependency:
     def came_back(self) -> None:
         if self.up:
             return
-        down_s = trio.current_time() - self.down_since
+        down_s = self.down_for_s()
         self.up, self.down_since, self.reason = True, None, ""
         metrics.DEPENDENCY_UP.labels(self.name).set(1)
         self._back.set()
         log.info("%s is back after %.1f s", self.name, down_s)
 
     def down_for_s(self) -> float:
-        return 0.0 if self.up else trio.current_time() - self.down_since
+        return 0.0 if self.down_since is None else trio.current_time() - self.down_since
 
     def describe(self) -> str:
         """'ok', or what readiness reports while down."""

@@ -9,8 +9,14 @@ alive and waits."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:  # the ports import dynamo.supervision: no import at run time
+    from dynamo.database.port import Database
+    from dynamo.rabbitmq.broker import BrokerPort
+    from dynamo.supervision.outages import Dependencies
 
 # A readiness probe must answer quickly even when the database hangs.
 PING_TIMEOUT_S = 2.0
@@ -18,12 +24,12 @@ PING_TIMEOUT_S = 2.0
 
 @dataclasses.dataclass
 class Readiness:
-    db: object
-    broker: object
-    limiter_status: object | None = None
+    db: Database
+    broker: BrokerPort
+    limiter_status: Any = None  # dynamo.limits.state.RateLimiterStatus
     # True while intake consumes the input queue; None when there is no broker to consume.
     consuming: bool | None = False
-    dependencies: object | None = None  # dynamo.supervision.outages.Dependencies
+    dependencies: Dependencies | None = None
 
     async def check(self) -> dict[str, str]:
         """Each dependency with "ok" or why it is not ready."""
@@ -37,7 +43,7 @@ class Readiness:
         if scope.cancelled_caught:
             problems["database"] = "unreachable: no answer"
         problems["database"] = self._follow("database", problems["database"])
-        if getattr(self.broker, "configured", False):
+        if self.broker.configured:
             broker = "ok" if self.broker.connected else "unreachable"
             problems["broker"] = self._follow("broker", broker)
             problems["input_queue"] = "ok" if self.consuming else "not consumed"

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import trio
 
@@ -42,8 +43,18 @@ OUTAGE_LIMIT_S = 15 * 60.0
 OUTAGE_WATCH_S = 1.0
 
 
+# OTP's restart types: a `transient` actor is started again after a crash and stays
+# stopped once it returns; a `permanent` one is started again after a return too (a
+# return counts as a crash: an actor meant to run forever stopped).
+Restart = Literal["permanent", "transient"]
+
+
 class TooManyRestarts(Exception):
     pass
+
+
+class ActorReturned(Exception):
+    """A permanent actor returned: restarted as after a crash."""
 
 
 class OutageTooLong(Exception):
@@ -71,7 +82,7 @@ class Supervisor:
         *,
         max_restarts: int = MAX_RESTARTS,
         window_s: float = WINDOW_S,
-        on_restart: Callable[[str], None] | None = None,
+        on_restart: Callable[[str], object] | None = None,  # its return value is not used
         dependencies: outages.Dependencies | None = None,
     ):
         self.max_restarts = max_restarts
@@ -93,16 +104,24 @@ class Supervisor:
                     )
             await trio.sleep(OUTAGE_WATCH_S)
 
-    async def start(self, nursery: trio.Nursery, name: str, actor: ActorFn):
+    async def start(
+        self, nursery: trio.Nursery, name: str, actor: ActorFn, *, restart: Restart = "transient"
+    ) -> Any:
         """Starts `actor` under supervision; returns once it called task_status.started().
 
         Setup errors of the first start propagate from here, so a misconfigured service
         fails at startup instead of restarting in a loop.
         """
         self.actors[name] = ActorStatus(name)
-        return await nursery.start(self._supervise, name, actor)
+        return await nursery.start(self._supervise, name, actor, restart)
 
-    async def _supervise(self, name: str, actor: ActorFn, task_status=trio.TASK_STATUS_IGNORED):
+    async def _supervise(
+        self,
+        name: str,
+        actor: ActorFn,
+        restart: Restart,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         status = self.actors[name]
         crashes: deque[float] = deque()
         first = True
@@ -112,6 +131,8 @@ class Supervisor:
                     await actor(task_status=_Started(status, task_status))
                 else:
                     await actor(task_status=_Started(status, trio.TASK_STATUS_IGNORED))
+                if restart == "permanent" and status.state != "starting":
+                    raise ActorReturned(f"actor {name} returned")
                 status.state = "stopped"
                 log.info("actor %s stopped", name)
                 return

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import uuid
+from typing import Protocol
 
 import httpx
 
@@ -60,6 +61,25 @@ def _raise_for(response: httpx.Response, what: str) -> None:
     if kind is Transient:
         raise Transient(message, retry_after_s=retry_after_from_headers(response.headers))
     raise Permanent(message)
+
+
+class PointsPort(Protocol):
+    """What the ledger actor asks of the auth and ledger services: `Points`, or
+    `FreePoints` when none is configured."""
+
+    charges: bool
+
+    async def service_token(self, job: Job) -> str: ...
+
+    async def reserve(self, job: Job, token: str) -> str | None: ...  # the flow id
+
+    async def accept(self, flow_id: str, token: str) -> None: ...
+
+    async def refund(self, flow_id: str, token: str) -> None: ...
+
+    async def pending_redemptions(
+        self, job: Job, token: str, since: datetime.datetime
+    ) -> list[tuple[datetime.datetime, str]]: ...
 
 
 class Points:
@@ -127,7 +147,7 @@ class Points:
             "type": "alert-redemption",
             "numPointsToDebit": self.points_cost,
             "alertType": ALERT_TYPE,
-            "alertMetadata": {"imageRequestId": str(job.id), "style": job.style.value},
+            "alertMetadata": {"imageRequestId": str(job.id), "style": job.valid_style.value},
         }
         response = await self._send(
             "ledger reserve",
@@ -238,5 +258,7 @@ class FreePoints:
     async def refund(self, flow_id: str, token: str) -> None:
         return None
 
-    async def pending_redemptions(self, job: Job, token: str, since) -> list:
+    async def pending_redemptions(
+        self, job: Job, token: str, since: datetime.datetime
+    ) -> list[tuple[datetime.datetime, str]]:
         return []

@@ -414,6 +414,9 @@ class FakeBroker(_Observable):
             yield delivery
         await trio.sleep_forever()
 
+    async def probe(self) -> None:
+        await trio.lowlevel.checkpoint()
+
     async def publish_json(self, exchange: str, body: dict, *, message_id: str) -> None:
         await trio.lowlevel.checkpoint()
         self.publish_attempts += 1
