@@ -31,8 +31,11 @@ from typing import TypeVar
 
 import trio
 
-from dynamo import discord_post, imaging, metrics, retry
-from dynamo.jobs import Job, Style
+from dynamo import metrics
+from dynamo.discord import webhook as discord_post
+from dynamo.domain.jobs import Job, Style
+from dynamo.images import processing as imaging
+from dynamo.supervision import retry
 
 log = logging.getLogger(__name__)
 

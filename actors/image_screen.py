@@ -6,7 +6,7 @@ text permit from the rate limiter first, like any moderation call; its cost reco
 Flagged: the request fails as rejected (`finalize_send`, refunded), its bytes are
 dropped, nothing is stored, published or shown. Passed, and with DYNAMO_APPROVAL on: the
 request moves to AWAITING_APPROVAL and leaves the pipeline (no worker, no permit held;
-`dynamo.approval` routes it once decided). Passed without approval: on to `upload_send`.
+`dynamo.safety.approval` routes it once decided). Passed without approval: on to `upload_send`.
 
 The moderation call is bounded by the request's deadline (then: expired, refunded); an
 API that keeps failing fails the request as error: an unscreened image is never shown.
@@ -18,17 +18,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import Any
 
 import trio
 
-from dynamo import metrics, outages, retry
-from dynamo.db_approval import ApprovalQueries
-from dynamo.jobs import Job, Reason, Step
-from dynamo.messages import failure
-from dynamo.openai_call import call_openai
-from dynamo.permits import CallKind
-from dynamo.pipeline import Pipeline, serve_jobs
-from dynamo.spend import IMAGE_MODERATION, Spend
+from dynamo import metrics
+from dynamo.database.approval import ApprovalQueries
+from dynamo.domain.jobs import Job, Reason, Step
+from dynamo.domain.viewer_messages import failure
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.limits.permits import CallKind
+from dynamo.openai_port.call import call_openai
+from dynamo.openai_port.client import GeneratorPort
+from dynamo.openai_port.spend import IMAGE_MODERATION, Spend
+from dynamo.supervision import outages, retry
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +50,12 @@ class ScreenSettings:
 
 async def run(
     *,
-    generator,
+    generator: GeneratorPort,
     pipeline: Pipeline,
-    screen_recv,
-    permits_send,
-    upload_send,
-    finalize_send,
+    screen_recv: trio.MemoryReceiveChannel[Job],
+    permits_send: trio.MemorySendChannel[Any],
+    upload_send: trio.MemorySendChannel[Job],
+    finalize_send: trio.MemorySendChannel[Job],
     settings: ScreenSettings,
     spend: Spend | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
@@ -74,9 +77,9 @@ async def run(
 
 @dataclasses.dataclass
 class _Screen:
-    generator: object
+    generator: GeneratorPort
     pipeline: Pipeline
-    permits_send: object
+    permits_send: trio.MemorySendChannel[Any]
     spend: Spend | None
     settings: ScreenSettings
 

@@ -6,8 +6,8 @@ the ledger and intake. Sends them on `generate_send` (capacity 0: a send complet
 when a generator worker is free), one viewer at a time, round robin. A job whose deadline
 passed is not generated: it goes on `failures_send` as expired (its debit is refunded there).
 
-Serves the permit protocol of `dynamo.permits` on `permits_recv`: a `PermitRequest` is
-answered with a `Permit` once the account's budget (`dynamo.budget`: its windows of calls
+Serves the permit protocol of `dynamo.limits.permits` on `permits_recv`: a `PermitRequest` is
+answered with a `Permit` once the account's budget (`dynamo.limits.budget`: its windows of calls
 and tokens, 429 pause and auth circuit, shared with every process of a fleet) grants it
 (FIFO per kind; image and text are paced independently, so waiting image calls never hold
 up text calls); a `CallOutcome` teaches the budget.
@@ -29,11 +29,11 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from dynamo import metrics
-from dynamo.budget import BudgetUnavailable, Decision, KindConfig
-from dynamo.jobs import Reason
-from dynamo.messages import failure
-from dynamo.permits import CallKind, CallOutcome, PermitRequest
-from dynamo.ratelimit import RateLimiterStatus
+from dynamo.domain.jobs import Reason
+from dynamo.domain.viewer_messages import failure
+from dynamo.limits.budget import BudgetUnavailable, Decision, KindConfig
+from dynamo.limits.permits import CallKind, CallOutcome, PermitRequest
+from dynamo.limits.state import RateLimiterStatus
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +153,13 @@ class _RateLimiter:
 
     async def serve_permits(self, permits_recv: trio.MemoryReceiveChannel) -> None:
         async for message in permits_recv:
-            kind = getattr(message, "kind", None)
-            waiting = self.status.waiting.get(kind)
-            if waiting is None or not isinstance(message, PermitRequest | CallOutcome):
+            if (
+                not isinstance(message, PermitRequest | CallOutcome)
+                or message.kind not in self.status.waiting
+            ):
                 log.error("permit protocol: ignoring %r", message)
                 continue
+            kind, waiting = message.kind, self.status.waiting[message.kind]
             if isinstance(message, PermitRequest):
                 waiting.append(message)
                 if len(waiting) == 1:

@@ -23,7 +23,7 @@ import time
 import trio
 
 from bench import harness
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 from tests.support import browser
 
 TOKEN = "bench-broadcaster"

@@ -19,6 +19,7 @@ import logging
 import pydantic
 import trio
 from quart import g, request
+from quart.json.provider import DefaultJSONProvider
 from quart_schema import RequestSchemaValidationError
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -37,7 +38,7 @@ from dynamo.api import (
 from dynamo.api.context import ApiContext
 from dynamo.api.errors import ApiError
 from dynamo.api.tickets import Tickets
-from dynamo.db_errors import DataRejected
+from dynamo.database.errors import DataRejected
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def build_app() -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = submit_routes.MAX_BODY_BYTES
     openapi.install(app)
+    # quart types `app.json` as the JSONProvider base; it is the default provider.
+    assert isinstance(app.json, DefaultJSONProvider)
     app.json.sort_keys = False  # bodies read in the order they are written
     for routes in (
         page_routes,

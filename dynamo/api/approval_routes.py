@@ -16,12 +16,12 @@ import uuid
 from quart import Blueprint, Response
 from quart_schema import document_response, validate_response
 
-from dynamo import imaging
 from dynamo.api import bodies, schemas
 from dynamo.api.access import authenticate_broadcaster
 from dynamo.api.context import current_api
 from dynamo.api.errors import ApiError, bounded, not_found
 from dynamo.api.openapi import errors
+from dynamo.images import processing as imaging
 
 log = logging.getLogger(__name__)
 

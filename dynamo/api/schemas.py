@@ -9,20 +9,28 @@ time, and a key the model does not name yet is passed on, not dropped.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 from pydantic_core import PydanticCustomError
 
-from dynamo import genreq, prompts
-from dynamo.jobs import Reason, State, Step, Style
+from dynamo.domain import genreq, prompts
+from dynamo.domain.jobs import Reason, State, Step, Style
 
-# Literal types from the enums, so the document lists the values the code uses.
-StateName = Literal[tuple(state.value for state in State)]  # type: ignore[valid-type]
-StepName = Literal[tuple(step.value for step in Step)]  # type: ignore[valid-type]
-StyleName = Literal[tuple(style.value for style in Style)]  # type: ignore[valid-type]
-ReasonName = Literal[tuple(reason.value for reason in Reason)]  # type: ignore[valid-type]
-ColorName = Literal[prompts.COLORS]  # type: ignore[valid-type]
+# Literal types from the enums, so the document lists the values the code uses. Built at
+# run time, which a type checker cannot follow: it sees strings.
+if TYPE_CHECKING:
+    StateName: TypeAlias = str
+    StepName: TypeAlias = str
+    StyleName: TypeAlias = str
+    ReasonName: TypeAlias = str
+    ColorName: TypeAlias = str
+else:
+    StateName = Literal[tuple(state.value for state in State)]
+    StepName = Literal[tuple(step.value for step in Step)]
+    StyleName = Literal[tuple(style.value for style in Style)]
+    ReasonName = Literal[tuple(reason.value for reason in Reason)]
+    ColorName = Literal[prompts.COLORS]
 
 Uuid = Annotated[str, Field(json_schema_extra={"format": "uuid"})]
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
@@ -335,6 +343,7 @@ class Fleet(_Open):
 class Status(_Open):
     """The service's state. Other keys may appear."""
 
+    version: str = Field(description="The running dynamo's version (its package's).")
     actors: dict[str, ActorStatus]
     queues: dict[str, QueueStatistics] = Field(
         description="Each pipeline channel, and the RabbitMQ input queue where configured."
@@ -393,7 +402,7 @@ class Media(RootModel[str]):
 
     media_types: ClassVar[tuple[str, ...]] = ()
     # The schema of the body (of each event, for an event stream).
-    schema: ClassVar[dict] = {"type": "string"}
+    body_schema: ClassVar[dict] = {"type": "string"}
 
 
 class EventStream(Media):
@@ -402,7 +411,7 @@ class EventStream(Media):
     every few seconds), `resync` (changes may have been missed: read again)."""
 
     media_types = ("text/event-stream",)
-    schema = {
+    body_schema = {
         "type": "object",
         "properties": {
             "event": {"type": "string", "enum": ["hello", "request", "status", "resync"]},

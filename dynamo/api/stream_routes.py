@@ -34,7 +34,7 @@ from dynamo.api.context import current_api
 from dynamo.api.errors import ApiError
 from dynamo.api.openapi import BEARER_OR_TICKET, errors
 from dynamo.api.tickets import TICKET_TTL_S
-from dynamo.db_events import RESYNC, RequestChange
+from dynamo.database.changes import RESYNC, RequestChange
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ async def _stream(api, changes, caller: Caller):
             wake_at = min(
                 next_status if caller.is_broadcaster else now + KEEPALIVE_S, last_sent + KEEPALIVE_S
             )
-            batch = []
+            batch: list | None = []
             # The cancel scope ends before any yield (a yield inside it would leak it).
             with trio.move_on_at(wake_at):
                 batch = await _next_batch(receive)

@@ -1,5 +1,6 @@
-"""dynamo as an operator runs it: `python run.py` in a subprocess, configured through its
-environment, stopped with SIGTERM or killed with SIGKILL."""
+"""dynamo as an operator runs it: `python run.py` (or an installed `dynamo` command) in a
+subprocess, configured through its environment, stopped with SIGTERM or killed with
+SIGKILL."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, env: dict[str, str], workdir: Path):
+    def __init__(self, env: dict[str, str], workdir: Path, *, command: list[str] | None = None):
+        self.command = command or [sys.executable, str(ROOT / "run.py")]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -46,7 +48,7 @@ class ServiceProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "run.py")], cwd=self.workdir, env=self.env,
+            self.command, cwd=self.workdir, env=self.env,
             stdout=self._log, stderr=subprocess.STDOUT)
 
     async def wait_ready(self, *, path: str = "/readyz") -> None:

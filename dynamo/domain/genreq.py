@@ -1,0 +1,287 @@
+"""Parsing and validation of image requests (contract §3, the golden-vcr `genreq` schema).
+
+`parse_message` reads a whole message body from the broker (or the HTTP API);
+`parse_inputs` reads the HTTP API's short form `{"style", "inputs"}` for a known viewer.
+Both run the same payload checks and return a `ParsedRequest` with the prompt and the
+description already made, or raise `InvalidRequest` with a sentence naming every bad
+field. Unknown extra fields are ignored, as the other golden-vcr services add some.
+
+Whatever the bytes (anyone who can publish to the exchange can send them), the answer is
+a request or `InvalidRequest`, never another exception: `load_json` bounds the size, the
+nesting depth and the length of numbers before the JSON decoder sees them, and refuses
+text that is not valid Unicode (lone surrogates), which PostgreSQL could not store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import unicodedata
+import uuid
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import AfterValidator, BaseModel, Field
+from pydantic_core import PydanticCustomError
+
+from dynamo.domain import prompts
+from dynamo.domain.jobs import Style, Viewer
+
+# Longest subject accepted: the original service's limit, which the chat command enforces.
+MAX_SUBJECT_CHARS = 120
+# Twitch ids and display names are far shorter; this only keeps garbage out of the database.
+MAX_VIEWER_FIELD_CHARS = 100
+NIL_UUID = uuid.UUID(int=0)
+# A genreq message is a few hundred bytes; this leaves room for fields other services add.
+MAX_BODY_BYTES = 16 * 1024
+# A genreq message nests 3 deep; deeper junk is refused before the decoder recurses into it
+# (5,000 brackets make `json.loads` raise RecursionError).
+MAX_NESTING_DEPTH = 32
+# Longer numbers are refused before Python converts them (quadratic, then a ValueError
+# past 4,300 digits); the largest id the database holds has 10 digits.
+MAX_NUMBER_CHARS = 40
+# A refusal's text goes into a message header and a database column: keep it short.
+MAX_REASON_CHARS = 1000
+
+# A JSON string literal, to skip brackets inside strings when measuring the depth. An
+# unterminated one runs to the end: without that, each later quote would start a new
+# scan to the end (quadratic: seconds for 16 KB of `"\\"`).
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+class InvalidRequest(Exception):
+    """A request that can never succeed; `viewer` is set when one could be read."""
+
+    def __init__(self, reason_text: str, viewer: Viewer | None = None) -> None:
+        reason_text = reason_text[:MAX_REASON_CHARS]
+        super().__init__(reason_text)
+        self.reason_text = reason_text
+        self.viewer = viewer
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The refused fields, as named in the reason (`body` for the whole message)."""
+        clauses = self.reason_text.split("; ")
+        return tuple(dict.fromkeys(clause.split(": ", 1)[0] for clause in clauses))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedRequest:
+    viewer: Viewer
+    style: Style
+    inputs: dict[str, Any]  # normalized: only the style's keys, subject trimmed
+    broadcast_id: int | None  # 0 in the message means none
+    screening_id: uuid.UUID | None  # the nil UUID in the message means none
+    prompt: str
+    description: str
+
+
+def _has_control_characters(text: str) -> bool:
+    # Cs: a lone surrogate, which is no character at all and cannot be stored.
+    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+
+
+def _check_subject(subject: str) -> str:
+    subject = subject.strip()
+    if not 1 <= len(subject) <= MAX_SUBJECT_CHARS:
+        raise PydanticCustomError("subject", f"must be 1 to {MAX_SUBJECT_CHARS} characters")
+    if _has_control_characters(subject):
+        raise PydanticCustomError("subject", "must not contain control characters")
+    return subject
+
+
+def _check_color(color: str) -> str:
+    if color not in prompts.COLORS:
+        raise PydanticCustomError("color", "must be one of " + ", ".join(prompts.COLORS))
+    return color
+
+
+def _check_viewer_field(value: str) -> str:
+    if not 1 <= len(value) <= MAX_VIEWER_FIELD_CHARS or _has_control_characters(value):
+        raise PydanticCustomError(
+            "viewer", f"must be 1 to {MAX_VIEWER_FIELD_CHARS} printable characters"
+        )
+    return value
+
+
+Subject = Annotated[str, AfterValidator(_check_subject)]
+Color = Annotated[str, AfterValidator(_check_color)]
+ViewerField = Annotated[str, AfterValidator(_check_viewer_field)]
+# bool is an int in Python; a JSON `true` is no broadcast id, hence strict. The upper
+# bound is the database column's (PostgreSQL integer).
+Id = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+
+
+class _Viewer(BaseModel):
+    twitch_user_id: ViewerField
+    twitch_display_name: ViewerField
+
+
+class _State(BaseModel):
+    broadcast_id: Id = 0
+    screening_id: uuid.UUID = NIL_UUID
+    tape_id: Id = 0
+
+
+class _Envelope(BaseModel):
+    type: Literal["image"]
+    viewer: _Viewer
+    state: _State | None = None
+    payload: dict[str, Any]  # checked by `_check_payload`, shared with the short form
+
+
+class _Payload(BaseModel):
+    style: Style
+    inputs: dict[str, Any]
+
+
+class _GhostInputs(BaseModel):
+    subject: Subject
+
+
+class _FriendInputs(BaseModel):
+    color: Color
+    subject: Subject
+
+
+_INPUTS_MODELS: dict[Style, type[BaseModel]] = {
+    Style.GHOST: _GhostInputs,
+    Style.FRIEND: _FriendInputs,
+}
+
+
+def _describe_error(error: Any, prefix: tuple[str, ...]) -> str:
+    """One `field.path: what is wrong` clause from a pydantic error."""
+    field = ".".join(str(part) for part in (*prefix, *error["loc"])) or "body"
+    if error["type"] == "missing":
+        return f"{field}: is required"
+    if error["type"] in ("dict_type", "model_type", "model_attributes_type"):
+        return f"{field}: must be an object"
+    message = error["msg"].replace("Input should be", "must be")
+    return f"{field}: {message[:1].lower()}{message[1:]}"
+
+
+def _validate(model: type[BaseModel], data: object, prefix: tuple[str, ...], problems: list[str]):
+    """The validated model, or None after adding its problems to `problems`."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as error:
+        problems.extend(_describe_error(detail, prefix) for detail in error.errors())
+        return None
+
+
+def _check_payload(
+    data: object, prefix: tuple[str, ...], problems: list[str]
+) -> tuple[Style, dict[str, Any]] | None:
+    """(style, normalized inputs), or None after adding the payload's problems."""
+    payload = _validate(_Payload, data, prefix, problems)
+    if payload is None:
+        return None
+    inputs = _validate(_INPUTS_MODELS[payload.style], payload.inputs, (*prefix, "inputs"), problems)
+    if inputs is None:
+        return None
+    return payload.style, inputs.model_dump()
+
+
+def _join(problems: list[str]) -> str:
+    # A payload that is not an object is reported by both checks; say it once.
+    return "; ".join(dict.fromkeys(problems))
+
+
+def _read_viewer(data: object) -> Viewer | None:
+    viewer = _validate(_Viewer, data, (), [])
+    return None if viewer is None else Viewer(viewer.twitch_user_id, viewer.twitch_display_name)
+
+
+def _build(
+    viewer: Viewer, style: Style, inputs: dict[str, Any], state: _State | None
+) -> ParsedRequest:
+    state = state or _State()
+    return ParsedRequest(
+        viewer=viewer,
+        style=style,
+        inputs=inputs,
+        broadcast_id=state.broadcast_id or None,
+        screening_id=None if state.screening_id == NIL_UUID else state.screening_id,
+        prompt=prompts.prompt(style, inputs),
+        description=prompts.description(style, inputs),
+    )
+
+
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub('""', text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits) > MAX_NUMBER_CHARS:
+        raise ValueError(f"a number longer than {MAX_NUMBER_CHARS} characters")
+    return int(digits)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _lone_surrogate_in(value: object) -> bool:
+    """True if a string anywhere in `value` (depth already bounded) is not valid Unicode."""
+    if isinstance(value, str):
+        return any("\ud800" <= char <= "\udfff" for char in value)
+    if isinstance(value, dict):
+        return any(_lone_surrogate_in(k) or _lone_surrogate_in(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate_in(item) for item in value)
+    return False
+
+
+def load_json(body: bytes) -> dict[str, Any]:
+    """The JSON object in `body`, whatever the bytes; raises InvalidRequest."""
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidRequest(f"body: not valid UTF-8 JSON ({error})") from None
+    if _nesting_depth(text) > MAX_NESTING_DEPTH:
+        raise InvalidRequest(f"body: nested deeper than {MAX_NESTING_DEPTH} levels")
+    try:
+        message = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise InvalidRequest(f"body: not valid UTF-8 JSON ({error})") from None
+    if not isinstance(message, dict):
+        raise InvalidRequest("body: must be a JSON object")
+    if _lone_surrogate_in(message):
+        raise InvalidRequest("body: a string is not valid Unicode (a lone surrogate escape)")
+    return message
+
+
+def parse_message(body: bytes) -> ParsedRequest:
+    """A whole `genreq` message body, any bytes at all; raises InvalidRequest."""
+    message = load_json(body)
+    # Read apart from the rest, so that an otherwise bad request can still be answered.
+    viewer = _read_viewer(message.get("viewer"))
+    problems: list[str] = []
+    envelope = _validate(_Envelope, message, (), problems)
+    # The payload is checked even when the envelope is bad, to report every problem at once.
+    checked = (
+        _check_payload(message["payload"], ("payload",), problems) if "payload" in message else None
+    )
+    if envelope is None or checked is None:
+        raise InvalidRequest(_join(problems), viewer)
+    assert viewer is not None  # the envelope's viewer passed the same checks
+    style, inputs = checked
+    return _build(viewer, style, inputs, envelope.state)
+
+
+def parse_inputs(viewer: Viewer, style: object, inputs: object) -> ParsedRequest:
+    """The HTTP API's short form for `viewer`; raises InvalidRequest."""
+    problems: list[str] = []
+    checked = _check_payload({"style": style, "inputs": inputs}, (), problems)
+    if checked is None:
+        raise InvalidRequest(_join(problems), viewer)
+    return _build(viewer, *checked, state=None)
