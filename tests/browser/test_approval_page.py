@@ -16,11 +16,11 @@ import pytest
 import trio
 
 from tests.support.browser import in_browser, require_browser, sign_in
+from tests.support.timeouts import SERVICE_S as TEST_TIMEOUT_S
+from tests.support.timeouts import STARTUP_S as STARTUP_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
 
-TEST_TIMEOUT_S = 180
-STARTUP_TIMEOUT_S = 60
 CASTER_TOKEN, ALICE_TOKEN = "caster-token", "alice-token"
 CASTER, ALICE = ("42", "GoldenVCR"), ("1001", "Alice")
 REJECTED_BY_CASTER = "The broadcaster turned this image down. No points were spent."

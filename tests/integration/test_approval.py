@@ -19,10 +19,11 @@ import trio
 from dynamo.rabbitmq import broker as topology
 from tests.support import checks
 from tests.support.checks import VIEWER, genreq
+from tests.support.timeouts import SERVICE_S as TEST_TIMEOUT_S
+from tests.support.timeouts import STARTUP_S
 
 pytestmark = pytest.mark.integration
 
-READY_S = 30
 QUIET_S = 0.5
 CASTER_TOKEN, VIEWER_TOKEN = "caster-token", "viewer-token"
 REJECTED_BY_CASTER = "The broadcaster turned this image down. No points were spent."
@@ -39,7 +40,7 @@ def tokens(fake_auth):
 async def start(dynamo_process, **env):
     service = dynamo_process(**{**APPROVAL_ENV, **env})
     service.start()
-    with trio.fail_after(READY_S):
+    with trio.fail_after(STARTUP_S):
         await service.wait_ready()
     return service
 
@@ -112,7 +113,7 @@ def check_accepted_once(fake_ledger, request_id: str) -> None:
 
 async def test_an_approved_image_is_private_until_approved_then_shown_and_charged(
         rabbit, dynamo_process, tokens, fake_ledger, fake_s3, pg_database):
-    with trio.fail_after(90):
+    with trio.fail_after(TEST_TIMEOUT_S):
         await collect(rabbit)
         service = await start(dynamo_process)
         request_id = await submit(service)
@@ -159,7 +160,7 @@ async def test_an_approved_image_is_private_until_approved_then_shown_and_charge
 
 async def test_a_rejected_image_is_refunded_with_the_broadcasters_sentence(
         rabbit, dynamo_process, tokens, fake_ledger, fake_s3, pg_database):
-    with trio.fail_after(90):
+    with trio.fail_after(TEST_TIMEOUT_S):
         await collect(rabbit)
         service = await start(dynamo_process)
         request_id = await submit(service)
@@ -182,7 +183,7 @@ async def test_a_rejected_image_is_refunded_with_the_broadcasters_sentence(
 @pytest.mark.parametrize("action", ["reject", "approve"])
 async def test_no_decision_in_time_applies_the_configured_action(
         rabbit, dynamo_process, tokens, fake_ledger, fake_s3, pg_database, action):
-    with trio.fail_after(90):
+    with trio.fail_after(TEST_TIMEOUT_S):
         await collect(rabbit)
         service = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="3",
                               DYNAMO_APPROVAL_TIMEOUT_ACTION=action)
@@ -206,7 +207,7 @@ async def test_no_decision_in_time_applies_the_configured_action(
 
 async def test_a_wait_survives_a_kill_and_its_timeout_still_applies(
         rabbit, dynamo_process, tokens, fake_ledger, fake_s3, pg_database):
-    with trio.fail_after(120):
+    with trio.fail_after(TEST_TIMEOUT_S):
         await collect(rabbit)
         # Each wait keeps the deadline it began with, whatever the next process says.
         first = await start(dynamo_process, DYNAMO_APPROVAL_TIMEOUT_S="90")
@@ -240,7 +241,7 @@ async def one_result_after(rabbit, taken: int) -> dict:
 
 async def test_another_process_takes_the_decision_and_two_racing_decisions_end_once(
         rabbit, dynamo_process, tokens, fake_ledger, fake_s3, pg_database):
-    with trio.fail_after(120):
+    with trio.fail_after(TEST_TIMEOUT_S):
         await collect(rabbit)
         first = await start(dynamo_process)
         second = await start(dynamo_process)
@@ -287,7 +288,7 @@ async def test_another_process_takes_the_decision_and_two_racing_decisions_end_o
 
 async def test_a_clean_stop_does_not_wait_for_images_awaiting_a_decision(
         rabbit, dynamo_process, tokens, fake_ledger, pg_database):
-    with trio.fail_after(90):
+    with trio.fail_after(TEST_TIMEOUT_S):
         await collect(rabbit)
         service = await start(dynamo_process)
         request_id = await submit(service)
@@ -307,7 +308,7 @@ async def test_an_approval_timeout_not_shorter_than_the_request_timeout_stops_th
     service = dynamo_process(DYNAMO_APPROVAL="on", DYNAMO_APPROVAL_TIMEOUT_S="60",
                              DYNAMO_REQUEST_TIMEOUT_S="60")
     service.start()
-    with trio.fail_after(30):
+    with trio.fail_after(STARTUP_S):
         assert await service.wait_exited() == 2
     lines = [line for line in service.logs().splitlines() if line.strip()]
     assert len(lines) == 1 and "DYNAMO_APPROVAL_TIMEOUT_S" in lines[0], lines

@@ -14,10 +14,10 @@ from dynamo.database.approval import APPROVED, REJECTED, TIMEOUT, ApprovalQuerie
 from dynamo.database.port import open_database
 from dynamo.domain.jobs import Step
 from tests.support import infra
+from tests.support.timeouts import SLOW_S as TEST_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
 
-TEST_TIMEOUT_S = 60
 # Decisions sent at once on one waiting request, each on its own connection of the pool.
 RACERS = 8
 RACES = 10

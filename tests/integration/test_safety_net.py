@@ -18,10 +18,11 @@ import trio
 from dynamo.rabbitmq import broker as topology
 from tests.support import checks
 from tests.support.checks import genreq
+from tests.support.timeouts import SERVICE_S as TEST_TIMEOUT_S
+from tests.support.timeouts import STARTUP_S
 
 pytestmark = pytest.mark.integration
 
-READY_S = 30
 QUIET_S = 0.5
 REJECTED_SENTENCE = "Your image request was rejected by the content filter. No points were spent."
 # The fake's marker word (tests/fakes/openai_server.py): an image generated from a prompt
@@ -35,7 +36,7 @@ async def start(rabbit, dynamo_process, **env):
     await rabbit.collect(topology.RESULTS_EXCHANGE)
     service = dynamo_process(**env)
     service.start()
-    with trio.fail_after(READY_S):
+    with trio.fail_after(STARTUP_S):
         await service.wait_ready()
     return service
 
@@ -64,7 +65,7 @@ async def test_a_blocked_term_is_rejected_before_any_call_and_the_list_follows_t
     terms = tmp_path / "blocked.txt"
     terms.write_text("# the broadcaster's list\ncrème brûlée\n")
     fake_auth.add_broadcaster(CASTER_TOKEN, "42", "GoldenVCR")
-    with trio.fail_after(90):
+    with trio.fail_after(TEST_TIMEOUT_S):
         service = await start(rabbit, dynamo_process, DYNAMO_BLOCKED_TERMS_FILE=str(terms))
         await rabbit.publish(genreq("a CREME BRULEE ghost"))
         first = await next_message(rabbit)
@@ -110,7 +111,7 @@ async def test_an_unreadable_blocked_terms_file_stops_the_start_with_one_line(
         dynamo_process, tmp_path):
     service = dynamo_process(DYNAMO_BLOCKED_TERMS_FILE=str(tmp_path / "nowhere.txt"))
     service.start()
-    with trio.fail_after(30):
+    with trio.fail_after(STARTUP_S):
         assert await service.wait_exited() == 2
     lines = [line for line in service.logs().splitlines() if line.strip()]
     assert len(lines) == 1, lines
@@ -119,7 +120,7 @@ async def test_an_unreadable_blocked_terms_file_stops_the_start_with_one_line(
 
 async def test_a_flagged_image_is_refunded_never_stored_nor_published(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, fake_s3, pg_database):
-    with trio.fail_after(60):
+    with trio.fail_after(TEST_TIMEOUT_S):
         service = await start(rabbit, dynamo_process)
         await rabbit.publish(genreq(f"a {IMAGE_MARKER} seal"))
         await rabbit.publish(genreq("a friendly seal", style="friend", color="yellow"))
@@ -160,7 +161,7 @@ async def test_a_flagged_image_is_refunded_never_stored_nor_published(
 
 async def test_with_image_moderation_off_no_image_is_sent_to_moderation(
         rabbit, dynamo_process, fake_openai, pg_database):
-    with trio.fail_after(60):
+    with trio.fail_after(TEST_TIMEOUT_S):
         await start(rabbit, dynamo_process, DYNAMO_IMAGE_MODERATION="off")
         await rabbit.publish(genreq(f"a {IMAGE_MARKER} seal"))
         assert (await next_result(rabbit))["outcome"] == "success"

@@ -13,10 +13,10 @@ import trio
 
 from tests.fakes import FakeOpenAI, fixtures
 from tests.fakes.openai_server import IMAGE_CATEGORIES, IMAGE_MARKER_WORD
+from tests.support.timeouts import FAKES_S as TEST_DEADLINE_S
 
 fake_openai = fixtures.fake_openai
 
-TEST_DEADLINE_S = 20
 MODEL = "gpt-image-2.6-flare"
 
 
