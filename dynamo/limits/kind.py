@@ -198,9 +198,9 @@ class KindLimiter:
             else:
                 self.circuit.probe_inconclusive(now)
         if outcome.rate_limited:
-            self.limit.on_rate_limited(now, outcome.retry_after_s, outcome.headers)
+            self.limit.on_rate_limited(now, outcome.retry_after_s, outcome.limits)
         elif outcome.succeeded:
-            self.limit.on_success(now, outcome.headers)
+            self.limit.on_success(now, outcome.limits)
 
     def outcome_changes_nothing(
         self, outcome: CallOutcome, now: float, expected_tokens: int = 0
@@ -214,7 +214,7 @@ class KindLimiter:
                 return False
             if grant is None and outcome.tokens_used > expected_tokens:
                 return False
-        return not outcome.succeeded or self.limit.success_changes_nothing(now, outcome.headers)
+        return not outcome.succeeded or self.limit.success_changes_nothing(now, outcome.limits)
 
     def _count_tokens(self, outcome: CallOutcome, now: float, expected_tokens: int) -> None:
         """What the answer says the call cost replaces what was expected of it; without the
