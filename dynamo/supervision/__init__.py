@@ -7,4 +7,6 @@ dependency or an actor fails, and tells a bug from an outage.
 - `dynamo.supervision.readiness`: `Readiness`, what GET /readyz reports.
 - `dynamo.supervision.retry`: the retry policy for external calls (`retrying`,
   `Transient`, `Permanent`, `backoff_s`).
+- `dynamo.supervision.backoff`: `Backoff`, the one backoff policy every retrying,
+  probing, restarting or reconnecting loop is given.
 """

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from dynamo import metrics
 from dynamo.database.errors import DatabaseUnavailable
+from dynamo.supervision.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 PROBE_BASE_S = 0.05
 # The longest wait between two probes: the dependency's return is noticed within it.
 PROBE_CAP_S = 1.0
+PROBE_BACKOFF = Backoff(base_s=PROBE_BASE_S, cap_s=PROBE_CAP_S)
 # A waiter that is not the prober looks again this often, in case the prober was cancelled.
 WAITER_RECHECK_S = PROBE_CAP_S
 
@@ -117,8 +118,8 @@ class Dependency:
                 continue
             self._probing = True
             try:
-                await trio.sleep(random.uniform(0, min(PROBE_CAP_S, PROBE_BASE_S * 2**attempt)))
-                attempt = min(attempt + 1, 16)
+                await trio.sleep(PROBE_BACKOFF.delay_s(attempt))
+                attempt += 1
                 try:
                     await self.probe()
                 except Exception as exc:
