@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from dynamo import metrics
-from dynamo.database.errors import DatabaseUnavailable
 from dynamo.supervision.backoff import Backoff
+from dynamo.supervision.unavailable import Unavailable, outage_of  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +43,10 @@ PROBE_BACKOFF = Backoff(base_s=PROBE_BASE_S, cap_s=PROBE_CAP_S)
 WAITER_RECHECK_S = PROBE_CAP_S
 
 
-class BrokerUnavailable(ConnectionError):
+class BrokerUnavailable(Unavailable):
     """RabbitMQ cannot be reached, or the connection broke: try again later."""
 
-
-def outage_of(exc: BaseException) -> str | None:
-    """The dependency an exception says is unreachable ("database", "broker"), or None.
-
-    The ports map their drivers' connection errors onto `DatabaseUnavailable` and
-    `BrokerUnavailable`; anything else is not an outage (a bug, a refused value).
-    """
-    if isinstance(exc, DatabaseUnavailable):
-        return "database"
-    if isinstance(exc, BrokerUnavailable):
-        return "broker"
-    if isinstance(exc, BaseExceptionGroup):
-        found = {outage_of(inner) for inner in exc.exceptions}
-        if len(found) == 1:
-            return found.pop()
-    return None
+    dependency = "broker"
 
 
 class Dependency:
@@ -123,7 +108,7 @@ class Dependency:
                 try:
                     await self.probe()
                 except Exception as exc:
-                    if outage_of(exc) is None and not isinstance(exc, OSError):
+                    if outage_of(exc) is None:
                         raise
                     continue
                 self.came_back()
