@@ -11,16 +11,13 @@ Control characters are invalid anywhere in the subject, even where trimming woul
 them (contract §3).
 
 Whatever the bytes (anyone who can publish to the exchange can send them), the answer is
-a request or `InvalidRequest`, never another exception: `load_json` bounds the size, the
-nesting depth and the length of numbers before the JSON decoder sees them, and refuses
-text that is not valid Unicode (lone surrogates), which PostgreSQL could not store.
+a request or `InvalidRequest`, never another exception: `load_json` reads them with
+`json_body` (size, nesting depth and numbers bounded, lone surrogates refused).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import unicodedata
 import uuid
 from typing import Annotated, Any, Literal
@@ -29,34 +26,21 @@ import pydantic
 from pydantic import AfterValidator, BaseModel, Field, TypeAdapter
 from pydantic_core import PydanticCustomError
 
-from dynamo.domain import prompts
+from dynamo.domain import json_body, prompts
 from dynamo.domain.jobs import Style, Viewer
+from dynamo.domain.json_body import MAX_BODY_BYTES, MAX_NESTING_DEPTH  # noqa: F401 (re-exported)
 
 # Longest subject accepted: the original service's limit, which the chat command enforces.
 MAX_SUBJECT_CHARS = 120
 # Twitch ids and display names are far shorter; this only keeps garbage out of the database.
 MAX_VIEWER_FIELD_CHARS = 100
 NIL_UUID = uuid.UUID(int=0)
-# A genreq message is a few hundred bytes; this leaves room for fields other services add.
-MAX_BODY_BYTES = 16 * 1024
-# A genreq message nests 3 deep; deeper junk is refused before the decoder recurses into it
-# (5,000 brackets make `json.loads` raise RecursionError).
-MAX_NESTING_DEPTH = 32
-# Longer numbers are refused before Python converts them (quadratic, then a ValueError
-# past 4,300 digits); the largest id the database holds has 10 digits.
-MAX_NUMBER_CHARS = 40
 # A refusal's text goes into a message header and a database column: keep it short.
 MAX_REASON_CHARS = 1000
 # The characters the contract calls control characters (Unicode category Cc), as a JSON
 # Schema pattern for the document: "none anywhere", written with a lookahead because
 # `...*$` lets a final newline through in Python's regular expressions (not in ECMA's).
 NO_CONTROL_CHARACTERS = r"^(?![\s\S]*[\u0000-\u001f\u007f-\u009f])"
-
-# A JSON string literal, to skip brackets inside strings when measuring the depth. An
-# unterminated one runs to the end: without that, each later quote would start a new
-# scan to the end (quadratic: seconds for 16 KB of `"\\"`).
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class InvalidRequest(Exception):
@@ -255,54 +239,13 @@ def _build(
     )
 
 
-def _nesting_depth(text: str) -> int:
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(_JSON_STRING.sub('""', text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _parse_int(digits: str) -> int:
-    if len(digits) > MAX_NUMBER_CHARS:
-        raise ValueError(f"a number longer than {MAX_NUMBER_CHARS} characters")
-    return int(digits)
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _lone_surrogate_in(value: object) -> bool:
-    """True if a string anywhere in `value` (depth already bounded) is not valid Unicode."""
-    if isinstance(value, str):
-        return any("\ud800" <= char <= "\udfff" for char in value)
-    if isinstance(value, dict):
-        return any(_lone_surrogate_in(k) or _lone_surrogate_in(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_lone_surrogate_in(item) for item in value)
-    return False
-
-
 def load_json(body: bytes) -> dict[str, Any]:
-    """The JSON object in `body`, whatever the bytes; raises InvalidRequest."""
-    if len(body) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
+    """The JSON object in `body`, whatever the bytes (`json_body.load_object`); raises
+    InvalidRequest naming the `body`."""
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InvalidRequest(f"body: not valid UTF-8 JSON ({error})") from None
-    if _nesting_depth(text) > MAX_NESTING_DEPTH:
-        raise InvalidRequest(f"body: nested deeper than {MAX_NESTING_DEPTH} levels")
-    try:
-        message = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
-        raise InvalidRequest(f"body: not valid UTF-8 JSON ({error})") from None
-    if not isinstance(message, dict):
-        raise InvalidRequest("body: must be a JSON object")
-    if _lone_surrogate_in(message):
-        raise InvalidRequest("body: a string is not valid Unicode (a lone surrogate escape)")
-    return message
+        return json_body.load_object(body)
+    except json_body.UnreadableBody as error:
+        raise InvalidRequest(f"body: {error}") from None
 
 
 def parse_message(body: bytes) -> ParsedRequest:
