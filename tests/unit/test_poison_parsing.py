@@ -236,7 +236,9 @@ def _set_path(message: dict, path: tuple[str, ...], value) -> None:
         if not isinstance(node.get(key), dict):
             node[key] = {}
         node = node[key]
-    node[path[-1]] = value
+    # A copy: `nasty_values` hands out the same objects, and a later change under this
+    # path must not alter them (that made a message that contains itself).
+    node[path[-1]] = copy.deepcopy(value)
 
 
 _PATHS = [("type",), ("viewer",), ("viewer", "twitch_user_id"), ("viewer", "twitch_display_name"),
