@@ -29,6 +29,7 @@ import trio
 
 from dynamo import metrics
 from dynamo.supervision.backoff import RETRY_AFTER_JITTER_S, Backoff  # noqa: F401 (re-exported)
+from dynamo.supervision.unavailable import http_outage
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Transient(CallError):
     def unavailable(self) -> bool:
         """The service is down or unreachable (5xx, no connection, a timeout), as opposed
         to refusing this call (429, 408, 409): what an outage looks like."""
-        return self.status_code is None or self.status_code >= 500
+        return http_outage(self.status_code)
 
 
 class Permanent(CallError):

@@ -9,9 +9,9 @@ import pytest
 import trio
 
 from dynamo.database.errors import DatabaseUnavailable, DataRejected
-from dynamo.supervision import outages
+from dynamo.supervision import outages, retry
 from dynamo.supervision.outages import BrokerUnavailable
-from dynamo.supervision.unavailable import Unavailable, outage_of
+from dynamo.supervision.unavailable import Unavailable, http_outage, outage_of
 
 
 @pytest.mark.parametrize(("error", "dependency"), [
@@ -64,3 +64,12 @@ async def test_a_probe_that_finds_the_outage_goes_on_probing(autojump_clock):
     with trio.fail_after(60):
         await dependency.wait_until_up()
     assert dependency.up and not answers
+
+
+@pytest.mark.parametrize(("status", "outage"), [
+    (None, True), (500, True), (502, True), (503, True), (504, True),
+    (429, False), (408, False), (409, False), (400, False),
+])
+def test_an_http_service_is_down_on_a_5xx_or_no_answer_not_on_a_refusal(status, outage):
+    assert http_outage(status) is outage
+    assert retry.Transient("x", status_code=status).unavailable is outage
