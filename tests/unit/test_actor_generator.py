@@ -101,6 +101,7 @@ class Generator(ActorHarness):
         self.permits_send, self.permits_recv = channel(0)  # as the service's
         self.moderation = moderation
         self.workers = workers
+        self.spend = None  # the spend port, where a test gives one
 
     def run(self):
         return running(_start, actor=self)
@@ -114,7 +115,8 @@ async def _start(actor: Generator, *, task_status=trio.TASK_STATUS_IGNORED):
             generator=actor.openai, pipeline=actor.pipeline, generate_recv=actor.generate_recv,
             permits_send=actor.permits_send, upload_send=actor.upload_send,
             finalize_send=actor.finalize_send, workers=actor.workers,
-            max_attempts=actor.max_attempts, moderation=actor.moderation, task_status=task_status))
+            max_attempts=actor.max_attempts, moderation=actor.moderation, spend=actor.spend,
+            task_status=task_status))
         task_status.started()
 
 
