@@ -10,6 +10,8 @@ service's own errors, never a driver's.
 - `dynamo.database.embedded`: the development default, PostgreSQL embedded with `pgserver`.
 - `dynamo.database.fleet_store`: the fleet's tables: `PostgresStore` (the shared OpenAI
   budget), `FleetQueries`, `FleetUnavailable`.
+- `dynamo.database.spend_store`: OpenAI spend's SQL (`record_call`, `totals_usd`,
+  `request_calls`), for `dynamo.openai_port.spend`.
 
 The schema itself is `schema.sql` at the top of the repository.
 """
