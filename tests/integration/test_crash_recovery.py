@@ -41,6 +41,7 @@ from tests.support.crash import (
     wait_for_steps,
 )
 from tests.support.service import started
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +184,7 @@ async def test_kill_at_a_step_then_restart_ends_each_request_once(
 
 async def kill_at_a_step_then_restart(point, stopper, rabbit, dynamo_process, fake_openai,
                                       fake_ledger, pg_database) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         await stopper.arm()
@@ -243,7 +244,7 @@ async def test_kill_while_refunding_a_failed_request_then_restart(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, fake_s3, pg_database):
     """The failure path: moderation refused both subjects after the debits were reserved;
     the process dies while the ledger refunds them. The restart refunds, once."""
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         fake_ledger.hold("refund")
@@ -610,7 +611,7 @@ async def test_a_signal_stops_intake_keeps_unstored_messages_and_exits_0(
 
 async def test_a_stop_with_every_step_answered_does_not_wait_out_the_grace_period(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, fake_s3, pg_database):
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         fake_ledger.default_balance = RICH_BALANCE
         service = await started(dynamo_process)
         await fill_pipeline_behind_held_ledger(rabbit, fake_ledger, pg_database, 20,
