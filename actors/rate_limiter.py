@@ -34,6 +34,7 @@ from dynamo.domain.viewer_messages import failure
 from dynamo.limits.budget import BudgetUnavailable, Decision, KindConfig
 from dynamo.limits.permits import CallKind, CallOutcome, PermitRequest
 from dynamo.limits.state import RateLimiterStatus
+from dynamo.supervision.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ FAIR_QUEUE_METRIC = "rate_limiter.fair_queue"
 # While the budget's store cannot be reached, ask it again after this long, doubling.
 STORE_RETRY_S = 0.5
 STORE_RETRY_CAP_S = 5.0
+STORE_BACKOFF = Backoff(base_s=STORE_RETRY_S, cap_s=STORE_RETRY_CAP_S, floor=1.0)
 
 
 async def run(
@@ -102,7 +104,8 @@ class _RateLimiter:
         self._jobs_ended = False
         self._permits_ended = False
         self._handover: trio.CancelScope | None = None  # waiting for a worker, until a deadline
-        self._unreachable_s = {kind: 0.0 for kind in status.kinds}  # the budget's store down
+        # The budget's store: failed asks in a row (0 while it answers).
+        self._unreachable = {kind: 0 for kind in status.kinds}
 
     def queue_changed(self) -> None:
         metrics.QUEUE_DEPTH.labels(FAIR_QUEUE_METRIC).set(len(self.queue))
@@ -202,18 +205,16 @@ class _RateLimiter:
         try:
             decision = await self.status.budget.try_grant(kind, request.tokens, more=more)
         except BudgetUnavailable as exc:
-            if not self._unreachable_s[kind]:
+            if not self._unreachable[kind]:
                 log.warning(
                     "openai %s: no permits while the budget is unreachable: %s", kind.value, exc
                 )
-            self._unreachable_s[kind] = min(
-                STORE_RETRY_CAP_S, 2 * self._unreachable_s[kind] or STORE_RETRY_S
-            )
-            await trio.sleep(self._unreachable_s[kind])
+            await trio.sleep(STORE_BACKOFF.delay_s(self._unreachable[kind]))
+            self._unreachable[kind] += 1
             return None
-        if self._unreachable_s[kind]:
+        if self._unreachable[kind]:
             log.warning("openai %s: the budget is reachable again", kind.value)
-            self._unreachable_s[kind] = 0.0
+            self._unreachable[kind] = 0
         return decision
 
     async def _hand_over(self, kind: CallKind, request: PermitRequest, permit) -> None:

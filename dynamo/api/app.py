@@ -39,16 +39,13 @@ from dynamo.api.context import ApiContext
 from dynamo.api.errors import ApiError
 from dynamo.api.tickets import Tickets
 from dynamo.database.errors import DataRejected
+from dynamo.supervision.unavailable import outage_of
 
 log = logging.getLogger(__name__)
 
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Paths are logged, cut to this length: a client controls them.
 LOGGED_PATH_CHARS = 200
-
-# Failures that mean the database (or another dependency) is unavailable for now; the
-# port's DatabaseUnavailable is an OSError.
-_UNAVAILABLE = (trio.TooSlowError, OSError)
 
 
 def build_app() -> QuartTrio:
@@ -139,7 +136,8 @@ def _add_error_handlers(app: QuartTrio) -> None:
             # beyond its column's range): the client's to fix, so 400, not 500.
             log.warning("%s %s: %s", request.method, request.path[:LOGGED_PATH_CHARS], exc)
             return {"error": "a value in the request is out of range"}, 400
-        if isinstance(exc, _UNAVAILABLE):
+        # A dependency's outage (outage_of), or one that did not answer in time: 503.
+        if outage_of(exc) is not None or isinstance(exc, trio.TooSlowError):
             log.warning(
                 "%s %s: unavailable: %s",
                 request.method,

@@ -35,6 +35,7 @@ from dynamo.api.errors import ApiError
 from dynamo.api.openapi import BEARER_OR_TICKET, errors
 from dynamo.api.tickets import TICKET_TTL_S
 from dynamo.database.changes import RESYNC, RequestChange
+from dynamo.supervision.unavailable import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ async def _event_for(api, caller: Caller, item) -> bytes | None:
     try:
         with trio.fail_after(LOAD_DEADLINE_S):
             row = await api.pipeline.db.load_request(item.request_id)
-    except (OSError, trio.TooSlowError) as exc:  # DatabaseUnavailable is an OSError
+    except (Unavailable, trio.TooSlowError) as exc:
         log.warning("event stream: cannot read a changed request: %s", type(exc).__name__)
         return _event("resync", {})
     if row is None:
@@ -164,7 +165,7 @@ async def _status(api) -> dict | None:
     try:
         with trio.fail_after(LOAD_DEADLINE_S):
             return await ops_routes.status_body(api)
-    except (OSError, trio.TooSlowError) as exc:
+    except (Unavailable, trio.TooSlowError) as exc:
         log.warning("event stream: no status: %s", type(exc).__name__)
         return None
 

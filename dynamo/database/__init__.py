@@ -12,6 +12,8 @@ service's own errors, never a driver's.
   budget), `FleetQueries`, `FleetUnavailable`.
 - `dynamo.database.approval`: the safety net's queries: an image's wait for the
   broadcaster, the decision on it (one atomic UPDATE), its preview, the counts.
+- `dynamo.database.spend_store`: OpenAI spend's SQL (`record_call`, `totals_usd`,
+  `request_calls`), for `dynamo.openai_port.spend`.
 
 The schema itself is `schema.sql` at the top of the repository.
 """

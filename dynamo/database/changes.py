@@ -26,6 +26,8 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
+from dynamo.supervision.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 # The NOTIFY channel; the trigger in schema.sql names it too.
@@ -34,6 +36,7 @@ CHANNEL = "dynamo_request_changes"
 SUBSCRIBER_BUFFER = 256
 # Between attempts to (re)connect: an outage is waited out, not hammered.
 RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+RECONNECT_BACKOFF = Backoff(steps_s=RECONNECT_BACKOFF_S)
 # An idle LISTEN connection is checked this often, so a silently dead one is replaced.
 HEALTH_CHECK_S = 15.0
 HEALTH_CHECK_DEADLINE_S = 5.0
@@ -117,7 +120,7 @@ class RequestChanges:
                 failures = 1
                 log.warning("change feed: connection lost; reconnecting")
             self.listening = False
-            await trio.sleep(RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S)) - 1])
+            await trio.sleep(RECONNECT_BACKOFF.delay_s(failures - 1))
 
     async def _listen_until_lost(self) -> None:
         with trio.fail_after(CONNECT_DEADLINE_S):

@@ -15,6 +15,8 @@ import logging
 
 import asyncpg
 
+from dynamo.supervision.unavailable import Unavailable
+
 # asyncpg's pool logs a WARNING with a traceback each time it fails to reconnect its
 # minimum of connections (every 1-8 s of an outage); dynamo.supervision.outages reports the outage
 # once when it begins and once when it ends.
@@ -25,11 +27,10 @@ class DataRejected(Exception):
     """PostgreSQL refused a value (out of range, bad encoding): retrying cannot help."""
 
 
-class DatabaseUnavailable(ConnectionError):
-    """PostgreSQL cannot be reached, or the connection broke: try again later.
+class DatabaseUnavailable(Unavailable):
+    """PostgreSQL cannot be reached, or the connection broke: try again later."""
 
-    A ConnectionError (so an OSError), as the connection errors it replaces were: code
-    that treats OSError as an outage keeps doing so."""
+    dependency = "database"
 
 
 # The driver's errors that mean "not now" rather than "never".

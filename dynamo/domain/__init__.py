@@ -1,7 +1,9 @@
 """The request domain: what a request is, from the message that asks for it to the
 bodies published about it.
 
-- `dynamo.domain.genreq`: parsing and validating a `genreq` message (`parse_message`).
+- `dynamo.domain.genreq`: the one model of a `genreq` message (`GenreqMessage`, shared
+  by the broker door and the HTTP API), parsing and validating it (`parse_message`).
+- `dynamo.domain.json_body`: any bytes to a JSON object, bounded (`load_object`).
 - `dynamo.domain.jobs`: the values that travel through the actors' channels (`Job`,
   `Step`, `State`, `Reason`, `Failure`, `Viewer`, `Style`).
 - `dynamo.domain.prompts`: the text sent to OpenAI and shown on stream.

@@ -1,61 +1,55 @@
 """Parsing and validation of image requests (contract §3, the golden-vcr `genreq` schema).
 
-`parse_message` reads a whole message body from the broker (or the HTTP API);
+The one model of the message, shared by both doors: `GenreqMessage` (and its parts) is
+what the broker door validates and what the HTTP API documents (`api/schemas.py` reuses
+it). `parse_message` reads a whole message body from the broker (or the HTTP API);
 `parse_inputs` reads the HTTP API's short form `{"style", "inputs"}` for a known viewer.
 Both run the same payload checks and return a `ParsedRequest` with the prompt and the
 description already made, or raise `InvalidRequest` with a sentence naming every bad
 field. Unknown extra fields are ignored, as the other golden-vcr services add some.
+Control characters are invalid anywhere in the subject, even where trimming would remove
+them (contract §3).
 
 Whatever the bytes (anyone who can publish to the exchange can send them), the answer is
-a request or `InvalidRequest`, never another exception: `load_json` bounds the size, the
-nesting depth and the length of numbers before the JSON decoder sees them, and refuses
-text that is not valid Unicode (lone surrogates), which PostgreSQL could not store.
+a request or `InvalidRequest`, never another exception: `load_json` reads them with
+`json_body` (size, nesting depth and numbers bounded, lone surrogates refused).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import unicodedata
 import uuid
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, TypeAdapter
 from pydantic_core import PydanticCustomError
 
-from dynamo.domain import prompts
+from dynamo.domain import json_body, prompts
 from dynamo.domain.jobs import Style, Viewer
+from dynamo.domain.json_body import MAX_BODY_BYTES, MAX_NESTING_DEPTH  # noqa: F401 (re-exported)
 
 # Longest subject accepted: the original service's limit, which the chat command enforces.
 MAX_SUBJECT_CHARS = 120
 # Twitch ids and display names are far shorter; this only keeps garbage out of the database.
 MAX_VIEWER_FIELD_CHARS = 100
 NIL_UUID = uuid.UUID(int=0)
-# A genreq message is a few hundred bytes; this leaves room for fields other services add.
-MAX_BODY_BYTES = 16 * 1024
-# A genreq message nests 3 deep; deeper junk is refused before the decoder recurses into it
-# (5,000 brackets make `json.loads` raise RecursionError).
-MAX_NESTING_DEPTH = 32
-# Longer numbers are refused before Python converts them (quadratic, then a ValueError
-# past 4,300 digits); the largest id the database holds has 10 digits.
-MAX_NUMBER_CHARS = 40
 # A refusal's text goes into a message header and a database column: keep it short.
 MAX_REASON_CHARS = 1000
-
-# A JSON string literal, to skip brackets inside strings when measuring the depth. An
-# unterminated one runs to the end: without that, each later quote would start a new
-# scan to the end (quadratic: seconds for 16 KB of `"\\"`).
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
+# The characters the contract calls control characters (Unicode category Cc), as a JSON
+# Schema pattern for the document: "none anywhere", written with a lookahead because
+# `...*$` lets a final newline through in Python's regular expressions (not in ECMA's).
+NO_CONTROL_CHARACTERS = r"^(?![\s\S]*[\u0000-\u001f\u007f-\u009f])"
 
 
 class InvalidRequest(Exception):
     """A request that can never succeed; `viewer` is set when one could be read."""
 
     def __init__(self, reason_text: str, viewer: Viewer | None = None) -> None:
-        reason_text = reason_text[:MAX_REASON_CHARS]
+        # pydantic's messages may quote the input (a UUID's bad character): escaped, so
+        # that the text can always be stored (PostgreSQL refuses NUL, UTF-8 surrogates).
+        reason_text = _printable(reason_text)[:MAX_REASON_CHARS]
         super().__init__(reason_text)
         self.reason_text = reason_text
         self.viewer = viewer
@@ -78,17 +72,34 @@ class ParsedRequest:
     description: str
 
 
-def _has_control_characters(text: str) -> bool:
+def _is_control_character(char: str) -> bool:
     # Cs: a lone surrogate, which is no character at all and cannot be stored.
-    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+    return unicodedata.category(char) in ("Cc", "Cs")
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(_is_control_character(char) for char in text)
+
+
+def _printable(text: str) -> str:
+    """`text` with each control character written as its escape (`\\x00`)."""
+    if not _has_control_characters(text):
+        return text
+    return "".join(
+        char.encode("unicode_escape", "backslashreplace").decode("ascii")
+        if _is_control_character(char)
+        else char
+        for char in text
+    )
 
 
 def _check_subject(subject: str) -> str:
+    # Before trimming: a subject ending in a newline holds a control character too.
+    if _has_control_characters(subject):
+        raise PydanticCustomError("subject", "must not contain control characters")
     subject = subject.strip()
     if not 1 <= len(subject) <= MAX_SUBJECT_CHARS:
         raise PydanticCustomError("subject", f"must be 1 to {MAX_SUBJECT_CHARS} characters")
-    if _has_control_characters(subject):
-        raise PydanticCustomError("subject", "must not contain control characters")
     return subject
 
 
@@ -106,99 +117,117 @@ def _check_viewer_field(value: str) -> str:
     return value
 
 
-Subject = Annotated[str, AfterValidator(_check_subject)]
-Color = Annotated[str, AfterValidator(_check_color)]
-ViewerField = Annotated[str, AfterValidator(_check_viewer_field)]
+# The document's view of each checked string (the checks themselves are the validators).
+_SUBJECT_SCHEMA = Field(
+    description="Trimmed before the length is checked; control characters are invalid.",
+    json_schema_extra={
+        "minLength": 1,
+        "maxLength": MAX_SUBJECT_CHARS,
+        "pattern": NO_CONTROL_CHARACTERS,
+    },
+)
+_VIEWER_FIELD_SCHEMA = Field(
+    json_schema_extra={
+        "minLength": 1,
+        "maxLength": MAX_VIEWER_FIELD_CHARS,
+        "pattern": NO_CONTROL_CHARACTERS,
+    }
+)
+Subject = Annotated[str, AfterValidator(_check_subject), _SUBJECT_SCHEMA]
+Color = Annotated[
+    str, AfterValidator(_check_color), Field(json_schema_extra={"enum": list(prompts.COLORS)})
+]
+ViewerField = Annotated[str, AfterValidator(_check_viewer_field), _VIEWER_FIELD_SCHEMA]
 # bool is an int in Python; a JSON `true` is no broadcast id, hence strict. The upper
 # bound is the database column's (PostgreSQL integer).
 Id = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 
 
-class _Viewer(BaseModel):
+class MessageViewer(BaseModel):
     twitch_user_id: ViewerField
     twitch_display_name: ViewerField
 
 
-class _State(BaseModel):
+class MessageState(BaseModel):
+    """broadcast_id 0 and the nil screening_id mean none."""
+
     broadcast_id: Id = 0
     screening_id: uuid.UUID = NIL_UUID
     tape_id: Id = 0
 
 
-class _Envelope(BaseModel):
-    type: Literal["image"]
-    viewer: _Viewer
-    state: _State | None = None
-    payload: dict[str, Any]  # checked by `_check_payload`, shared with the short form
-
-
-class _Payload(BaseModel):
-    style: Style
-    inputs: dict[str, Any]
-
-
-class _GhostInputs(BaseModel):
+class GhostInputs(BaseModel):
     subject: Subject
 
 
-class _FriendInputs(BaseModel):
+class FriendInputs(BaseModel):
     color: Color
     subject: Subject
 
 
-_INPUTS_MODELS: dict[Style, type[BaseModel]] = {
-    Style.GHOST: _GhostInputs,
-    Style.FRIEND: _FriendInputs,
-}
+class GhostPayload(BaseModel):
+    style: Literal["ghost"]
+    inputs: GhostInputs
 
 
-def _describe_error(error: Any, prefix: tuple[str, ...]) -> str:
+class FriendPayload(BaseModel):
+    style: Literal["friend"]
+    inputs: FriendInputs
+
+
+Payload = Annotated[GhostPayload | FriendPayload, Field(discriminator="style")]
+_PAYLOAD = TypeAdapter(Payload)
+
+
+class GenreqMessage(BaseModel):
+    """A golden-vcr `genreq` message, as `dispatch` publishes it."""
+
+    type: Literal["image"]
+    viewer: MessageViewer
+    state: MessageState | None = None
+    payload: Payload
+
+
+# pydantic names the union's branch in an error's path (`payload.ghost.inputs`); the
+# message's own field names do not include it.
+_BRANCH_NAMES = frozenset(style.value for style in Style)
+
+
+def _describe_error(error: Any) -> str:
     """One `field.path: what is wrong` clause from a pydantic error."""
-    field = ".".join(str(part) for part in (*prefix, *error["loc"])) or "body"
-    if error["type"] == "missing":
+    path = [str(part) for part in error["loc"] if part not in _BRANCH_NAMES]
+    kind = error["type"]
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        path.append("style")
+    field = ".".join(path) or "body"
+    if kind in ("missing", "union_tag_not_found"):
         return f"{field}: is required"
-    if error["type"] in ("dict_type", "model_type", "model_attributes_type"):
+    if kind == "union_tag_invalid":
+        return f"{field}: must be " + " or ".join(f"'{style.value}'" for style in Style)
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
         return f"{field}: must be an object"
     message = error["msg"].replace("Input should be", "must be")
     return f"{field}: {message[:1].lower()}{message[1:]}"
 
 
-def _validate(model: type[BaseModel], data: object, prefix: tuple[str, ...], problems: list[str]):
-    """The validated model, or None after adding its problems to `problems`."""
-    try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as error:
-        problems.extend(_describe_error(detail, prefix) for detail in error.errors())
-        return None
-
-
-def _check_payload(
-    data: object, prefix: tuple[str, ...], problems: list[str]
-) -> tuple[Style, dict[str, Any]] | None:
-    """(style, normalized inputs), or None after adding the payload's problems."""
-    payload = _validate(_Payload, data, prefix, problems)
-    if payload is None:
-        return None
-    inputs = _validate(_INPUTS_MODELS[payload.style], payload.inputs, (*prefix, "inputs"), problems)
-    if inputs is None:
-        return None
-    return payload.style, inputs.model_dump()
-
-
-def _join(problems: list[str]) -> str:
-    # A payload that is not an object is reported by both checks; say it once.
-    return "; ".join(dict.fromkeys(problems))
+def _problems(error: pydantic.ValidationError) -> str:
+    return "; ".join(dict.fromkeys(_describe_error(detail) for detail in error.errors()))
 
 
 def _read_viewer(data: object) -> Viewer | None:
-    viewer = _validate(_Viewer, data, (), [])
-    return None if viewer is None else Viewer(viewer.twitch_user_id, viewer.twitch_display_name)
+    try:
+        viewer = MessageViewer.model_validate(data)
+    except pydantic.ValidationError:
+        return None
+    return Viewer(viewer.twitch_user_id, viewer.twitch_display_name)
 
 
 def _build(
-    viewer: Viewer, style: Style, inputs: dict[str, Any], state: _State | None
+    viewer: Viewer, payload: GhostPayload | FriendPayload, state: MessageState | None
 ) -> ParsedRequest:
-    state = state or _State()
+    state = state or MessageState()
+    style = Style(payload.style)
+    inputs = payload.inputs.model_dump()
     return ParsedRequest(
         viewer=viewer,
         style=style,
@@ -210,54 +239,13 @@ def _build(
     )
 
 
-def _nesting_depth(text: str) -> int:
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(_JSON_STRING.sub('""', text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _parse_int(digits: str) -> int:
-    if len(digits) > MAX_NUMBER_CHARS:
-        raise ValueError(f"a number longer than {MAX_NUMBER_CHARS} characters")
-    return int(digits)
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _lone_surrogate_in(value: object) -> bool:
-    """True if a string anywhere in `value` (depth already bounded) is not valid Unicode."""
-    if isinstance(value, str):
-        return any("\ud800" <= char <= "\udfff" for char in value)
-    if isinstance(value, dict):
-        return any(_lone_surrogate_in(k) or _lone_surrogate_in(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_lone_surrogate_in(item) for item in value)
-    return False
-
-
 def load_json(body: bytes) -> dict[str, Any]:
-    """The JSON object in `body`, whatever the bytes; raises InvalidRequest."""
-    if len(body) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"body: larger than {MAX_BODY_BYTES} bytes")
+    """The JSON object in `body`, whatever the bytes (`json_body.load_object`); raises
+    InvalidRequest naming the `body`."""
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InvalidRequest(f"body: not valid UTF-8 JSON ({error})") from None
-    if _nesting_depth(text) > MAX_NESTING_DEPTH:
-        raise InvalidRequest(f"body: nested deeper than {MAX_NESTING_DEPTH} levels")
-    try:
-        message = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
-        raise InvalidRequest(f"body: not valid UTF-8 JSON ({error})") from None
-    if not isinstance(message, dict):
-        raise InvalidRequest("body: must be a JSON object")
-    if _lone_surrogate_in(message):
-        raise InvalidRequest("body: a string is not valid Unicode (a lone surrogate escape)")
-    return message
+        return json_body.load_object(body)
+    except json_body.UnreadableBody as error:
+        raise InvalidRequest(f"body: {error}") from None
 
 
 def parse_message(body: bytes) -> ParsedRequest:
@@ -265,23 +253,18 @@ def parse_message(body: bytes) -> ParsedRequest:
     message = load_json(body)
     # Read apart from the rest, so that an otherwise bad request can still be answered.
     viewer = _read_viewer(message.get("viewer"))
-    problems: list[str] = []
-    envelope = _validate(_Envelope, message, (), problems)
-    # The payload is checked even when the envelope is bad, to report every problem at once.
-    checked = (
-        _check_payload(message["payload"], ("payload",), problems) if "payload" in message else None
-    )
-    if envelope is None or checked is None:
-        raise InvalidRequest(_join(problems), viewer)
-    assert viewer is not None  # the envelope's viewer passed the same checks
-    style, inputs = checked
-    return _build(viewer, style, inputs, envelope.state)
+    try:
+        checked = GenreqMessage.model_validate(message)
+    except pydantic.ValidationError as error:
+        raise InvalidRequest(_problems(error), viewer) from None
+    assert viewer is not None  # the message's viewer passed the same checks
+    return _build(viewer, checked.payload, checked.state)
 
 
 def parse_inputs(viewer: Viewer, style: object, inputs: object) -> ParsedRequest:
     """The HTTP API's short form for `viewer`; raises InvalidRequest."""
-    problems: list[str] = []
-    checked = _check_payload({"style": style, "inputs": inputs}, (), problems)
-    if checked is None:
-        raise InvalidRequest(_join(problems), viewer)
-    return _build(viewer, *checked, state=None)
+    try:
+        payload = _PAYLOAD.validate_python({"style": style, "inputs": inputs})
+    except pydantic.ValidationError as error:
+        raise InvalidRequest(_problems(error), viewer) from None
+    return _build(viewer, payload, state=None)

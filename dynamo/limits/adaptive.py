@@ -13,8 +13,8 @@ import random
 from collections.abc import Mapping
 
 from dynamo.limits.window import WINDOW_S, Grant, SlidingWindow
-from dynamo.openai_port.rate_headers import parse_ratelimit_headers
-from dynamo.supervision.retry import backoff_s, retry_after_from_headers
+from dynamo.openai_port.rate_headers import RateLimitHeaders
+from dynamo.supervision.retry import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +122,14 @@ class AdaptiveLimit:
         return pace
 
     def on_rate_limited(
-        self, now: float, retry_after_s: float | None, headers: Mapping[str, str] | None
+        self, now: float, retry_after_s: float | None, shown: RateLimitHeaders
     ) -> None:
         self._rate_limited_in_a_row += 1
         # No permit goes out during a pause: a 429 arriving in one is for a call made before
         # it, news already acted on. It may extend the pause but lowers the rate only to a
         # limit the API shows.
         stale = now < self.paused_until
-        shown = parse_ratelimit_headers(headers)
         interval_s = WINDOW_S / self.pace_per_minute(now)
-        if retry_after_s is None:
-            retry_after_s = retry_after_from_headers(headers)
         if retry_after_s is None and shown.remaining == 0:
             retry_after_s = shown.reset_s
         if retry_after_s is None and shown.remaining_tokens == 0:
@@ -182,9 +179,8 @@ class AdaptiveLimit:
             _tokens_text(tokens_after),
         )
 
-    def on_success(self, now: float, headers: Mapping[str, str] | None) -> None:
+    def on_success(self, now: float, shown: RateLimitHeaders) -> None:
         self._rate_limited_in_a_row = 0
-        shown = parse_ratelimit_headers(headers)
         if shown.limit is not None:
             self._learn(now, shown.limit)
         if shown.token_limit is not None:
@@ -214,10 +210,9 @@ class AdaptiveLimit:
                 "%s: recovering, limit %.1f → %.1f/min", self.label, before, self.effective_limit
             )
 
-    def success_changes_nothing(self, now: float, headers: Mapping[str, str] | None) -> bool:
-        """Whether `on_success(now, headers)` would leave the state as it is (so that the
+    def success_changes_nothing(self, now: float, shown: RateLimitHeaders) -> bool:
+        """Whether `on_success(now, shown)` would leave the state as it is (so that the
         fleet's shared state need not be written)."""
-        shown = parse_ratelimit_headers(headers)
         ceiling = self.ceiling(now)
         return (
             self._rate_limited_in_a_row == 0

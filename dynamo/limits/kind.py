@@ -16,12 +16,14 @@ from collections.abc import Iterable, Mapping
 from dynamo.limits.adaptive import AdaptiveLimit
 from dynamo.limits.permits import CallKind, CallOutcome, Permit
 from dynamo.limits.window import WINDOW_S, Grant
+from dynamo.supervision.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 # A refused key is probed after 5 s, then 10, 20, 40, 60, 60 ... s.
 PROBE_BASE_S = 5.0
 PROBE_CAP_S = 60.0
+PROBE_BACKOFF = Backoff(base_s=PROBE_BASE_S, cap_s=PROBE_CAP_S, floor=1.0)
 # A probe whose outcome is never reported (its caller crashed) frees the turn after this.
 PROBE_LEASE_S = 120.0
 # A process waiting for its turn keeps it while it comes back within this long of the
@@ -71,9 +73,7 @@ class AuthCircuit:
 
     def _schedule_probe(self, now: float) -> None:
         self._probe_granted_at = None
-        self._next_probe_at = now + min(
-            PROBE_CAP_S, PROBE_BASE_S * 2.0 ** min(self._failed_probes, 16)
-        )
+        self._next_probe_at = now + PROBE_BACKOFF.delay_s(self._failed_probes)
 
     def state(self) -> dict:
         next_probe = self._next_probe_at
@@ -198,9 +198,9 @@ class KindLimiter:
             else:
                 self.circuit.probe_inconclusive(now)
         if outcome.rate_limited:
-            self.limit.on_rate_limited(now, outcome.retry_after_s, outcome.headers)
+            self.limit.on_rate_limited(now, outcome.retry_after_s, outcome.limits)
         elif outcome.succeeded:
-            self.limit.on_success(now, outcome.headers)
+            self.limit.on_success(now, outcome.limits)
 
     def outcome_changes_nothing(
         self, outcome: CallOutcome, now: float, expected_tokens: int = 0
@@ -214,7 +214,7 @@ class KindLimiter:
                 return False
             if grant is None and outcome.tokens_used > expected_tokens:
                 return False
-        return not outcome.succeeded or self.limit.success_changes_nothing(now, outcome.headers)
+        return not outcome.succeeded or self.limit.success_changes_nothing(now, outcome.limits)
 
     def _count_tokens(
         self, outcome: CallOutcome, tokens_used: int, now: float, expected_tokens: int

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import uuid
-from collections.abc import Mapping
 
 import trio
+
+from dynamo.openai_port.rate_headers import RateLimitHeaders
 
 # A permit request waits for exactly one answer.
 REPLY_CAPACITY = 1
@@ -48,7 +49,7 @@ class CallOutcome:
     succeeded: bool = False
     rate_limited: bool = False  # a 429
     retry_after_s: float | None = None
-    headers: Mapping[str, str] | None = None
+    limits: RateLimitHeaders = RateLimitHeaders()  # parsed by the OpenAI port
     auth_failed: bool = False  # a 401/403
     probe: bool = False  # the call was made with a probe permit
     tokens_used: int | None = None  # what the answer's `usage` says the call cost

@@ -22,6 +22,7 @@ import trio
 
 from dynamo import metrics
 from dynamo.limits.permits import CallKind, CallOutcome, Permit, acquire_permit, report_outcome
+from dynamo.openai_port.rate_headers import parse_ratelimit_headers
 from dynamo.supervision import retry
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ async def call_openai(
         outcome = CallOutcome(
             kind,
             succeeded=True,
-            headers=answer.headers,
+            limits=parse_ratelimit_headers(answer.headers),
             probe=permit.probe,
             tokens_used=answer.tokens_used,
             permit=permit,  # so that the budget corrects this call's grant to what it cost
@@ -95,7 +96,7 @@ async def _report_failure(
         outcome = CallOutcome(
             kind,
             rate_limited=True,
-            headers=dict(error.headers or {}),
+            limits=parse_ratelimit_headers(error.headers),
             retry_after_s=error.retry_after_s,
             probe=permit.probe,
         )

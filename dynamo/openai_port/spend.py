@@ -1,5 +1,6 @@
 """What dynamo spends on OpenAI: each call's model, usage and cost, kept with its request
-(`dynamo.openai_call`), spend today and this month, and the daily budget.
+(`dynamo.openai_call`), spend today and this month, and the daily budget. The SQL is
+`dynamo.database.spend_store`'s.
 
 Spend is summed from the database, not counted in memory, so that every process sharing
 the database shares one budget (`DYNAMO_DAILY_BUDGET_USD`). Days and months are UTC. Once
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable
 
 from dynamo import metrics
+from dynamo.database import spend_store
 from dynamo.database.port import iso
 from dynamo.openai_port.pricing import PriceTable
 
@@ -24,20 +26,6 @@ log = logging.getLogger(__name__)
 # What a call was for, as stored and as the spend metric's `kind` label.
 IMAGE, NAME, MODERATION = "image", "name", "moderation"
 IMAGE_MODERATION = "image_moderation"  # the screening of a generated image (free)
-
-_INSERT_SQL = """
-    insert into dynamo.openai_call (image_request_id, kind, model, usage, cost_usd)
-    values ($1, $2, $3, $4, $5)
-"""
-_TOTALS_SQL = """
-    select coalesce(sum(cost_usd) filter (where created_at >= $2), 0) as today,
-           coalesce(sum(cost_usd), 0) as month
-    from dynamo.openai_call where created_at >= $1
-"""
-_CALLS_SQL = """
-    select kind, model, usage, cost_usd, created_at from dynamo.openai_call
-    where image_request_id = $1 order by created_at, id
-"""
 
 
 def _utcnow() -> datetime.datetime:
@@ -63,7 +51,7 @@ class Spend:
         """Stores one answered call (an `Answer` with its model and usage); its USD cost."""
         model = answer.model or "unknown"
         cost = self.prices.cost_usd(model, answer.usage)
-        await self.db.execute(_INSERT_SQL, request_id, kind, model, answer.usage or {}, cost)
+        await spend_store.record_call(self.db, request_id, kind, model, answer.usage or {}, cost)
         metrics.OPENAI_SPEND_USD.labels(model, kind).inc(cost)
         return cost
 
@@ -71,8 +59,7 @@ class Spend:
         """(USD spent today, USD spent this month), UTC."""
         today_start = self._day_start()
         month_start = today_start.replace(day=1)
-        row = await self.db.fetchrow(_TOTALS_SQL, month_start, today_start)
-        return float(row["today"]), float(row["month"])
+        return await spend_store.totals_usd(self.db, month_start, today_start)
 
     async def paused(self) -> bool:
         """Whether today's spend has reached the daily budget (no budget: never)."""
@@ -107,7 +94,7 @@ class Spend:
 
     async def request_calls(self, request_id: uuid.UUID) -> list[dict]:
         """One request's calls, for GET /requests/{id}."""
-        rows = await self.db.fetch(_CALLS_SQL, request_id)
+        rows = await spend_store.request_calls(self.db, request_id)
         return [
             {
                 "kind": row["kind"],

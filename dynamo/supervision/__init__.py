@@ -10,4 +10,8 @@ dependency or an actor fails, and tells a bug from an outage.
 - `dynamo.supervision.readiness`: `Readiness`, what GET /readyz reports.
 - `dynamo.supervision.retry`: the retry policy for external calls (`retrying`,
   `Transient`, `Permanent`, `backoff_s`).
+- `dynamo.supervision.unavailable`: outage or bug, decided in one place: `Unavailable`
+  (the ports' outage errors subclass it) and `outage_of`.
+- `dynamo.supervision.backoff`: `Backoff`, the one backoff policy every retrying,
+  probing, restarting or reconnecting loop is given.
 """

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from dynamo import metrics
-from dynamo.database.errors import DatabaseUnavailable
+from dynamo.supervision.backoff import Backoff
+from dynamo.supervision.unavailable import Unavailable, outage_of  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -38,31 +38,16 @@ log = logging.getLogger(__name__)
 PROBE_BASE_S = 0.05
 # The longest wait between two probes: the dependency's return is noticed within it.
 PROBE_CAP_S = 1.0
+PROBE_BACKOFF = Backoff(base_s=PROBE_BASE_S, cap_s=PROBE_CAP_S)
 # A waiter that is not the prober looks again this often, in case the prober was cancelled.
 WAITER_RECHECK_S = PROBE_CAP_S
 
 
-class BrokerUnavailable(ConnectionError):
+class BrokerUnavailable(Unavailable):
     """RabbitMQ cannot be reached, or the connection broke: try again later."""
 
+    dependency = "broker"
     maybe_sent: bool = False  # whether a message may have reached the broker before the break
-
-
-def outage_of(exc: BaseException) -> str | None:
-    """The dependency an exception says is unreachable ("database", "broker"), or None.
-
-    The ports map their drivers' connection errors onto `DatabaseUnavailable` and
-    `BrokerUnavailable`; anything else is not an outage (a bug, a refused value).
-    """
-    if isinstance(exc, DatabaseUnavailable):
-        return "database"
-    if isinstance(exc, BrokerUnavailable):
-        return "broker"
-    if isinstance(exc, BaseExceptionGroup):
-        found = {outage_of(inner) for inner in exc.exceptions}
-        if len(found) == 1:
-            return found.pop()
-    return None
 
 
 class Dependency:
@@ -119,12 +104,12 @@ class Dependency:
                 continue
             self._probing = True
             try:
-                await trio.sleep(random.uniform(0, min(PROBE_CAP_S, PROBE_BASE_S * 2**attempt)))
-                attempt = min(attempt + 1, 16)
+                await trio.sleep(PROBE_BACKOFF.delay_s(attempt))
+                attempt += 1
                 try:
                     await self.probe()
                 except Exception as exc:
-                    if outage_of(exc) is None and not isinstance(exc, OSError):
+                    if outage_of(exc) is None:
                         raise
                     continue
                 self.came_back()

@@ -10,8 +10,8 @@ An external error is classified into one of four kinds, and only `Transient` is 
 - `AuthFailure`: the API key was refused (401/403); not the request's fault.
 - `ContentRejected`: the content filter refused the prompt or the image.
 
-`retrying()` waits between attempts with exponential backoff and full jitter (AWS
-architecture blog, "Exponential Backoff And Jitter"), at least as long as the server asked
+`retrying()` waits between attempts with a `Backoff` (`dynamo.supervision.backoff`, the
+one backoff policy): exponential with full jitter, at least as long as the server asked
 for, and never sleeps past the caller's deadline.
 """
 
@@ -28,14 +28,10 @@ from typing import TypeVar
 import trio
 
 from dynamo import metrics
+from dynamo.supervision.backoff import RETRY_AFTER_JITTER_S, Backoff  # noqa: F401 (re-exported)
+from dynamo.supervision.unavailable import http_outage
 
 log = logging.getLogger(__name__)
-
-# A server's retry-after is a floor; a little jitter on top keeps the callers it answered
-# together from all coming back at the same instant.
-RETRY_AFTER_JITTER_S = 0.5
-# 2**attempt overflows a float near 1024; the cap is reached long before this anyway.
-_MAX_EXPONENT = 32
 
 T = TypeVar("T")
 
@@ -77,7 +73,7 @@ class Transient(CallError):
     def unavailable(self) -> bool:
         """The service is down or unreachable (5xx, no connection, a timeout), as opposed
         to refusing this call (429, 408, 409): what an outage looks like."""
-        return self.status_code is None or self.status_code >= 500
+        return http_outage(self.status_code)
 
 
 class Permanent(CallError):
@@ -96,7 +92,7 @@ class ContentRejected(CallError):
 # connection): equal jitter from 2 s doubling, so that the default 6 attempts (contract:
 # DYNAMO_MAX_ATTEMPTS counts every attempt) span at least (2+4+8+16+32)/2 = 31 s, a
 # routine blip of the API, and at most 62 s.
-OUTAGE_BACKOFF_S = {"base_s": 2.0, "cap_s": 32.0, "floor": 0.5}
+OUTAGE_BACKOFF = Backoff(base_s=2.0, cap_s=32.0, floor=0.5)
 
 
 class GaveUp(Exception):
@@ -117,17 +113,9 @@ def backoff_s(
     floor: float = 0.0,
     rng=random,
 ) -> float:
-    """Seconds to wait before retry number `attempt` (0 for the first retry).
-
-    Full jitter: uniform(floor * c, c) with c = min(cap_s, base_s * 2**attempt) (`floor`
-    0.5 is "equal jitter": the waits add up to at least half their ceilings). A server's
-    `retry_after_s` is honoured as a floor (plus up to RETRY_AFTER_JITTER_S), even above
-    `cap_s`.
-    """
-    if retry_after_s is not None:
-        return max(0.0, retry_after_s) + rng.uniform(0.0, RETRY_AFTER_JITTER_S)
-    ceiling = min(cap_s, base_s * 2.0 ** min(max(attempt, 0), _MAX_EXPONENT))
-    return rng.uniform(floor * ceiling, ceiling)
+    """Seconds to wait before retry number `attempt` (0 for the first retry): the
+    `Backoff(base_s, cap_s, floor)` policy's delay (see `dynamo.supervision.backoff`)."""
+    return Backoff(base_s, cap_s, floor).delay_s(attempt, retry_after_s=retry_after_s, rng=rng)
 
 
 def retry_after_from_headers(headers: Mapping[str, str] | None) -> float | None:
@@ -210,6 +198,7 @@ async def retrying(
     """
     if max_attempts is not None and max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
+    policy = Backoff(cap_s=backoff_cap_s)
     attempt = 0
     while True:
         attempt += 1
@@ -224,11 +213,9 @@ async def retrying(
             if max_attempts is not None and attempt >= max_attempts:
                 raise GaveUp(error, reason="attempts") from exc
             if outage is not None and outage(error) and error.retry_after_s is None:
-                delay_s = backoff_s(attempt - 1, **OUTAGE_BACKOFF_S, rng=rng)
+                delay_s = OUTAGE_BACKOFF.delay_s(attempt - 1, rng=rng)
             else:
-                delay_s = backoff_s(
-                    attempt - 1, retry_after_s=error.retry_after_s, cap_s=backoff_cap_s, rng=rng
-                )
+                delay_s = policy.delay_s(attempt - 1, retry_after_s=error.retry_after_s, rng=rng)
             if trio.current_time() + delay_s > deadline:
                 raise GaveUp(error, reason="deadline") from exc
         metrics.RETRIES.labels(system).inc()

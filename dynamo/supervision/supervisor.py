@@ -27,6 +27,7 @@ import trio
 
 from dynamo import metrics
 from dynamo.supervision import outages
+from dynamo.supervision.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ MAX_RESTARTS = 5
 WINDOW_S = 60.0
 # The first restart is quick, later ones back off so a flapping dependency is not hammered.
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+RESTART_BACKOFF = Backoff(steps_s=RESTART_BACKOFF_S)
 # A dependency down for longer than this ends the process (exit 1): an outage this long
 # is not a blip, and the orchestrator's restart (and its alerting) should take over.
 OUTAGE_LIMIT_S = 15 * 60.0
@@ -164,7 +166,7 @@ class Supervisor:
                         f"actor {name} crashed too often: {status.last_error}"
                     ) from exc
                 status.state = "restarting"
-                delay = RESTART_BACKOFF_S[min(len(crashes), len(RESTART_BACKOFF_S)) - 1]
+                delay = RESTART_BACKOFF.delay_s(len(crashes) - 1)
                 log.error("actor %s crashed; restarting in %.1f s", name, delay, exc_info=exc)
                 first = False
                 await trio.sleep(delay)

@@ -17,6 +17,7 @@ import trio
 from actors import http
 from tests.integration.test_http_api import api, http_database  # noqa: F401  (fixtures)
 from tests.support.browser import PHONE, in_browser, require_browser, sign_in
+from tests.support.service import started
 from tests.support.timeouts import SERVICE_S as TEST_TIMEOUT_S
 from tests.support.timeouts import STARTUP_S as STARTUP_TIMEOUT_S
 
@@ -47,10 +48,7 @@ async def live(dynamo_process, fake_auth, fake_ledger):
     fake_auth.add_viewer(ALICE_TOKEN, *ALICE)
     fake_auth.add_viewer(BOB_TOKEN, *BOB)
     fake_ledger.default_balance = 1_000_000
-    service = dynamo_process()
-    service.start()
-    with trio.fail_after(STARTUP_TIMEOUT_S):
-        await service.wait_ready()
+    service = await started(dynamo_process, within_s=STARTUP_TIMEOUT_S)
     return service
 
 

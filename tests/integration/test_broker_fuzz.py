@@ -26,6 +26,7 @@ from dynamo.domain import genreq
 from dynamo.rabbitmq import broker as topology
 from tests.support import infra, poison
 from tests.support.amqp import RawPublisher, bodies
+from tests.support.service import started
 from tests.support.timeouts import SERVICE_S as TEST_TIMEOUT_S
 from tests.support.timeouts import STARTUP_S as STARTUP_TIMEOUT_S
 
@@ -69,10 +70,7 @@ async def test_hostile_messages_are_dead_lettered_and_valid_ones_succeed_once(
     with trio.fail_after(TEST_TIMEOUT_S):
         await rabbit.collect(topology.ONSCREEN_EXCHANGE)
         await rabbit.collect(topology.RESULTS_EXCHANGE)
-        service = dynamo_process()
-        service.start()
-        with trio.fail_after(STARTUP_TIMEOUT_S):
-            await service.wait_ready()
+        service = await started(dynamo_process, within_s=STARTUP_TIMEOUT_S)
         publisher = await RawPublisher.connect(infra.amqp_url(vhost))
         try:
             for body, properties in messages:

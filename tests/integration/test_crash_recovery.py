@@ -41,6 +41,8 @@ from tests.support.crash import (
     stop_with_signal,
     wait_for_steps,
 )
+from tests.support.service import started
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
@@ -183,13 +185,11 @@ async def test_kill_at_a_step_then_restart_ends_each_request_once(
 
 async def kill_at_a_step_then_restart(point, stopper, rabbit, dynamo_process, fake_openai,
                                       fake_ledger, pg_database) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         await stopper.arm()
-        service = dynamo_process()
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process)
         # One message as dispatch sends it (no message_id), one with a message_id.
         await rabbit.publish(GHOST)
         await rabbit.publish(FRIEND, message_id=str(uuid.uuid4()))
@@ -208,8 +208,7 @@ async def kill_at_a_step_then_restart(point, stopper, rabbit, dynamo_process, fa
         if point.step != "accepted":
             assert results_before == 0
 
-        service.start()
-        await service.wait_ready()
+        await service.start_ready()
         alerts, results = await finish(service, rabbit, 2)
 
         outcomes = await check_outcomes(pg_database, alerts, results, fake_ledger)
@@ -248,13 +247,11 @@ async def test_kill_while_refunding_a_failed_request_then_restart(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, fake_s3, pg_database):
     """The failure path: moderation refused both subjects after the debits were reserved;
     the process dies while the ledger refunds them. The restart refunds, once."""
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         fake_ledger.hold("refund")
-        service = dynamo_process()
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process)
         await rabbit.publish(genreq(GHOST_FAN, "ghost", {"subject": "a forbidden seal"}))
         friend = genreq(FRIEND_FAN, "friend", {"color": "red", "subject": "forbidden owl"})
         await rabbit.publish(friend, message_id=str(uuid.uuid4()))
@@ -265,8 +262,7 @@ async def test_kill_while_refunding_a_failed_request_then_restart(
         await fake_ledger.wait_until(lambda: fake_ledger.in_flight["refund"] == 0)
         fake_ledger.release("refund")
 
-        service.start()
-        await service.wait_ready()
+        await service.start_ready()
         alerts, results = await finish(service, rabbit, 2)
         outcomes = await check_outcomes(pg_database, alerts, results, fake_ledger)
         assert len(results) == 2
@@ -289,8 +285,7 @@ async def kill_after_the_ledger_debited(service, rabbit, fake_ledger, pg_databas
         return response
 
     monkeypatch.setattr(fake_ledger, "_create", debit_then_kill)
-    service.start()
-    await service.wait_ready()
+    await service.start_ready()
     await rabbit.publish(GHOST)
     await fake_ledger.wait_for_calls("outflow", 1)
     await service.wait_exited()
@@ -323,8 +318,7 @@ async def test_kill_after_the_ledger_debited_before_its_id_was_stored_adopts_tha
         service = dynamo_process()
         rid, debit = await kill_after_the_ledger_debited(service, rabbit, fake_ledger,
                                                          pg_database, monkeypatch)
-        service.start()
-        await service.wait_ready()
+        await service.start_ready()
         await wait_for_distinct(rabbit, RESULTS, 1)
         assert (await operator_status(service, fake_auth))["orphan_debits"] == 0
         assert "dynamo_adopted_debits_total 1.0" in await service.metrics()
@@ -355,8 +349,7 @@ async def test_kill_after_the_ledger_debited_with_its_history_unreadable_is_repo
         rid, orphan = await kill_after_the_ledger_debited(service, rabbit, fake_ledger,
                                                           pg_database, monkeypatch)
         fake_ledger.script("history", [403])
-        service.start()
-        await service.wait_ready()
+        await service.start_ready()
         await wait_for_distinct(rabbit, RESULTS, 1)
         assert (await operator_status(service, fake_auth))["orphan_debits"] == 1
         assert await service.terminate() == 0
@@ -422,10 +415,8 @@ async def test_forty_requests_survive_four_random_kills(
         fake_ledger.balances[POOR_VIEWER["twitch_user_id"]] = POOR_BALANCE
         # Images take a moment, so that kills find generations in flight.
         fake_openai.latency_s = {"images": IMAGE_LATENCY_S}
-        service = dynamo_process(DYNAMO_IMAGES_PER_MINUTE="6000",
-                                 DYNAMO_GENERATOR_WORKERS=str(GENERATOR_WORKERS))
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process, DYNAMO_IMAGES_PER_MINUTE="6000",
+                                DYNAMO_GENERATOR_WORKERS=str(GENERATOR_WORKERS))
         requests = random_requests(rng)
         batch = len(requests) // RANDOM_KILLS
 
@@ -460,8 +451,7 @@ async def test_forty_requests_survive_four_random_kills(
                 row["step"] for row in (await request_rows(pg_database)).values())
             kills.append((f"{endpoint} #{target}", f"{done} results", dict(steps)))
             assert sum(steps.values()) > steps.get("done", 0), kills  # work was in flight
-            service.start()
-            await service.wait_ready()
+            await service.start_ready()
         print("kills (trigger, results so far, steps at the kill):", *kills, sep="\n  ")
 
         alerts, results = await finish(service, rabbit, RANDOM_REQUESTS)
@@ -583,9 +573,7 @@ async def test_a_signal_stops_intake_keeps_unstored_messages_and_exits_0(
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         fake_ledger.default_balance = RICH_BALANCE
-        service = dynamo_process()
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process)
         stored = await fill_pipeline_behind_held_ledger(
             rabbit, fake_ledger, pg_database, STOP_REQUESTS, random.Random(signum))
 
@@ -614,8 +602,7 @@ async def test_a_signal_stops_intake_keeps_unstored_messages_and_exits_0(
             assert steps["reserving"] == RESERVATIONS_AT_ONCE, steps
             assert fake_ledger.flows == {}
 
-        service.start()
-        await service.wait_ready()
+        await service.start_ready()
         alerts, results = await finish(service, rabbit, STOP_REQUESTS)
         outcomes = await check_outcomes(pg_database, alerts, results, fake_ledger)
         assert len(outcomes) == STOP_REQUESTS
@@ -627,11 +614,9 @@ async def test_a_signal_stops_intake_keeps_unstored_messages_and_exits_0(
 
 async def test_a_stop_with_every_step_answered_does_not_wait_out_the_grace_period(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, fake_s3, pg_database):
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         fake_ledger.default_balance = RICH_BALANCE
-        service = dynamo_process()
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process)
         await fill_pipeline_behind_held_ledger(rabbit, fake_ledger, pg_database, 20,
                                                random.Random(1))
         exit_code = await stop_releasing_the_ledger(

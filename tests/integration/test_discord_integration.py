@@ -9,6 +9,7 @@ import trio
 from dynamo.rabbitmq import broker as topology
 from tests.fakes.discord_server import FRIENDS_WEBHOOK, GHOSTS_WEBHOOK
 from tests.support.amqp import bodies
+from tests.support.service import started
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +26,7 @@ async def test_each_success_is_posted_once_to_its_style_webhook(
         rabbit, dynamo_process, fake_discord, fake_ledger):
     with trio.fail_after(60):
         await rabbit.collect(topology.RESULTS_EXCHANGE)
-        service = dynamo_process(**fake_discord.env())
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process, **fake_discord.env())
         await rabbit.publish(message("ghost", {"subject": "a seal @everyone"}))
         await rabbit.publish(message("friend", {"color": "blue", "subject": "owl"}))
         results = bodies(await rabbit.wait_for(topology.RESULTS_EXCHANGE, 2))
@@ -48,8 +47,7 @@ async def test_each_success_is_posted_once_to_its_style_webhook(
 
         # A restart does not post again.
         assert await service.terminate() == 0
-        service.start()
-        await service.wait_ready()
+        await service.start_ready()
         await trio.sleep(6)  # more than one resume sweep
         assert len(fake_discord.messages) == 2
 
@@ -59,9 +57,7 @@ async def test_a_webhook_that_is_down_changes_nothing_for_the_viewer(
     with trio.fail_after(60):
         fake_discord.down = True
         await rabbit.collect(topology.RESULTS_EXCHANGE)
-        service = dynamo_process(**fake_discord.env())
-        service.start()
-        await service.wait_ready()
+        await started(dynamo_process, **fake_discord.env())
         await rabbit.publish(message("ghost", {"subject": "a seal"}))
         [result] = bodies(await rabbit.wait_for(topology.RESULTS_EXCHANGE, 1))
         assert result["outcome"] == "success"

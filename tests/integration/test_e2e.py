@@ -21,6 +21,7 @@ from dynamo.images import processing as imaging
 from dynamo.rabbitmq import broker as topology
 from tests.support import checks, infra
 from tests.support.amqp import bodies
+from tests.support.service import started
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +50,7 @@ async def test_ghost_and_friend_from_rabbitmq_to_the_screen(
     with trio.fail_after(90):
         await rabbit.collect(topology.ONSCREEN_EXCHANGE)
         await rabbit.collect(topology.RESULTS_EXCHANGE)
-        service = dynamo_process()
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process)
 
         await rabbit.publish(GHOST)
         await rabbit.publish(FRIEND)

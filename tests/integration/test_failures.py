@@ -28,26 +28,15 @@ from tests.support import checks, infra
 from tests.support.amqp import bodies
 from tests.support.checks import VIEWER, genreq
 from tests.support.crash import fetch_rows
+from tests.support.service import started
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
-# How long a test waits for dynamo to start and answer /readyz.
-READY_S = 20
 # After the last expected message, how long a test waits for one that must not come.
 QUIET_S = 0.5
 # The contract's own example of a viewer's sentence for a rejection (§3).
 REJECTED_SENTENCE = "Your image request was rejected by the content filter. No points were spent."
-
-
-async def start(rabbit, dynamo_process, **env):
-    """dynamo, ready, with the test collecting alerts and results."""
-    await rabbit.collect(topology.ONSCREEN_EXCHANGE)
-    await rabbit.collect(topology.RESULTS_EXCHANGE)
-    service = dynamo_process(**env)
-    service.start()
-    with trio.fail_after(READY_S):
-        await service.wait_ready()
-    return service
 
 
 async def one_result(rabbit):
@@ -67,7 +56,7 @@ async def check_nothing_on_stream(rabbit) -> None:
 async def test_unparseable_message_is_dead_lettered_as_it_came(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process)
+        await started(dynamo_process, rabbit=rabbit)
         poison = b'{"type": "image", "viewer": {"twitch_user_id": "90790024", '
         sent_at = datetime.datetime(2024, 5, 4, 12, 30, 0, tzinfo=datetime.UTC)
         properties = dict(
@@ -108,7 +97,7 @@ async def test_invalid_request_with_a_viewer_fails_and_is_dead_lettered(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database,
         message, style, description, problem):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process)
+        await started(dynamo_process, rabbit=rabbit)
         body = json.dumps(message).encode()
         await checks.publish_with_properties(
             rabbit, body, message_id="dispatch-invalid-1", content_type="application/json",
@@ -137,7 +126,7 @@ async def test_invalid_request_with_a_viewer_fails_and_is_dead_lettered(
 async def test_subject_flagged_by_moderation_is_rejected_without_buying_an_image(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process)
+        await started(dynamo_process, rabbit=rabbit)
         assert "forbidden" in fake_openai.flagged_words
         await rabbit.publish(genreq("  a forbidden seal "))
 
@@ -156,7 +145,7 @@ async def test_subject_flagged_by_moderation_is_rejected_without_buying_an_image
 async def test_image_refused_by_the_content_policy_is_rejected(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process)
+        await started(dynamo_process, rabbit=rabbit)
         assert "nsfw" in fake_openai.policy_words and "nsfw" not in fake_openai.flagged_words
         await rabbit.publish(genreq("caterpillar in an nsfw hat", style="friend", color="yellow"))
 
@@ -180,7 +169,7 @@ async def test_viewer_without_enough_points_gets_no_image_call(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
     with trio.fail_after(30):
         fake_ledger.balances[VIEWER["twitch_user_id"]] = checks.POINTS_COST - 1
-        await start(rabbit, dynamo_process)
+        await started(dynamo_process, rabbit=rabbit)
         await rabbit.publish(genreq("a seal"))
 
         result = checks.check_failure_result(
@@ -215,7 +204,7 @@ async def check_failed_at_its_deadline(database: str, request_id: str) -> None:
 async def test_request_still_generating_at_its_deadline_expires_refunded(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process, DYNAMO_REQUEST_TIMEOUT_S="3")
+        await started(dynamo_process, rabbit=rabbit, DYNAMO_REQUEST_TIMEOUT_S="3")
         fake_openai.hold("images")
         published_at = trio.current_time()
         await rabbit.publish(genreq("a very slow seal"))
@@ -244,7 +233,7 @@ async def test_request_waiting_for_a_generator_worker_at_its_deadline_expires_re
     process with a longer timeout: the first dynamo is killed while generating it, and
     the second (timeout 3 s, one worker) resumes it, its deadline unchanged."""
     with trio.fail_after(30):
-        first = await start(rabbit, dynamo_process, DYNAMO_REQUEST_TIMEOUT_S="60",
+        first = await started(dynamo_process, rabbit=rabbit, DYNAMO_REQUEST_TIMEOUT_S="60",
                             DYNAMO_GENERATOR_WORKERS="1")
         fake_openai.hold("images")
         await rabbit.publish(genreq("a long-lived seal"))
@@ -280,7 +269,7 @@ async def test_request_waiting_for_a_generator_worker_at_its_deadline_expires_re
 async def test_image_api_failing_more_times_than_allowed_is_an_error_refunded(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process, DYNAMO_MAX_ATTEMPTS="2")
+        await started(dynamo_process, rabbit=rabbit, DYNAMO_MAX_ATTEMPTS="2")
         # Contract §1: every attempt counts, an outage's (5xx) too.
         fake_openai.script("images", [500, 500, 500])
         await rabbit.publish(genreq("a seal"))
@@ -304,7 +293,7 @@ async def test_points_outage_delays_a_request_without_failing_it(
     fake, endpoint = {"ledger": (fake_ledger, "outflow"),
                       "auth": (fake_auth, "service-token")}[system]
     with trio.fail_after(45):
-        await start(rabbit, dynamo_process, DYNAMO_REQUEST_TIMEOUT_S="40")
+        await started(dynamo_process, rabbit=rabbit, DYNAMO_REQUEST_TIMEOUT_S="40")
         fake.down = True
         await rabbit.publish(genreq("a patient seal"))
         # The outage is met, and met again: dynamo keeps trying.
@@ -342,8 +331,8 @@ async def test_a_result_that_cannot_be_made_does_not_bring_the_process_down(
     """An accepted request whose image row is missing (success_result raises). Before, the
     announcer crashed on it, the resume sweep routed it again, and after 5 crashes in 60 s
     the process exited (at every start). Now it is one error, and the process stays up."""
-    with trio.fail_after(90):
-        service = await start(rabbit, dynamo_process)
+    with trio.fail_after(SERVICE_S):
+        service = await started(dynamo_process, rabbit=rabbit)
         async with open_database(infra.pg_dsn(pg_database)) as db:
             request_id, _ = await db.insert_request(
                 viewer_id="1001", display_name="GhostFan", broadcast_id=None,

@@ -24,6 +24,7 @@ import trio
 
 from dynamo.rabbitmq import broker as topology
 from tests.support.crash import by_message_id, check_outcomes, request_rows, stop_with_signal
+from tests.support.service import started_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,6 @@ FLOODER = {"twitch_user_id": "2001", "twitch_display_name": "Flooder"}
 NEWCOMER = {"twitch_user_id": "2002", "twitch_display_name": "Newcomer"}
 BROADCASTER_TOKEN = "fleet-broadcaster-token"
 PLENTY_OF_POINTS = 10**6
-READY_S = 60  # three processes starting at once on a busy 2-core machine
 IMAGE_LATENCY_S = 1.0  # so that a kill finds an image call in flight
 WINDOW_S = 60.0
 # What a restarted or surviving process may still publish after the last result.
@@ -52,16 +52,6 @@ def most_in_any_window(times: list[float]) -> int:
             first += 1
         most = max(most, last - first + 1)
     return most
-
-
-async def start_fleet(dynamo_process, count: int, **env):
-    services = [dynamo_process(**env) for _ in range(count)]
-    for service in services:
-        service.start()
-    with trio.fail_after(READY_S):
-        for service in services:
-            await service.wait_ready()
-    return services
 
 
 async def get_json(service, path: str) -> dict:
@@ -135,7 +125,7 @@ async def test_three_processes_share_30_a_minute_and_survive_a_kill(
         fake_auth.add_broadcaster(BROADCASTER_TOKEN, "1000", "broadcaster")
         fake_openai.images_per_minute = 30
         fake_openai.latency_s = {"images": IMAGE_LATENCY_S}
-        services = await start_fleet(dynamo_process, 3, DYNAMO_IMAGES_PER_MINUTE="30")
+        services = await started_fleet(dynamo_process, 3, DYNAMO_IMAGES_PER_MINUTE="30")
         status = await wait_for_fleet(services, services)
         assert status["rate_limiter"]["scope"] == "fleet"
         for process in status["fleet"]["processes"]:
@@ -193,7 +183,7 @@ async def test_a_rolling_restart_under_load_loses_nothing_and_doubles_nothing(
         fake_auth.add_broadcaster(BROADCASTER_TOKEN, "1000", "broadcaster")
         fake_openai.images_per_minute = 60
         fake_openai.latency_s = {"images": IMAGE_LATENCY_S}
-        services = await start_fleet(dynamo_process, 3, DYNAMO_IMAGES_PER_MINUTE="60")
+        services = await started_fleet(dynamo_process, 3, DYNAMO_IMAGES_PER_MINUTE="60")
         for number in range(requests):
             await rabbit.publish(ghost(FLOODER, f"a seal number {number}"))
         await fake_openai.wait_for_answers("images", 3)
@@ -201,9 +191,7 @@ async def test_a_rolling_restart_under_load_loses_nothing_and_doubles_nothing(
             done = len(by_message_id(await rabbit.drain(RESULTS)))
             assert done < requests, "the deploy must happen under load"
             assert await stop_with_signal(service, signal.SIGTERM) == 0
-            service.start()
-            with trio.fail_after(READY_S):
-                await service.wait_ready()
+            await service.start_ready()
             print(f"restarted {service.url} with {done} results so far")
         await wait_for_fleet(services, services)
         await wait_for_results(rabbit, requests)

@@ -21,6 +21,7 @@ from dynamo.database.port import open_database
 from dynamo.limits.budget import Budget, BudgetUnavailable, KindConfig
 from dynamo.limits.permits import CallKind, CallOutcome
 from dynamo.limits.window import WINDOW_S
+from dynamo.openai_port.rate_headers import parse_ratelimit_headers
 from tests.support import infra
 
 pytestmark = pytest.mark.integration
@@ -84,8 +85,8 @@ async def test_what_one_process_learns_applies_to_the_other(db):
         # The API shows a token limit of two images a minute, then refuses with a pause.
         await first.report(CallOutcome(
             CallKind.IMAGE, succeeded=True, tokens_used=MEDIUM_SQUARE, permit=granted.permit,
-            headers={"x-ratelimit-limit-requests": "100",
-                     "x-ratelimit-limit-tokens": str(2 * MEDIUM_SQUARE)}))
+            limits=parse_ratelimit_headers({"x-ratelimit-limit-requests": "100",
+                     "x-ratelimit-limit-tokens": str(2 * MEDIUM_SQUARE)})))
         decision = await second.try_grant(CallKind.IMAGE, MEDIUM_SQUARE)
         assert decision.permit is None and 25 < decision.retry_in_s <= 30  # 30 s spacing
         await first.report(CallOutcome(CallKind.IMAGE, rate_limited=True, retry_after_s=45))

@@ -41,6 +41,7 @@ from tests.integration.test_http_api import (  # noqa: F401  (fixtures)
 )
 from tests.support import infra
 from tests.support.crash import PublishBlocker, fetch_rows, request_rows
+from tests.support.service import started
 from tests.support.timeouts import PORT_S as TEST_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
@@ -191,13 +192,6 @@ def ghost(subject: str = "a seal", viewer=("1001", "GhostFan")) -> dict:
     return {"type": "image", "state": NO_STATE,
             "viewer": {"twitch_user_id": viewer[0], "twitch_display_name": viewer[1]},
             "payload": {"style": "ghost", "inputs": {"subject": subject}}}
-
-
-async def started(dynamo_process, **env):
-    service = dynamo_process(**env)
-    service.start()
-    await service.wait_ready()
-    return service
 
 
 async def the_request(database: str):

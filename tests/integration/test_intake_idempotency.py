@@ -19,24 +19,13 @@ from dynamo.rabbitmq import broker as topology
 from tests.support import checks
 from tests.support.amqp import bodies
 from tests.support.checks import genreq
+from tests.support.service import started
 
 pytestmark = pytest.mark.integration
 
-# How long a test waits for dynamo to start and answer /readyz.
-READY_S = 20
 # After the last expected message, how long a test waits for one that must not come.
 QUIET_S = 0.5
 POISON = b'{"type": "image", "viewer": '
-
-
-async def start(rabbit, dynamo_process, **env):
-    await rabbit.collect(topology.ONSCREEN_EXCHANGE)
-    await rabbit.collect(topology.RESULTS_EXCHANGE)
-    service = dynamo_process(**env)
-    service.start()
-    with trio.fail_after(READY_S):
-        await service.wait_ready()
-    return service
 
 
 async def check_input_queue_drained(rabbit, vhost) -> None:
@@ -49,7 +38,7 @@ async def check_input_queue_drained(rabbit, vhost) -> None:
 async def test_one_message_id_delivered_four_times_is_one_request(
         rabbit, dynamo_process, fake_openai, fake_ledger, pg_database, vhost):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process)
+        await started(dynamo_process, rabbit=rabbit)
         message = genreq("a seal")
         for _ in range(3):
             await rabbit.publish(message, message_id="dispatch-msg-1")
@@ -82,7 +71,7 @@ async def test_one_message_id_delivered_four_times_is_one_request(
 async def test_identical_bodies_without_a_message_id_are_separate_requests(
         rabbit, dynamo_process, fake_openai, fake_ledger, pg_database, vhost):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process)
+        await started(dynamo_process, rabbit=rabbit)
         message = genreq("a seal")
         for _ in range(3):
             await rabbit.publish(message)
@@ -111,7 +100,7 @@ async def test_identical_bodies_without_a_message_id_are_separate_requests(
 async def test_poison_message_between_two_good_ones_blocks_nothing(
         rabbit, dynamo_process, fake_openai, fake_ledger, pg_database, vhost):
     with trio.fail_after(30):
-        await start(rabbit, dynamo_process)
+        await started(dynamo_process, rabbit=rabbit)
         await rabbit.publish(genreq("a seal"), message_id="good-1")
         await rabbit.publish(POISON, message_id="poison-1")
         await rabbit.publish(genreq("caterpillar in a top hat", style="friend", color="yellow"),

@@ -27,6 +27,7 @@ from dynamo.openai_port import pricing
 from dynamo.rabbitmq import broker as topology
 from tests.support import checks
 from tests.support.amqp import bodies
+from tests.support.service import started
 from tests.support.timeouts import SDK_S as TEST_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
@@ -87,9 +88,7 @@ async def test_a_shutdown_ten_days_ahead_warns_and_still_works(
     fake_openai.add_model("gpt-image-2.6-flare", shutdown_date=in_ten_days)
     with trio.fail_after(TEST_TIMEOUT_S):
         await rabbit.collect(topology.RESULTS_EXCHANGE)
-        service = dynamo_process()
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process)
         await rabbit.publish(checks.genreq("a seal"))
         [result] = await results_for(rabbit, 1)
         status = await get_json(service, "/status", fake_auth)
@@ -136,9 +135,7 @@ async def test_a_reasoning_text_model_names_a_friend(rabbit, dynamo_process, fak
     fake_openai.reasoning_tokens = 1000  # more than the first room: "" with finish length
     with trio.fail_after(TEST_TIMEOUT_S):
         await rabbit.collect(topology.ONSCREEN_EXCHANGE)
-        service = dynamo_process()
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process)
         await rabbit.publish(checks.genreq(FRIEND_SUBJECT, style="friend", color="yellow"))
         [first] = bodies(await rabbit.wait_for(topology.ONSCREEN_EXCHANGE, 1))
         fake_openai.reasoning_tokens = 10_000  # never room enough: named after the subject
@@ -161,9 +158,7 @@ async def test_a_reached_budget_fails_the_next_request_and_refunds_it(
     with trio.fail_after(TEST_TIMEOUT_S):
         await rabbit.collect(topology.RESULTS_EXCHANGE)
         # One medium image of gpt-image-2.6-flare costs about $0.0135: over this at once.
-        service = dynamo_process(DYNAMO_DAILY_BUDGET_USD="0.01")
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process, DYNAMO_DAILY_BUDGET_USD="0.01")
         await rabbit.publish(checks.genreq("a seal"))
         [bought] = await results_for(rabbit, 1)
         await rabbit.publish(checks.genreq("another seal"))

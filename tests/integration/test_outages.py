@@ -27,6 +27,7 @@ from dynamo.rabbitmq import broker as topology
 from tests.support import checks, infra
 from tests.support.checks import genreq
 from tests.support.outage import Proxy
+from tests.support.service import started
 
 pytestmark = pytest.mark.integration
 
@@ -69,19 +70,14 @@ async def service(rabbit, dynamo_process, pg_database, vhost, fake_openai, fake_
                   fake_ledger, pg_proxy, amqp_proxy, s3_proxy):
     """dynamo, ready, reaching PostgreSQL, RabbitMQ and S3 through the proxies."""
     fake_ledger.default_balance = 100 * checks.POINTS_COST  # enough for every request
-    await rabbit.collect(topology.ONSCREEN_EXCHANGE)
-    await rabbit.collect(topology.RESULTS_EXCHANGE)
     fake_openai.latency_s = {"images": IMAGE_LATENCY_S}
-    service = dynamo_process(
+    return await started(
+        dynamo_process, rabbit=rabbit, within_s=READY_S,
         DATABASE_URL=infra.pg_dsn(pg_database).replace("127.0.0.1:5432", pg_proxy.address),
         AMQP_URL=infra.amqp_url(vhost).replace("127.0.0.1:5672", amqp_proxy.address),
         SPACES_ENDPOINT_URL=f"http://{s3_proxy.address}",
         DYNAMO_GENERATOR_WORKERS="4",
     )
-    service.start()
-    with trio.fail_after(READY_S):
-        await service.wait_ready()
-    return service
 
 
 class Run:

@@ -30,11 +30,11 @@ from trio_asyncio import aio_as_trio
 from dynamo.rabbitmq import broker as topology
 from tests.support import infra
 from tests.support.amqp import bodies
+from tests.support.service import started
 
 pytestmark = pytest.mark.integration
 
 WINDOW_S = 60.0  # the fake's and dynamo's rate-limit window
-READY_S = 20  # dynamo's startup, up to /readyz
 # How much earlier than dynamo's pacing an image call may reach the fake: the permit is
 # granted on schedule, then a database update (claiming the request) and the HTTP call
 # come before the fake stamps its arrival, and those vary by some milliseconds.
@@ -60,14 +60,8 @@ def ghost(number: int) -> dict:
 
 
 async def start(rabbit, dynamo_process, fake_ledger, **env):
-    await rabbit.collect(topology.ONSCREEN_EXCHANGE)
-    await rabbit.collect(topology.RESULTS_EXCHANGE)
     fake_ledger.default_balance = PLENTY_OF_POINTS
-    service = dynamo_process(**env)
-    service.start()
-    with trio.fail_after(READY_S):
-        await service.wait_ready()
-    return service
+    return await started(dynamo_process, rabbit=rabbit, **env)
 
 
 async def publish_ghosts(rabbit, count: int) -> None:

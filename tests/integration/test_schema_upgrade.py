@@ -15,6 +15,7 @@ from dynamo.database.port import open_database
 from dynamo.rabbitmq import broker as topology
 from tests.support import infra
 from tests.support.amqp import bodies
+from tests.support.service import started
 
 pytestmark = pytest.mark.integration
 
@@ -73,9 +74,7 @@ async def test_the_service_runs_on_an_upgraded_database(pg_database, rabbit, dyn
     with trio.fail_after(60):
         await _original_database(pg_database)
         await rabbit.collect(topology.RESULTS_EXCHANGE)
-        service = dynamo_process()
-        service.start()
-        await service.wait_ready()
+        service = await started(dynamo_process)
         await rabbit.publish({
             "type": "image",
             "viewer": {"twitch_user_id": "90790024", "twitch_display_name": "wasabimilkshake"},

@@ -10,12 +10,11 @@ from dynamo import metrics
 from dynamo.domain.jobs import Reason, Step
 from tests.fakes.ports import (
     FakeBroker,
-    MemoryDatabase,
     channel,
-    make_pipeline,
     nothing_within,
     running,
 )
+from tests.support.actor import ActorHarness
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
 from tests.unit.test_resume_unreadable import Sweep, SweptDatabase
 
@@ -24,35 +23,28 @@ QUIET_S = 60
 VIEWER_JSON = {"twitch_user_id": "90790024", "twitch_display_name": "wasabimilkshake"}
 
 
-class Announcer:
+class Announcer(ActorHarness):
+    CHANNELS = ("announce", "results", "finalize", "discord")
+    JOB_ROW = {"flow_id": "flow-1"}
+
     def __init__(self, *, request_timeout_s: float = 900.0, fail_publishes: int = 0):
-        self.db = MemoryDatabase()
+        super().__init__(request_timeout_s=request_timeout_s)
         self.broker = FakeBroker(fail_publishes=fail_publishes)
-        self.request_timeout_s = request_timeout_s
-        self.pipeline = make_pipeline(self.db, request_timeout_s=request_timeout_s)
-        self.announce_send, self.announce_recv = channel()
-        self.results_send, self.results_recv = channel()
-        self.finalize_send, self.finalize_recv = channel()
-        self.discord_send, self.discord_recv = channel()
 
     async def job(self, *, url_suffix: str = "jpg", color: str = "#000000", name=None, **row):
-        row.setdefault("flow_id", "flow-1")
-        row.setdefault("timeout_s", self.request_timeout_s)
-        request_id = self.db.add_request(**row)
+        request_id = self.add_request(**row)
         if url_suffix:
             self.db.images[request_id] = {
                 "url": f"https://cdn.example/{request_id}/{request_id}-0.{url_suffix}",
                 "color": color}
         if name:
             self.db.answers[request_id] = {"prompt": "…", "value": name}
-        job = await self.pipeline.job(request_id)
-        assert self.pipeline.inflight.add(job.id)
-        return job
+        return await self.in_flight(request_id)
 
     def run(self):
-        return running(announcer.run, broker=self.broker, pipeline=self.pipeline,
-                       announce_recv=self.announce_recv, results_recv=self.results_recv,
-                       finalize_send=self.finalize_send, discord_send=self.discord_send)
+        return self.running(announcer.run, broker=self.broker,
+                            announce_recv=self.announce_recv, results_recv=self.results_recv,
+                            finalize_send=self.finalize_send, discord_send=self.discord_send)
 
 
 # -- the alert --------------------------------------------------------------------------

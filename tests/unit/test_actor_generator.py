@@ -9,16 +9,16 @@ from actors import generator
 from dynamo.domain.jobs import Reason, Step, Style
 from dynamo.limits.permits import CallKind, CallOutcome, Permit, PermitRequest
 from dynamo.openai_port.client import Answer, GeneratedImage
+from dynamo.openai_port.rate_headers import parse_ratelimit_headers
 from tests.fakes.ports import (
     FakeGenerator,
-    MemoryDatabase,
     channel,
-    make_pipeline,
     nothing_within,
     openai_error,
     running,
     solid_png,
 )
+from tests.support.actor import ActorHarness
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
 
 QUIET_S = 60
@@ -86,31 +86,22 @@ class PermitServer:
             await self._changed.wait()
 
 
-class Generator:
+class Generator(ActorHarness):
     """The generator actor, its fakes and the permit server, run for the block."""
+
+    CHANNELS = ("generate", "upload", "finalize")
+    JOB_ROW = {"step": Step.RESERVED, "flow_id": "flow-1"}
 
     def __init__(self, *, request_timeout_s: float = 900.0, moderation: bool = True,
                  workers: int = 2, max_attempts: int = MAX_ATTEMPTS):
+        super().__init__(request_timeout_s=request_timeout_s)
         self.max_attempts = max_attempts
-        self.db = MemoryDatabase()
-        self.request_timeout_s = request_timeout_s
         self.openai = FakeGenerator(image=IMAGE)
         self.permits = PermitServer()
-        self.pipeline = make_pipeline(self.db, request_timeout_s=request_timeout_s)
-        self.generate_send, self.generate_recv = channel()
-        self.permits_send, self.permits_recv = channel(0)
-        self.upload_send, self.upload_recv = channel()
-        self.finalize_send, self.finalize_recv = channel()
+        self.permits_send, self.permits_recv = channel(0)  # as the service's
         self.moderation = moderation
         self.workers = workers
-
-    async def job(self, **row):
-        row.setdefault("step", Step.RESERVED)
-        row.setdefault("flow_id", "flow-1")
-        row.setdefault("timeout_s", self.request_timeout_s)
-        job = await self.pipeline.job(self.db.add_request(**row))
-        assert self.pipeline.inflight.add(job.id)
-        return job
+        self.spend = None  # the spend port, where a test gives one
 
     def run(self):
         return running(_start, actor=self)
@@ -124,7 +115,8 @@ async def _start(actor: Generator, *, task_status=trio.TASK_STATUS_IGNORED):
             generator=actor.openai, pipeline=actor.pipeline, generate_recv=actor.generate_recv,
             permits_send=actor.permits_send, upload_send=actor.upload_send,
             finalize_send=actor.finalize_send, workers=actor.workers,
-            max_attempts=actor.max_attempts, moderation=actor.moderation, task_status=task_status))
+            max_attempts=actor.max_attempts, moderation=actor.moderation, spend=actor.spend,
+            task_status=task_status))
         task_status.started()
 
 
@@ -155,7 +147,10 @@ async def test_ghost_is_moderated_then_generated_and_saved(autojump_clock):
         assert actor.permits.requests == [CallKind.TEXT, CallKind.IMAGE]
         assert outcome_kinds(actor.permits.outcomes) == [
             (CallKind.TEXT, True, False, False, False), (CallKind.IMAGE, True, False, False, False)]
-        assert all(o.headers == actor.openai.headers for o in actor.permits.outcomes)
+        # The port parses the answer's x-ratelimit-* headers for the rate limiter.
+        shown = parse_ratelimit_headers(actor.openai.headers)
+        assert shown.remaining == 99
+        assert all(o.limits == shown for o in actor.permits.outcomes)
 
 
 async def test_friend_gets_a_name_saved_then_its_image(autojump_clock):
@@ -273,7 +268,8 @@ async def test_rate_limited_answer_is_reported_and_retried(autojump_clock):
     with trio.fail_after(TEST_TIMEOUT_S):
         actor = Generator()
         actor.openai.script("image", openai_error(
-            429, "Rate limit reached", code="rate_limit_exceeded", headers={"retry-after": "20"}))
+            429, "Rate limit reached", code="rate_limit_exceeded",
+            headers={"retry-after": "20", "x-ratelimit-limit-requests": "7"}))
         job = await actor.job()
         async with actor.run():
             await actor.generate_send.send(job)
@@ -282,7 +278,7 @@ async def test_rate_limited_answer_is_reported_and_retried(autojump_clock):
         assert trio.current_time() - started >= 20  # the server's retry-after is honoured
         [limited] = [o for o in actor.permits.outcomes if o.rate_limited]
         assert limited.kind is CallKind.IMAGE and limited.retry_after_s == 20
-        assert limited.headers["retry-after"] == "20"
+        assert limited.limits.limit == 7  # parsed at the port
         assert actor.openai.count("image") == 2
 
 

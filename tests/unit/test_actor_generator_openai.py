@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import trio
 
-from actors import generator
 from dynamo.domain.jobs import Reason, Step, Style
 from dynamo.limits.permits import CallKind
 from dynamo.openai_port.client import NameAnswer, ParameterLearned
-from tests.fakes.ports import FakeSpend, nothing_within, running
+from tests.fakes.ports import FakeSpend, nothing_within
 from tests.unit.test_actor_generator import (
     FRIEND_PROMPT,
     NAME_PROMPT,
@@ -25,33 +24,18 @@ IMAGE_USAGE = {"input_tokens": 40, "output_tokens": 439, "total_tokens": 479}
 
 
 def generator_with_spend(**kwargs) -> Generator:
-    actor = Generator(**kwargs)
+    actor = Generator(max_attempts=3, **kwargs)
     actor.spend = FakeSpend(actor.db)
     actor.openai.image_tokens = 503
     actor.openai.usage["image"] = IMAGE_USAGE
     return actor
 
 
-async def _start_with_spend(actor: Generator, *, task_status=trio.TASK_STATUS_IGNORED):
-    async with trio.open_nursery() as nursery:
-        await nursery.start(actor.permits.serve, actor.permits_recv)
-        await nursery.start(lambda task_status: generator.run(
-            generator=actor.openai, pipeline=actor.pipeline, generate_recv=actor.generate_recv,
-            permits_send=actor.permits_send, upload_send=actor.upload_send,
-            finalize_send=actor.finalize_send, workers=actor.workers, max_attempts=3,
-            moderation=actor.moderation, spend=actor.spend, task_status=task_status))
-        task_status.started()
-
-
-def running_with_spend(actor: Generator):
-    return running(_start_with_spend, actor=actor)
-
-
 async def test_tokens_go_with_permits_and_every_call_is_recorded(autojump_clock):
     with trio.fail_after(TEST_TIMEOUT_S):
         actor = generator_with_spend()
         job = await actor.job(style="friend")
-        async with running_with_spend(actor):
+        async with actor.run():
             await actor.generate_send.send(job)
             await actor.upload_recv.receive()
         assert actor.permits.tokens == [(CallKind.TEXT, 0), (CallKind.TEXT, 0), (CallKind.IMAGE, 503)]
@@ -71,7 +55,7 @@ async def test_budget_reached_fails_at_once_with_the_paused_sentence(autojump_cl
         actor = generator_with_spend()
         actor.spend.reached = True
         job = await actor.job()
-        async with running_with_spend(actor):
+        async with actor.run():
             await actor.generate_send.send(job)
             failed = await actor.finalize_recv.receive()
         assert failed.failure.reason is Reason.ERROR
@@ -93,7 +77,7 @@ async def test_budget_reached_while_screening_buys_no_image(autojump_clock):
             return answer
 
         actor.openai.name = name_then_budget_reached
-        async with running_with_spend(actor):
+        async with actor.run():
             await actor.generate_send.send(job)
             failed = await actor.finalize_recv.receive()
         assert failed.failure.reason is Reason.ERROR and "paused for today" in failed.failure.message
@@ -106,7 +90,7 @@ async def test_an_empty_name_is_asked_again_with_more_room(autojump_clock):
         actor = generator_with_spend()
         actor.openai.script("name", NameAnswer("", complete=False), '"Sir Hatsworth"')
         job = await actor.job(style="friend")
-        async with running_with_spend(actor):
+        async with actor.run():
             await actor.generate_send.send(job)
             generated = await actor.upload_recv.receive()
         assert actor.openai.name_attempts == [0, 1]
@@ -120,7 +104,7 @@ async def test_no_usable_name_twice_names_the_friend_after_its_subject(autojump_
         actor = generator_with_spend()
         actor.openai.script("name", NameAnswer("", False), NameAnswer("Sir Ha", False))
         job = await actor.job(style="friend")
-        async with running_with_spend(actor):
+        async with actor.run():
             await actor.generate_send.send(job)
             generated = await actor.upload_recv.receive()
         assert generated.name == "Caterpillar in a Top Hat"  # never empty, never cut off
@@ -134,7 +118,7 @@ async def test_a_learned_parameter_is_retried_at_once(autojump_clock):
         actor = generator_with_spend()
         actor.openai.script("image", ParameterLearned("400 unknown_parameter: Unknown parameter: 'style'."))
         job = await actor.job(step=Step.SCREENED)
-        async with running_with_spend(actor):
+        async with actor.run():
             started = trio.current_time()
             await actor.generate_send.send(job)
             generated = await actor.upload_recv.receive()

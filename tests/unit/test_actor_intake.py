@@ -12,12 +12,9 @@ from dynamo.domain.viewer_messages import VIEWER_MESSAGES
 from dynamo.supervision.readiness import Readiness
 from tests.fakes.ports import (
     FakeBroker,
-    MemoryDatabase,
-    channel,
-    make_pipeline,
     nothing_within,
-    running,
 )
+from tests.support.actor import ActorHarness
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
 
 # Long enough (in virtual time, so instant) that anything the actor would still send is sent.
@@ -44,21 +41,21 @@ UNKNOWN_STYLE = json.dumps({
 }).encode()
 
 
-class Intake:
-    """The intake actor with its fakes, run for the block."""
+class Intake(ActorHarness):
+    """The intake actor with its fakes, run for the block; `deliveries` are the broker's
+    (a body, or (body, message id, redelivered))."""
 
-    def __init__(self, deliveries):
-        self.db = MemoryDatabase()
+    CHANNELS = ("reserve", "results")
+
+    def __init__(self, deliveries, **harness):
+        super().__init__(**harness)
         self.broker = FakeBroker(deliveries)
-        self.pipeline = make_pipeline(self.db)
         self.readiness = Readiness(db=self.db, broker=self.broker)
-        self.reserve_send, self.reserve_recv = channel()
-        self.results_send, self.results_recv = channel()
 
     def run(self):
-        return running(intake.run, broker=self.broker, pipeline=self.pipeline,
-                       reserve_send=self.reserve_send, results_send=self.results_send,
-                       readiness=self.readiness)
+        return self.running(intake.run, broker=self.broker,
+                            reserve_send=self.reserve_send, results_send=self.results_send,
+                            readiness=self.readiness)
 
     async def all_settled(self):
         await self.broker.wait_until(

@@ -10,45 +10,34 @@ from dynamo import metrics
 from dynamo.domain.jobs import Reason, Step
 from tests.fakes.ports import (
     FakePoints,
-    MemoryDatabase,
     _utcnow,
     channel,
-    make_pipeline,
     nothing_within,
-    running,
 )
+from tests.support.actor import ActorHarness
 from tests.support.timeouts import VIRTUAL_HOURS_S as TEST_TIMEOUT_S
 
 QUIET_S = 60
 
 
-class Ledger:
+class Ledger(ActorHarness):
     """The ledger actor with its fakes. `finalize_out` is what it sends to be finalized;
     `finalize_in` feeds its finalize loop (the same channel in the service, two here so
     that each side is seen alone)."""
 
+    CHANNELS = ("reserve", "schedule", "results")
+
     def __init__(self, *, request_timeout_s: float = 900.0):
-        self.db = MemoryDatabase()
-        self.request_timeout_s = request_timeout_s
+        super().__init__(request_timeout_s=request_timeout_s)
         self.points = FakePoints()
-        self.pipeline = make_pipeline(self.db, request_timeout_s=request_timeout_s)
-        self.reserve_send, self.reserve_recv = channel()
-        self.schedule_send, self.schedule_recv = channel()
         self.finalize_out_send, self.finalize_out = channel()
         self.finalize_in, self.finalize_in_recv = channel()
-        self.results_send, self.results_recv = channel()
 
     def run(self):
-        return running(ledger.run, points=self.points, pipeline=self.pipeline,
-                       reserve_recv=self.reserve_recv, finalize_recv=self.finalize_in_recv,
-                       schedule_send=self.schedule_send, finalize_send=self.finalize_out_send,
-                       results_send=self.results_send)
-
-    async def job(self, **row):
-        row.setdefault("timeout_s", self.request_timeout_s)
-        job = await self.pipeline.job(self.db.add_request(**row))
-        assert self.pipeline.inflight.add(job.id)
-        return job
+        return self.running(ledger.run, points=self.points,
+                            reserve_recv=self.reserve_recv, finalize_recv=self.finalize_in_recv,
+                            schedule_send=self.schedule_send, finalize_send=self.finalize_out_send,
+                            results_send=self.results_send)
 
 
 def orphan_debits() -> float:

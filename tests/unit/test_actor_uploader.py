@@ -11,14 +11,11 @@ from actors import uploader
 from dynamo.domain.jobs import Reason, Step
 from tests.fakes.ports import (
     FakeStorage,
-    MemoryDatabase,
-    channel,
-    make_pipeline,
     nothing_within,
-    running,
     solid_png,
     threads_pause_the_clock,
 )
+from tests.support.actor import ActorHarness
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
 
 QUIET_S = 60
@@ -34,30 +31,23 @@ def instant_threads(autojump_clock, monkeypatch):
     threads_pause_the_clock(autojump_clock, monkeypatch)
 
 
-class Uploader:
+class Uploader(ActorHarness):
+    CHANNELS = ("upload", "announce", "finalize")
+    JOB_ROW = {"step": Step.GENERATED, "flow_id": "flow-1"}
+
     def __init__(self, *, request_timeout_s: float = 900.0):
-        self.db = MemoryDatabase()
+        super().__init__(request_timeout_s=request_timeout_s)
         self.storage = FakeStorage()
-        self.request_timeout_s = request_timeout_s
-        self.pipeline = make_pipeline(self.db, request_timeout_s=request_timeout_s)
-        self.upload_send, self.upload_recv = channel()
-        self.announce_send, self.announce_recv = channel()
-        self.finalize_send, self.finalize_recv = channel()
 
     async def job(self, raw: bytes, **row):
-        row.setdefault("step", Step.GENERATED)
-        row.setdefault("flow_id", "flow-1")
-        row.setdefault("timeout_s", self.request_timeout_s)
-        request_id = self.db.add_request(**row)
+        request_id = self.add_request(**row)
         self.db.generated[request_id] = raw
-        job = await self.pipeline.job(request_id)
-        assert self.pipeline.inflight.add(job.id)
-        return job
+        return await self.in_flight(request_id)
 
     def run(self):
-        return running(uploader.run, storage=self.storage, pipeline=self.pipeline,
-                       upload_recv=self.upload_recv, announce_send=self.announce_send,
-                       finalize_send=self.finalize_send)
+        return self.running(uploader.run, storage=self.storage,
+                            upload_recv=self.upload_recv, announce_send=self.announce_send,
+                            finalize_send=self.finalize_send)
 
 
 def decode(data: bytes) -> Image.Image:

@@ -19,6 +19,7 @@ from dynamo.limits.kind import KindLimiter
 from dynamo.limits.permits import CallKind, CallOutcome, acquire_permit, report_outcome
 from dynamo.limits.state import RateLimiterStatus
 from dynamo.limits.window import WINDOW_S, Grant, SlidingWindow
+from dynamo.openai_port.rate_headers import parse_ratelimit_headers
 
 MEDIUM_SQUARE = 1056  # usage.total_tokens of a 1024x1024 image at quality medium
 PERMITS_CAPACITY = 8
@@ -91,8 +92,8 @@ def test_varied_costs_stay_under_the_token_limit():
 def test_a_token_limit_shown_caps_the_tokens_and_keeps_the_call_rate():
     limiter = KindLimiter(CallKind.IMAGE, 100)
     limiter.on_outcome(CallOutcome(CallKind.IMAGE, succeeded=True,
-                                   headers={"x-ratelimit-limit-requests": "100",
-                                            "x-ratelimit-limit-tokens": "21120"}), now=0)
+                                   limits=parse_ratelimit_headers({"x-ratelimit-limit-requests": "100",
+                                            "x-ratelimit-limit-tokens": "21120"})), now=0)
     assert limiter.limit.token_ceiling(0) == 21120
     assert limiter.limit.effective_limit == 100
 
@@ -101,10 +102,10 @@ def test_a_429_explained_by_a_token_limit_lowers_tokens_not_calls():
     limiter = KindLimiter(CallKind.IMAGE, 100, configured_tokens=50_000)
     for at in range(0, 30, 3):
         limiter.granted(at, limiter.permit(), MEDIUM_SQUARE)
-    limiter.on_outcome(CallOutcome(CallKind.IMAGE, rate_limited=True, headers={
+    limiter.on_outcome(CallOutcome(CallKind.IMAGE, rate_limited=True, limits=parse_ratelimit_headers({
         "x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "90",
         "x-ratelimit-limit-tokens": "10560", "x-ratelimit-remaining-tokens": "0",
-        "x-ratelimit-reset-tokens": "31s"}), now=30)
+        "x-ratelimit-reset-tokens": "31s"})), now=30)
     assert limiter.limit.token_ceiling(30) == 10560
     assert limiter.limit.effective_limit == 100
     assert limiter.limit.paused_until == 61  # no retry-after: the reset of the tokens
@@ -331,7 +332,7 @@ def test_a_raised_configured_limit_applies_at_once_a_learned_one_holds():
     assert read_at_10.limit.effective_limit == 10
     taught = KindLimiter(CallKind.IMAGE, 5)
     taught.on_outcome(CallOutcome(CallKind.IMAGE, rate_limited=True, retry_after_s=1,
-                                  headers={"x-ratelimit-limit-requests": "4"}), now=0)
+                                  limits=parse_ratelimit_headers({"x-ratelimit-limit-requests": "4"})), now=0)
     read_at_10 = KindLimiter(CallKind.IMAGE, 10)
     read_at_10.restore(taught.state(), [])
     assert read_at_10.limit.effective_limit == 4

@@ -10,14 +10,13 @@ import json
 import pytest
 import trio
 
-from actors import intake
 from dynamo.database.errors import DatabaseUnavailable
 from dynamo.domain import genreq
 from dynamo.domain.jobs import Step, Viewer
 from dynamo.inflight import attempts
-from dynamo.supervision.readiness import Readiness
-from tests.fakes.ports import FakeBroker, MemoryDatabase, channel, make_pipeline, running
+from tests.fakes.ports import MemoryDatabase, make_pipeline
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
+from tests.unit.test_actor_intake import Intake
 
 GHOST = {"type": "image",
          "viewer": {"twitch_user_id": "90790024", "twitch_display_name": "wasabimilkshake"},
@@ -49,22 +48,9 @@ class CrashingDatabase(MemoryDatabase):
         return await super().insert_request(**fields)
 
 
-class Intake:
-    def __init__(self, db, deliveries):
-        self.db = db
-        self.broker = FakeBroker(deliveries)
-        self.pipeline = make_pipeline(db)
-        self.reserve_send, self.reserve_recv = channel(64)
-        self.results_send, self.results_recv = channel(64)
-
-    def run(self):
-        return running(intake.run, broker=self.broker, pipeline=self.pipeline,
-                       reserve_send=self.reserve_send, results_send=self.results_send,
-                       readiness=Readiness(db=self.db, broker=self.broker))
-
-    async def all_settled(self):
-        await self.broker.wait_until(
-            lambda: self.broker.settled_count() == len(self.broker.deliveries_given))
+def intake_on(db, deliveries) -> Intake:
+    """The intake harness on `db`, with room for every answer the test lets pile up."""
+    return Intake(deliveries, db=db, channel_capacity=64)
 
 
 @pytest.mark.parametrize("message_id", ["poison-1", None])
@@ -72,7 +58,7 @@ async def test_a_delivery_that_keeps_crashing_is_dead_lettered_after_three_attem
         autojump_clock, message_id):
     with trio.fail_after(TEST_TIMEOUT_S):
         db = CrashingDatabase({"a poison seal": RuntimeError("a bug this message triggers")})
-        actor = Intake(db, [(ghost("a seal"), "m-1", False), (ghost("a poison seal"), message_id, False),
+        actor = intake_on(db, [(ghost("a seal"), "m-1", False), (ghost("a poison seal"), message_id, False),
                             (ghost("an owl"), "m-3", False)])
         async with actor.run():  # a crash of the actor would fail the test here
             await actor.all_settled()
@@ -93,7 +79,7 @@ async def test_a_delivery_that_keeps_crashing_is_dead_lettered_after_three_attem
 async def test_a_delivery_that_crashes_once_is_taken_on_its_second_attempt(autojump_clock):
     with trio.fail_after(TEST_TIMEOUT_S):
         db = CrashingDatabase({"a seal": RuntimeError("a fluke")}, crashes=1)
-        actor = Intake(db, [(ghost("a seal"), "m-1", False)])
+        actor = intake_on(db, [(ghost("a seal"), "m-1", False)])
         async with actor.run():
             job = await actor.reserve_recv.receive()
             await actor.all_settled()
@@ -108,7 +94,7 @@ async def test_an_outage_is_not_counted_against_the_message(autojump_clock):
     with trio.fail_after(TEST_TIMEOUT_S):
         db = CrashingDatabase({"a seal": DatabaseUnavailable("connection refused")},
                               crashes=attempts.MAX_ATTEMPTS + 2)
-        actor = Intake(db, [(ghost("a seal"), "m-1", False)])
+        actor = intake_on(db, [(ghost("a seal"), "m-1", False)])
         async with actor.run():
             job = await actor.reserve_recv.receive()
             await actor.all_settled()
@@ -120,7 +106,7 @@ async def test_an_outage_is_not_counted_against_the_message(autojump_clock):
 async def test_a_crash_after_the_ack_is_logged_and_the_actor_goes_on(autojump_clock, monkeypatch):
     with trio.fail_after(TEST_TIMEOUT_S):
         db = MemoryDatabase()
-        actor = Intake(db, [(ghost("a seal"), "m-1", False), (ghost("an owl"), "m-2", False)])
+        actor = intake_on(db, [(ghost("a seal"), "m-1", False), (ghost("an owl"), "m-2", False)])
         real_job = actor.pipeline.job
         calls = []
 
@@ -158,7 +144,7 @@ async def test_an_invalid_message_with_a_list_subject_is_answered_and_dead_lette
         message["payload"]["inputs"] = {"subject": ["a"], "note": "a\x00b", "n": 5}
         body = json.dumps(message).encode()
         db = MemoryDatabase()
-        actor = Intake(db, [(body, "m-1", False)])
+        actor = intake_on(db, [(body, "m-1", False)])
         async with actor.run():
             answered = await actor.results_recv.receive()
             await actor.all_settled()

@@ -30,6 +30,7 @@ from tests.fakes.ports import (
     solid_png,
     threads_pause_the_clock,
 )
+from tests.support.actor import ActorHarness
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
 
 QUIET_S = 60
@@ -49,38 +50,34 @@ class BuggyDatabase(MemoryDatabase):
         return await super().save_image(request_id, url, color)
 
 
-class UploadAndRefund:
+class UploadAndRefund(ActorHarness):
     """The uploader with the ledger's finalize loop behind it, as the service wires them."""
 
+    # reserve and schedule: the ledger's other loop, unused here.
+    CHANNELS = ("upload", "announce", "finalize", "results", "reserve", "schedule")
+    JOB_ROW = {"step": Step.GENERATED, "flow_id": None}
+
     def __init__(self) -> None:
-        self.db = BuggyDatabase()
-        self.pipeline = make_pipeline(self.db)
+        super().__init__(db=BuggyDatabase())
         self.storage = FakeStorage()
         self.points = FakePoints()
-        self.upload_send, self.upload_recv = channel()
-        self.announce_send, self.announce_recv = channel()
-        self.finalize_send, self.finalize_recv = channel()
-        self.results_send, self.results_recv = channel()
-        self.unused = {name: channel() for name in ("reserve", "schedule")}
 
     async def job(self, *, buggy: bool = False):
-        request_id = self.db.add_request(step=Step.GENERATED, flow_id=None)
+        request_id = self.add_request()
         self.db.requests[request_id]["flow_id"] = f"flow-{request_id}"
         self.db.generated[request_id] = GHOST_RAW
         if buggy:
             self.db.buggy.add(request_id)
-        job = await self.pipeline.job(request_id)
-        assert self.pipeline.inflight.add(job.id)
-        return job
+        return await self.in_flight(request_id)
 
     async def run(self, nursery):
         await nursery.start(functools.partial(uploader.run, storage=self.storage, pipeline=self.pipeline,
                             upload_recv=self.upload_recv, announce_send=self.announce_send,
                             finalize_send=self.finalize_send))
         await nursery.start(functools.partial(ledger.run, points=self.points, pipeline=self.pipeline,
-                            reserve_recv=self.unused["reserve"][1],
+                            reserve_recv=self.reserve_recv,
                             finalize_recv=self.finalize_recv,
-                            schedule_send=self.unused["schedule"][0],
+                            schedule_send=self.schedule_send,
                             finalize_send=self.finalize_send, results_send=self.results_send))
 
 

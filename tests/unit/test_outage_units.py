@@ -21,16 +21,13 @@ import math
 import pytest
 import trio
 
-from actors import intake
 from dynamo import metrics
 from dynamo.database.errors import DatabaseUnavailable
 from dynamo.domain.jobs import Step
 from dynamo.inflight import resume
 from dynamo.inflight.confirms import ALERT, Confirms
 from dynamo.supervision import outages
-from dynamo.supervision.readiness import Readiness
 from tests.fakes.ports import (
-    FakeBroker,
     FakeSpend,
     MemoryDatabase,
     channel,
@@ -42,7 +39,8 @@ from tests.support.checks import genreq
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
 from tests.unit.test_actor_announcer import Announcer
 from tests.unit.test_actor_generator import IMAGE, Generator
-from tests.unit.test_actor_generator_openai import generator_with_spend, running_with_spend
+from tests.unit.test_actor_generator_openai import generator_with_spend
+from tests.unit.test_actor_intake import Intake
 from tests.unit.test_actor_ledger import Ledger
 
 OUTAGE_S = 30.0
@@ -340,7 +338,7 @@ async def test_a_bought_image_and_its_cost_are_written_down_after_an_outage_past
             return answer
 
         actor.openai.image = image_then_long_outage
-        async with running_with_spend(actor):
+        async with actor.run():
             await actor.generate_send.send(job)
             generated = await nothing_within(actor.upload_recv, 10 * actor.request_timeout_s)
         with contextlib.suppress(trio.WouldBlock):
@@ -382,21 +380,15 @@ async def test_intake_stores_a_message_once_when_its_commit_answer_was_lost(auto
         assert row["id"] not in intake_setup.pipeline.inflight
 
 
-class _Intake:
-    def __init__(self, body: bytes):
-        self.broker = FakeBroker([body])
-        self.memory = MemoryDatabase()
-        self.db = FlakyDatabase(self.memory)
-        self.pipeline = make_pipeline(self.db)
-        self.pipeline.dependencies = outages.Dependencies(
-            database=outages.Dependency("database", probe=self.db.ping))
-        self.reserve_send, self.reserve_recv = channel()
-        self.results_send, _ = channel()
-
-    def run(self):
-        return running(intake.run, broker=self.broker, pipeline=self.pipeline,
-                       reserve_send=self.reserve_send, results_send=self.results_send,
-                       readiness=Readiness(db=self.db, broker=self.broker))
+def _Intake(body: bytes) -> Intake:  # noqa: N802
+    """The intake harness on a database that can be taken down, whose outage is waited
+    out as the service does."""
+    memory = MemoryDatabase()
+    actor = Intake([body], db=FlakyDatabase(memory))
+    actor.memory = memory
+    actor.pipeline.dependencies = outages.Dependencies(
+        database=outages.Dependency("database", probe=actor.db.ping))
+    return actor
 
 
 # -- the resume sweep ---------------------------------------------------------------------

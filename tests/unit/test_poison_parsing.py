@@ -163,6 +163,17 @@ def test_a_style_of_the_wrong_type_is_named():
     assert refused(json.dumps(message).encode()).fields == ("payload.style",)
 
 
+@pytest.mark.parametrize("value", ["a\x00b", "\x00", "00000000-0000-0000-0000-00000000000\x1b"])
+def test_a_refusal_quoting_a_control_character_can_be_stored(value):
+    """pydantic's UUID error quotes the bad character; a NUL there reached the reason
+    text, which PostgreSQL and an AMQP header refuse (found by hypothesis)."""
+    message = copy.deepcopy(GHOST)
+    message["state"]["screening_id"] = value
+    refusal = refused(json.dumps(message).encode())
+    assert refusal.fields == ("state.screening_id",) and refusal.viewer == VIEWER
+    assert not any(unicodedata.category(c) == "Cc" for c in refusal.reason_text)
+
+
 @pytest.mark.parametrize("body", [b"", b"null", b"[]", b'"a seal"', b"12", b"true", b"[{}]"])
 def test_json_that_is_not_an_object_is_refused(body):
     assert refused(body).fields == ("body",)
@@ -225,7 +236,9 @@ def _set_path(message: dict, path: tuple[str, ...], value) -> None:
         if not isinstance(node.get(key), dict):
             node[key] = {}
         node = node[key]
-    node[path[-1]] = value
+    # A copy: `nasty_values` hands out the same objects, and a later change under this
+    # path must not alter them (that made a message that contains itself).
+    node[path[-1]] = copy.deepcopy(value)
 
 
 _PATHS = [("type",), ("viewer",), ("viewer", "twitch_user_id"), ("viewer", "twitch_display_name"),

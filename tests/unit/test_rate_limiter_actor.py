@@ -141,7 +141,7 @@ async def test_headers_showing_a_lower_limit_slow_the_pace(autojump_clock):
             await limiter.acquire()
             await trio.sleep(1)
             await limiter.report(CallOutcome(CallKind.IMAGE, succeeded=True,
-                                             headers={"x-ratelimit-limit-requests": "5"}))
+                                             limits=parse_ratelimit_headers({"x-ratelimit-limit-requests": "5"})))
             await limiter.acquire()
             assert trio.current_time() - start == 12  # not at 6
             assert limiter.status.limiter(CallKind.IMAGE).limit.effective_limit == 5
@@ -184,7 +184,7 @@ async def simulate(limiter, api, *, workers=4, success_s=10.0, refusal_s=0.5):
             parsed = parse_ratelimit_headers(headers)
             assert parsed.limit is None or parsed.limit == api.per_minute
             await limiter.report(CallOutcome(CallKind.IMAGE, succeeded=ok, rate_limited=not ok,
-                                             headers=headers, probe=permit.probe))
+                                             limits=parse_ratelimit_headers(headers), probe=permit.probe))
 
     for _ in range(workers):
         limiter.nursery.start_soon(worker)

@@ -15,10 +15,14 @@ from dynamo.limits.state import (
     Grant,
     KindLimiter,
     RateLimiterStatus,
+    RateLimitHeaders,
     SlidingWindow,
     duration_s,
     parse_ratelimit_headers,
 )
+
+# An answer without x-ratelimit-* headers, as the OpenAI port parses it.
+NO_HEADERS = RateLimitHeaders()
 
 
 def most_in_any_window(times, window_s=60.0):
@@ -99,52 +103,52 @@ def test_ratelimit_headers():
 def test_a_429_pauses_for_the_retry_after():
     limit = AdaptiveLimit(5)
     limit.record(Grant(0))
-    limit.on_rate_limited(1, 30, None)
+    limit.on_rate_limited(1, 30, NO_HEADERS)
     assert limit.paused_until == 31
     assert limit.next_allowed(2) == 31
-    limit.on_rate_limited(2, None, {"retry-after-ms": "40000"})
+    limit.on_rate_limited(2, 40, NO_HEADERS)  # the port read it from retry-after-ms
     assert limit.paused_until == 42
 
 
 def test_a_429_without_retry_after_backs_off():
     limit = AdaptiveLimit(5)
     limit.record(Grant(0))
-    limit.on_rate_limited(1, None, None)
+    limit.on_rate_limited(1, None, NO_HEADERS)
     assert 1 <= limit.paused_until <= 1 + 60 / limit.effective_limit
 
 
 def test_a_429_with_a_lower_limit_shown_lowers_to_it_then_recovers_when_it_rises():
     limit = AdaptiveLimit(10)
-    limit.on_rate_limited(0, 1, {"x-ratelimit-limit-requests": "5"})
+    limit.on_rate_limited(0, 1, parse_ratelimit_headers({"x-ratelimit-limit-requests": "5"}))
     assert limit.effective_limit == 5
-    limit.on_success(100, {"x-ratelimit-limit-requests": "5"})
+    limit.on_success(100, parse_ratelimit_headers({"x-ratelimit-limit-requests": "5"}))
     assert limit.effective_limit == 5  # never above what the API shows
     # The key was upgraded: once the learned limit is stale, one step per clean minute.
-    limit.on_success(800, {"x-ratelimit-limit-requests": "10"})
+    limit.on_success(800, parse_ratelimit_headers({"x-ratelimit-limit-requests": "10"}))
     assert limit.effective_limit == 6
-    limit.on_success(830, {"x-ratelimit-limit-requests": "10"})
+    limit.on_success(830, parse_ratelimit_headers({"x-ratelimit-limit-requests": "10"}))
     assert limit.effective_limit == 6
     for minute, expected in ((1, 7), (2, 8), (3, 9), (4, 10), (5, 10)):
-        limit.on_success(800 + 60 * minute, {"x-ratelimit-limit-requests": "10"})
+        limit.on_success(800 + 60 * minute, parse_ratelimit_headers({"x-ratelimit-limit-requests": "10"}))
         assert limit.effective_limit == expected
 
 
 def test_a_success_showing_a_lower_limit_lowers_at_once():
     limit = AdaptiveLimit(10)
-    limit.on_success(0, {"x-ratelimit-limit-requests": "4"})
+    limit.on_success(0, parse_ratelimit_headers({"x-ratelimit-limit-requests": "4"}))
     assert limit.effective_limit == 4
     assert limit.window.interval_s == 15
 
 
 def test_a_429_within_the_known_limit_slows_down_then_recovers():
     limit = AdaptiveLimit(10)
-    limit.on_rate_limited(0, 10, {"x-ratelimit-limit-requests": "10"})
+    limit.on_rate_limited(0, 10, parse_ratelimit_headers({"x-ratelimit-limit-requests": "10"}))
     assert limit.effective_limit == 8
-    limit.on_success(59, None)
+    limit.on_success(59, NO_HEADERS)
     assert limit.effective_limit == 8
-    limit.on_success(60, None)
+    limit.on_success(60, NO_HEADERS)
     assert limit.effective_limit == 9
-    limit.on_success(120, None)
+    limit.on_success(120, NO_HEADERS)
     assert limit.effective_limit == 10
 
 
@@ -152,7 +156,7 @@ def test_a_short_429_within_the_known_limit_only_pauses():
     """A call that arrived a few ms before its predecessor left the API's window: the
     limit is right, the timing was not. Waiting is enough."""
     limit = AdaptiveLimit(60)
-    limit.on_rate_limited(60.0, 0.006, {"x-ratelimit-limit-requests": "60"})
+    limit.on_rate_limited(60.0, 0.006, parse_ratelimit_headers({"x-ratelimit-limit-requests": "60"}))
     assert limit.effective_limit == 60 and limit.paused_until == 60.006
 
 
@@ -160,23 +164,23 @@ def test_a_429_without_headers_lowers_to_what_the_server_took():
     limit = AdaptiveLimit(10)
     for t in (0, 6, 12, 18, 24, 30):  # the server took 5, refused the 6th
         limit.record(Grant(t))
-    limit.on_rate_limited(30.5, 29.5, None)
+    limit.on_rate_limited(30.5, 29.5, NO_HEADERS)
     assert limit.effective_limit == 5
-    limit.on_success(200, None)
+    limit.on_success(200, NO_HEADERS)
     assert limit.effective_limit == 5  # learned: no recovery into 429s again
-    limit.on_success(30.5 + 600, None)
+    limit.on_success(30.5 + 600, NO_HEADERS)
     assert limit.effective_limit == 6  # the learned limit went stale: probe upwards
 
 
 def test_429s_for_calls_made_before_the_pause_do_not_compound():
     limit = AdaptiveLimit(10)
-    shown = {"x-ratelimit-limit-requests": "10"}
+    shown = parse_ratelimit_headers({"x-ratelimit-limit-requests": "10"})
     limit.on_rate_limited(0, 10, shown)
     assert limit.effective_limit == 8
     limit.on_rate_limited(0.5, 10, shown)  # in flight when the first came back
     limit.on_rate_limited(1, 10, shown)
     assert limit.effective_limit == 8 and limit.paused_until == 11
-    limit.on_rate_limited(2, 10, {"x-ratelimit-limit-requests": "4"})
+    limit.on_rate_limited(2, 10, parse_ratelimit_headers({"x-ratelimit-limit-requests": "4"}))
     assert limit.effective_limit == 4  # a limit the API shows still applies
 
 
@@ -184,7 +188,7 @@ async def test_reconfiguring_keeps_what_was_learned():
     status = RateLimiterStatus()
     status.configure({CallKind.IMAGE: 10})
     await status.budget.report(CallOutcome(CallKind.IMAGE, succeeded=True,
-                                           headers={"x-ratelimit-limit-requests": "5"}))
+                                           limits=parse_ratelimit_headers({"x-ratelimit-limit-requests": "5"})))
     status.configure({CallKind.IMAGE: 10})  # the actor was restarted
     await status.budget.refresh(CallKind.IMAGE)
     image = status.limiter(CallKind.IMAGE).limit
@@ -199,16 +203,16 @@ async def test_reconfiguring_keeps_what_was_learned():
 def test_a_first_call_429_without_headers_at_most_halves():
     limit = AdaptiveLimit(500)
     limit.record(Grant(0))
-    limit.on_rate_limited(0.5, 1, None)
+    limit.on_rate_limited(0.5, 1, NO_HEADERS)
     assert limit.effective_limit == 250
 
 
 def test_a_429_without_retry_after_waits_for_the_reset_when_nothing_remains():
     limit = AdaptiveLimit(10)
     limit.record(Grant(0))
-    limit.on_rate_limited(1, None, {"x-ratelimit-limit-requests": "10",
+    limit.on_rate_limited(1, None, parse_ratelimit_headers({"x-ratelimit-limit-requests": "10",
                                     "x-ratelimit-remaining-requests": "0",
-                                    "x-ratelimit-reset-requests": "20s"})
+                                    "x-ratelimit-reset-requests": "20s"}))
     assert limit.paused_until == 21
 
 
