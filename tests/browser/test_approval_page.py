@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from tests.support.browser import in_browser, require_browser, sign_in
+from tests.support.service import started
 from tests.support.timeouts import SERVICE_S as TEST_TIMEOUT_S
 from tests.support.timeouts import STARTUP_S as STARTUP_TIMEOUT_S
 
@@ -32,11 +33,8 @@ async def live(dynamo_process, fake_auth, fake_ledger):
     fake_auth.add_broadcaster(CASTER_TOKEN, *CASTER)
     fake_auth.add_viewer(ALICE_TOKEN, *ALICE)
     fake_ledger.default_balance = 1_000_000
-    service = dynamo_process(DYNAMO_APPROVAL="on", DYNAMO_APPROVAL_TIMEOUT_S="300")
-    service.start()
-    with trio.fail_after(STARTUP_TIMEOUT_S):
-        await service.wait_ready()
-    return service
+    return await started(dynamo_process, within_s=STARTUP_TIMEOUT_S,
+                         DYNAMO_APPROVAL="on", DYNAMO_APPROVAL_TIMEOUT_S="300")
 
 
 def for_alice(subject: str, style: str = "ghost") -> dict:

@@ -19,6 +19,7 @@ import trio
 from dynamo.rabbitmq import broker as topology
 from tests.support import checks
 from tests.support.checks import VIEWER, genreq
+from tests.support.service import started
 from tests.support.timeouts import SERVICE_S as TEST_TIMEOUT_S
 from tests.support.timeouts import STARTUP_S
 
@@ -38,11 +39,7 @@ def tokens(fake_auth):
 
 
 async def start(dynamo_process, **env):
-    service = dynamo_process(**{**APPROVAL_ENV, **env})
-    service.start()
-    with trio.fail_after(STARTUP_S):
-        await service.wait_ready()
-    return service
+    return await started(dynamo_process, **{**APPROVAL_ENV, **env})
 
 
 def auth(token: str | None) -> dict:

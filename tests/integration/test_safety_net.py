@@ -18,6 +18,7 @@ import trio
 from dynamo.rabbitmq import broker as topology
 from tests.support import checks
 from tests.support.checks import genreq
+from tests.support.service import started
 from tests.support.timeouts import SERVICE_S as TEST_TIMEOUT_S
 from tests.support.timeouts import STARTUP_S
 
@@ -32,13 +33,7 @@ CASTER_TOKEN = "caster-token"
 
 
 async def start(rabbit, dynamo_process, **env):
-    await rabbit.collect(topology.ONSCREEN_EXCHANGE)
-    await rabbit.collect(topology.RESULTS_EXCHANGE)
-    service = dynamo_process(**env)
-    service.start()
-    with trio.fail_after(STARTUP_S):
-        await service.wait_ready()
-    return service
+    return await started(dynamo_process, rabbit=rabbit, **env)
 
 
 async def next_message(rabbit):
