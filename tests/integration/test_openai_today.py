@@ -109,20 +109,24 @@ async def test_a_shutdown_ten_days_ahead_warns_and_still_works(
     assert status["models"]["text"]["days_left"] is None
     assert samples[("dynamo_model_shutdown_days", (("model", "gpt-image-2.6-flare"),))] == 10
 
-    # What it cost: each call's model and usage kept with the request, priced.
+    # What it cost: each call's model and usage kept with the request, priced (the image's
+    # own screening is recorded too, at no cost).
     rows = await checks.fetch_rows(
         pg_database, "select * from dynamo.openai_call where image_request_id = $1 order by id",
         uuid.UUID(result["request_id"]))
     assert [(row["kind"], row["model"]) for row in rows] == [
-        ("moderation", "omni-moderation-latest"), ("image", "gpt-image-2.6-flare")]
+        ("moderation", "omni-moderation-latest"), ("image", "gpt-image-2.6-flare"),
+        ("image_moderation", "omni-moderation-latest")]
     image_row = rows[1]
+    assert float(rows[2]["cost_usd"]) == 0
     usage = json.loads(image_row["usage"]) if isinstance(image_row["usage"], str) else image_row["usage"]
     [image_call] = fake_openai.calls_to("images")
     assert usage == fake_openai.image_usage(image_call.body)
     expected = pricing.PriceTable().cost_usd("gpt-image-2.6-flare", usage)
     assert float(image_row["cost_usd"]) == pytest.approx(expected) and expected > 0.01
     assert request["cost_usd"] == pytest.approx(expected)
-    assert [call["kind"] for call in request["openai_calls"]] == ["moderation", "image"]
+    assert [call["kind"] for call in request["openai_calls"]] == [
+        "moderation", "image", "image_moderation"]
     assert request["openai_calls"][1]["usage"] == usage
     assert status["spend"]["today_usd"] == pytest.approx(expected)
     assert status["spend"]["month_usd"] >= status["spend"]["today_usd"]
