@@ -152,17 +152,21 @@ class Budget:
         too; then the process queues up for its next turn at once, and the decision says
         when that turn is due (so that it need not ask before)."""
         expected = self.expected_tokens(kind, tokens)
+        answered_here = bool(self._recent_costs.get(kind))
 
         def attempt(limiter: KindLimiter, now: float) -> Decision:
-            at = limiter.next_grant_at(now, expected)
+            # Until this process has an answer of its own, another process's answer is a
+            # better guess than the price table.
+            cost = expected if answered_here or not limiter.last_cost else limiter.last_cost
+            at = limiter.next_grant_at(now, cost)
             if at > now or limiter.ahead_of(self.worker, now) is not None:
                 return Decision(None, limiter.wait_turn(self.worker, now, at) - now)
             permit = limiter.permit()
-            limiter.granted(now, permit, expected)
+            limiter.granted(now, permit, cost)
             limiter.end_turn(self.worker)
             if not more:
                 return Decision(permit)
-            next_at = limiter.next_grant_at(now, expected)
+            next_at = limiter.next_grant_at(now, cost)
             return Decision(permit, limiter.wait_turn(self.worker, now, next_at) - now)
 
         decision = await self._step(kind, attempt)

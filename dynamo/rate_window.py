@@ -90,9 +90,12 @@ class SlidingWindow:
             if len(calls) >= most:
                 earliest = max(earliest, _leaves(calls[-most].at) + EDGE_MARGIN_S)
         if self._token_limit is not None and self._grants:
-            if calls:  # spaced by its share of the limit, at most a whole window
-                spacing_s = WINDOW_S * min(1.0, tokens / self._token_limit)
-                earliest = max(earliest, calls[-1].at + spacing_s)
+            if calls and tokens > 0:
+                # Spaced evenly by the whole calls of this cost a window holds (at least
+                # one), so that a limit that is not a multiple of the cost does not make
+                # the window's edge stall.
+                fit = max(1, math.floor(self._token_limit / tokens))
+                earliest = max(earliest, calls[-1].at + WINDOW_S / fit)
             excess = self.tokens(now) + tokens - self._token_limit
             if excess > 0:
                 # The oldest grants leave first; wait until enough of their tokens have
