@@ -17,9 +17,9 @@ from trio_asyncio import aio_as_trio
 
 from dynamo.budget import Budget, BudgetUnavailable, KindConfig
 from dynamo.db import open_database
-from dynamo.fleet_db import LOCK_KEYS, FleetQueries, PostgresStore
+from dynamo.fleet_db import EXACT_GRANTS, LOCK_KEYS, FleetQueries, PostgresStore
 from dynamo.permits import CallKind, CallOutcome
-from dynamo.rate_window import WINDOW_S
+from dynamo.rate_window import EDGE_MARGIN_S, WINDOW_S
 from tests.support import infra
 
 pytestmark = pytest.mark.integration
@@ -138,3 +138,55 @@ async def test_a_database_that_cannot_answer_makes_the_budget_unavailable():
     store = PostgresStore(DownDatabase(), uuid.uuid4())
     with pytest.raises(BudgetUnavailable, match="ConnectionRefusedError"):
         await store.transact(CallKind.IMAGE, KindConfig(5), lambda limiter, now: None)
+
+
+async def test_a_busy_window_is_loaded_summed_up_and_still_counted_exactly(db):
+    """600 calls in the last minute (200 a second for 3 s): a step loads the newest
+    EXACT_GRANTS one by one and the rest summed up per second; the count is exact, and
+    the count rule waits for the oldest of them no earlier than if all were loaded."""
+    with trio.fail_after(30):
+        (budget,) = fleet_of(db, 1, KindConfig(600))
+        now = await db.fetchval("select extract(epoch from clock_timestamp())::float8")
+        times = [now - 10 + n / 200 for n in range(600)]
+        await db.execute(
+            "insert into dynamo.permit_grant (id, kind, worker_id, granted_at, tokens, is_call) "
+            "select gen_random_uuid(), 'image', $1, t, 5, true from unnest($2::float8[]) as t",
+            uuid.uuid4(), times)
+        decision = await budget.try_grant(CallKind.IMAGE)
+        limiter, seen_now = budget.view(CallKind.IMAGE)
+        grants = limiter.limit.window.grants()
+        assert len(grants) <= EXACT_GRANTS + 4  # 3 s of older grants: 3 or 4 summaries
+        assert limiter.limit.window.count(seen_now) == 600
+        assert limiter.limit.window.tokens(seen_now) == 600 * 5
+        # Full: the next call waits until the oldest leaves (it went out at now - 10).
+        assert decision.permit is None
+        assert decision.retry_in_s >= WINDOW_S - 10 + EDGE_MARGIN_S - 0.5
+
+
+async def test_a_pooled_connection_comes_back_with_no_session_state(db):
+    """The pool gives connections back without asyncpg's reset query (a round trip and a
+    transaction per release): a budget step and a step's transaction must leave nothing
+    in the session, neither a lock nor a setting. (The pool hands out the connection
+    released last first, so the query after a step runs on that step's connection.)"""
+    with trio.fail_after(30):
+        (budget,) = fleet_of(db, 1, KindConfig(100))
+        defaults = await db.fetchrow(SESSION_SQL)
+        assert defaults["locks"] == 0
+        await budget.try_grant(CallKind.IMAGE)
+        assert await db.fetchrow(SESSION_SQL) == defaults
+        with pytest.raises(ZeroDivisionError):  # a step that fails midway
+            await budget.store.transact(CallKind.IMAGE, KindConfig(100), lambda *_: 1 / 0)
+        assert await db.fetchrow(SESSION_SQL) == defaults
+        assert await db.fetchval(
+            "select count(*) from pg_locks l join pg_stat_activity a using (pid) "
+            "where a.datname = current_database() and l.locktype = 'advisory'") == 0
+
+
+SESSION_SQL = """
+    select current_setting('lock_timeout') as lock_timeout,
+           current_setting('idle_in_transaction_session_timeout') as idle_timeout,
+           current_setting('synchronous_commit') as synchronous_commit,
+           (select count(*) from pg_locks where pid = pg_backend_pid()
+                                           and locktype = 'advisory') as locks,
+           (select count(*) from pg_listening_channels()) as channels
+"""
