@@ -93,7 +93,10 @@ async def main(args) -> None:
     if profile == "py-spy" and not shutil.which("py-spy", path=str(Path(sys.executable).parent)):
         print("py-spy is not installed (pip install py-spy): running without a profile")
         profile = "none"
-    python_args = ["-m", "cProfile", "-o", str(out / "dynamo.prof")] if profile == "cprofile" else []
+    python_args = {
+        "cprofile": ["-m", "cProfile", "-o", str(out / "dynamo.prof")],
+        "cpu": [str(Path(__file__).with_name("cpu_profile.py")), str(out / "dynamo.prof")],
+    }.get(profile, [])
     bodies = [harness.ghost(f"a seal number {n}") for n in range(args.ghosts)] + [
         harness.friend(f"caterpillar number {n}", harness.FRIEND_COLORS[n % len(harness.FRIEND_COLORS)])
         for n in range(args.friends)]
@@ -180,7 +183,7 @@ async def main(args) -> None:
 
     if profile == "py-spy":
         summarize_py_spy(out / "dynamo.pyspy.txt", spy)
-    elif profile == "cprofile":
+    elif profile in ("cprofile", "cpu"):
         summarize_cprofile(out / "dynamo.prof")
     print(f"\nprofile files in {out}")
 
@@ -295,6 +298,7 @@ def summarize_cprofile(path: Path) -> None:
     print("\ncProfile (main thread only), top functions by own time:")
     stats = pstats.Stats(str(path))
     stats.sort_stats("tottime").print_stats(TOP)
+    stats.sort_stats("cumulative").print_stats(TOP * 2)
 
 
 if __name__ == "__main__":
@@ -302,7 +306,8 @@ if __name__ == "__main__":
     parser.add_argument("--ghosts", type=int, default=100)
     parser.add_argument("--friends", type=int, default=100)
     parser.add_argument("--processes", type=int, default=1, help="dynamo processes (a fleet)")
-    parser.add_argument("--profile", choices=("py-spy", "cprofile", "none"), default="py-spy")
+    parser.add_argument("--profile", choices=("py-spy", "cprofile", "cpu", "none"), default="py-spy",
+                        help="cpu: cProfile timed by the main thread's CPU time (bench/cpu_profile.py)")
     parser.add_argument("--realistic-images", action="store_true",
                         help="~1.7 MB PNGs, as large as real generations (default: the fake's ~8 KB)")
     parser.add_argument("--count-statements", action="store_true",
