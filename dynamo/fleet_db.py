@@ -65,25 +65,36 @@ _BEGIN_SQL = (
 # edge is at most a second late.
 EXACT_GRANTS = 128
 
-_LOAD_SQL = """
-    with clock as (select extract(epoch from clock_timestamp())::float8 as now),
-    recent as (
-        select g.id, g.granted_at, g.tokens, g.is_call,
-               row_number() over (order by g.granted_at desc) as age
-          from dynamo.permit_grant g, clock
-         where g.kind = $1 and g.granted_at > clock.now - $2::float8
+# The fleet's clock: when this statement arrived, after the lock was taken. Not
+# clock_timestamp(): a volatile function keeps the window's bound out of the index scan.
+_NOW_SQL = "extract(epoch from statement_timestamp())::float8"
+
+_LOAD_SQL = f"""
+    with clock as (select {_NOW_SQL} as now),
+    recent as (  -- the newest, backwards along an index on granted_at
+        select g.id, g.granted_at, g.tokens, g.is_call
+          from dynamo.permit_grant g
+         where g.kind = $1 and g.granted_at > {_NOW_SQL} - $2::float8
+         order by g.granted_at desc, g.id desc
+         limit $3
+    ), cut as (  -- the oldest of them; older grants exist only if there are $3 of them
+        select r.granted_at, r.id from recent r
+         where (select count(*) from recent) = $3
+         order by r.granted_at, r.id limit 1
     )
     select clock.now,
            (select s.state from dynamo.rate_limit_state s where s.kind = $1) as state,
            (select coalesce(json_agg(json_build_array(r.id, r.granted_at, r.tokens, r.is_call)
                                      order by r.granted_at), '[]'::json)
-              from recent r where r.age <= $3) as grants,
+              from recent r) as grants,
            (select coalesce(json_agg(json_build_array(b.at, b.tokens, b.calls)
                                      order by b.at), '[]'::json)
-              from (select max(r.granted_at) as at, sum(r.tokens) as tokens,
-                           count(*) filter (where r.is_call) as calls
-                      from recent r where r.age > $3
-                     group by floor(r.granted_at)) b) as older
+              from (select max(g.granted_at) as at, sum(g.tokens) as tokens,
+                           count(*) filter (where g.is_call) as calls
+                      from dynamo.permit_grant g, cut
+                     where g.kind = $1 and g.granted_at > clock.now - $2::float8
+                       and (g.granted_at, g.id) < (cut.granted_at, cut.id)
+                     group by floor(g.granted_at)) b) as older
     from clock
 """
 
@@ -96,9 +107,10 @@ _SAVE_SQL = """
         update dynamo.permit_grant g set tokens = c.tokens
           from unnest($7::uuid[], $8::int[]) as c(id, tokens)
          where g.id = c.id
-    ), removed as (
-        delete from dynamo.permit_grant g
-         where g.id = any($9::uuid[]) or (g.kind = $1 and g.granted_at < $10::float8)
+    ), removed as (  -- two statements, so that each takes its index (an OR scans all)
+        delete from dynamo.permit_grant g where g.id = any($9::uuid[])
+    ), expired as (
+        delete from dynamo.permit_grant g where g.kind = $1 and g.granted_at < $10::float8
     ), saved as (
         insert into dynamo.rate_limit_state (kind, state, updated_at)
         select $1, $11::jsonb, now() where $11::jsonb is not null
