@@ -32,14 +32,6 @@ LEARNED_LIMIT_TTL_S = 600.0
 # The same limit shown again confirms it at most this often: a confirmation is a write to
 # the shared state, and once a minute keeps it well within its TTL.
 LEARNED_LIMIT_REFRESH_S = 60.0
-# Until an answer has shown whether a kind is limited in tokens, calls priced in tokens go
-# one at a time: a burst made before the limit is known would have to be paid back by a
-# stall when it leaves the window (issue 18). A call whose answer never comes (its caller
-# was cancelled) holds the next one no longer than this.
-UNKNOWN_TOKENS_LEASE_S = 20.0
-# While a call is held so, the fleet's other processes look again this often (this
-# process is woken by the answer itself).
-UNKNOWN_TOKENS_RECHECK_S = 0.5
 
 
 class AdaptiveLimit:
@@ -73,7 +65,6 @@ class AdaptiveLimit:
         self._changed_at = -math.inf  # last change of the effective limit
         self._rate_limited_in_a_row = 0
         self._answered_at = -math.inf  # last answer that could show a token limit
-        self._outcome_at = -math.inf  # last outcome while no token limit was known
         self._rng = rng
         self.configured_tokens = configured_tokens
 
@@ -118,17 +109,7 @@ class AdaptiveLimit:
 
     def next_allowed(self, now: float, tokens: int = 0) -> float:
         self.window.token_limit = self.token_ceiling(now)
-        at = max(self.window.next_allowed(now, tokens), self.paused_until)
-        if tokens > 0 and self._tokens_unknown(now):
-            unanswered = [
-                grant.at
-                for grant in self.window.grants()
-                if grant.call and grant.at >= self._outcome_at
-            ]
-            if unanswered and now < unanswered[-1] + UNKNOWN_TOKENS_LEASE_S:
-                held_until = unanswered[-1] + UNKNOWN_TOKENS_LEASE_S
-                at = max(at, min(held_until, now + UNKNOWN_TOKENS_RECHECK_S))
-        return at
+        return max(self.window.next_allowed(now, tokens), self.paused_until)
 
     def record(self, grant: Grant) -> None:
         self.window.record(grant)
@@ -141,21 +122,16 @@ class AdaptiveLimit:
             pace = min(pace, token_ceiling / mean)
         return pace
 
-    def on_outcome(self, now: float, answered: bool) -> None:
-        """Any outcome (`answered`: a success or a 429, which show the limits) ends the
-        wait of a call held while the token limit is unknown."""
-        if self._tokens_unknown(now):
-            self._outcome_at = now
-        if answered and now - self._answered_at >= LEARNED_LIMIT_REFRESH_S:
+    def on_answer(self, now: float) -> None:
+        """A success or a 429 (which show the limits) came: the token limit, or that there
+        is none, is known for LEARNED_LIMIT_TTL_S (confirmed at most once a minute)."""
+        if now - self._answered_at >= LEARNED_LIMIT_REFRESH_S:
             self._answered_at = now
 
-    def outcome_changes_nothing(self, now: float, answered: bool) -> bool:
-        """Whether `on_outcome(now, answered)` would leave the state as it is."""
-        if self._tokens_unknown(now):
-            return False
-        return not (answered and now - self._answered_at >= LEARNED_LIMIT_REFRESH_S)
+    def answer_changes_nothing(self, now: float) -> bool:
+        return now - self._answered_at < LEARNED_LIMIT_REFRESH_S
 
-    def _tokens_unknown(self, now: float) -> bool:
+    def tokens_unknown(self, now: float) -> bool:
         """No token limit configured or shown, and no recent answer showed there is none."""
         return self.token_ceiling(now) is None and now - self._answered_at >= LEARNED_LIMIT_TTL_S
 
@@ -279,7 +255,6 @@ class AdaptiveLimit:
             "changed_at": _finite(self._changed_at),
             "rate_limited_in_a_row": self._rate_limited_in_a_row,
             "answered_at": _finite(self._answered_at),
-            "outcome_at": _finite(self._outcome_at),
         }
 
     def restore(self, state: Mapping) -> None:
@@ -299,7 +274,6 @@ class AdaptiveLimit:
         self._rate_limited_in_a_row = state["rate_limited_in_a_row"]
         # Absent from the state a process before issue 18 wrote.
         self._answered_at = _time(state.get("answered_at"))
-        self._outcome_at = _time(state.get("outcome_at"))
 
     # -- learning ----------------------------------------------------------------------
 

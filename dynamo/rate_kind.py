@@ -179,7 +179,8 @@ class KindLimiter:
         to cost, for an answer whose permit is not known."""
         if outcome.tokens_used is not None:
             self._count_tokens(outcome, now, expected_tokens)
-        self.limit.on_outcome(now, answered=outcome.succeeded or outcome.rate_limited)
+        if outcome.succeeded or outcome.rate_limited:
+            self.limit.on_answer(now)
         if outcome.auth_failed:
             if outcome.probe and self.circuit.is_open:
                 self.circuit.probe_failed(now)
@@ -212,7 +213,7 @@ class KindLimiter:
         """Whether `on_outcome` would leave the state as it is: a success like the others."""
         if outcome.auth_failed or outcome.rate_limited or outcome.probe:
             return False
-        if not self.limit.outcome_changes_nothing(now, answered=outcome.succeeded):
+        if outcome.succeeded and not self.limit.answer_changes_nothing(now):
             return False
         if outcome.tokens_used is not None:
             if max(0, outcome.tokens_used) != self.last_cost:
