@@ -9,11 +9,14 @@ at once; a request is complete when its result is on `generation-results`.
 
 CPU seconds are shown per process group (dynamo; this process, which serves the fakes and
 moto; PostgreSQL; RabbitMQ) to tell which one is the bottleneck on this 2-core machine.
-`--profile py-spy` (default when py-spy is installed: `pip install py-spy`) samples dynamo
-with py-spy and prints where its threads spend their time; `--profile cprofile` runs it
-under `python -m cProfile` instead (main thread only, large overhead).
+`--profile py-spy` (default when py-spy is installed: `pip install -e '.[bench]'`) samples
+dynamo with py-spy and prints where its threads spend their time; `--profile cprofile`
+runs it under `python -m cProfile` instead (main thread only, large overhead), and
+`--profile cpu` the same timed by CPU time (`bench/cpu_profile.py`). Per request: dynamo's
+CPU, this database's PostgreSQL backends' CPU and transactions, and with
+`--count-statements` the statements and round trips (`bench/pg_cost.py`).
 
-    python -m bench.capacity [--ghosts 100 --friends 100] [--profile py-spy|cprofile|none]
+    python -m bench.capacity [--ghosts 100 --friends 100] [--profile py-spy|cprofile|cpu|none]
     python -m bench.capacity --processes 2 --profile none     # a fleet of two
 
 `--processes N` runs N dynamo processes on the one database and vhost (competing
