@@ -10,9 +10,12 @@ result (`message_id` = `{id}:result`) and persists DONE. Successful requests the
 `discord_send` without waiting (a full channel skips the post rather than delay).
 
 The two loops run as separate tasks, so a slow ledger never holds up results, and the
-channel cycle announcer → ledger → announcer cannot deadlock.
+channel cycle announcer → ledger → announcer cannot deadlock. In both, one job's bug is
+its own (`serve_jobs`): a result that cannot be made (an accepted request whose image row
+is gone) is logged with its request id and counted, and the request is set aside: this
+process's resume sweep does not route it again; the next process to start tries once more.
 
-A confirmation is a fact (`dynamo.confirms`): once the broker confirmed an alert, it is
+A confirmation is a fact (`dynamo.inflight.confirms`): once the broker confirmed an alert, it is
 held in memory and ANNOUNCED is written again until PostgreSQL takes it; a database
 outage never makes it publish the alert again. While RabbitMQ is unreachable, publishing
 waits for it (the robust connection reconnects by itself).
@@ -33,12 +36,14 @@ import math
 
 import trio
 
-from dynamo import events, metrics, outages, retry
-from dynamo.broker import ONSCREEN_EXCHANGE, RESULTS_EXCHANGE
-from dynamo.confirms import ALERT, RESULT
-from dynamo.jobs import Job, Reason, Step
-from dynamo.messages import failure
-from dynamo.pipeline import Pipeline, serve_jobs
+from dynamo import metrics
+from dynamo.domain import published as events
+from dynamo.domain.jobs import Job, Reason, Step
+from dynamo.domain.viewer_messages import failure
+from dynamo.inflight.confirms import ALERT, RESULT
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.rabbitmq.broker import ONSCREEN_EXCHANGE, RESULTS_EXCHANGE, BrokerPort
+from dynamo.supervision import outages, retry
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,7 @@ def _classify(exc: Exception) -> Exception:
 
 async def run(
     *,
-    broker,
+    broker: BrokerPort,
     pipeline: Pipeline,
     announce_recv,
     results_recv,
@@ -82,11 +87,28 @@ async def run(
                 outboxes={True: finalize_send, False: finalize_send},
             )
         )
-        nursery.start_soon(_results_loop, broker, pipeline, results_recv, discord_send)
+        # Results in order too. A result that cannot be made (a bug) is that request's
+        # alone: serve_jobs logs and counts it, and sets the request aside.
+        nursery.start_soon(
+            functools.partial(
+                serve_jobs,
+                results_recv,
+                actor=ACTOR,
+                inflight=pipeline.inflight,
+                pipeline=pipeline,
+                concurrency=1,
+                step=outages.patient_step(
+                    pipeline.dependencies,
+                    pipeline,
+                    functools.partial(_finish_request, broker, pipeline, discord_send),
+                ),
+                outboxes={},
+            )
+        )
         task_status.started()
 
 
-async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:
+async def _announce(broker: BrokerPort, pipeline: Pipeline, job: Job) -> bool | None:
     """True once announced, False if failed instead, None if dropped."""
     if job.step is Step.ANNOUNCED:
         return True
@@ -126,7 +148,7 @@ async def _announce(broker, pipeline: Pipeline, job: Job) -> bool | None:
     return True
 
 
-async def _publish(broker, exchange, body, *, message_id, deadline, republished, log_extra):
+async def _publish(broker: BrokerPort, exchange, body, *, message_id, deadline, republished, log_extra):
     """Publishes until the broker confirms; waits out a broker outage. A publish whose
     connection broke before its confirm may have gone through: the next one is counted
     in `republished`."""
@@ -160,26 +182,21 @@ async def _publish(broker, exchange, body, *, message_id, deadline, republished,
         )
 
 
-async def _results_loop(broker, pipeline: Pipeline, results_recv, discord_send):
-    async for job in results_recv:
-        with pipeline.inflight.holding(ACTOR, job.id):
-            done = await outages.patient_step(
-                pipeline.dependencies,
-                pipeline,
-                functools.partial(_publish_result, broker, pipeline),
-            )(job)
-        if not done:
-            continue
-        pipeline.inflight.finish(job.id)
-        if job.failure is None and discord_send is not None:
-            try:
-                discord_send.send_nowait(job)
-            except trio.WouldBlock:
-                log.warning("discord queue full; post skipped", extra=job.log_extra)
-                metrics.DISCORD_POSTS.labels("skipped").inc()
+async def _finish_request(broker: BrokerPort, pipeline: Pipeline, discord_send, job: Job) -> None:
+    """The result, DONE, then the request leaves the pipeline (a success goes on to
+    Discord, if its queue has room)."""
+    if not await _publish_result(broker, pipeline, job):
+        return
+    pipeline.inflight.finish(job.id)
+    if job.failure is None and discord_send is not None:
+        try:
+            discord_send.send_nowait(job)
+        except trio.WouldBlock:
+            log.warning("discord queue full; post skipped", extra=job.log_extra)
+            metrics.DISCORD_POSTS.labels("skipped").inc()
 
 
-async def _publish_result(broker, pipeline: Pipeline, job: Job) -> bool:
+async def _publish_result(broker: BrokerPort, pipeline: Pipeline, job: Job) -> bool:
     if job.failure is None:
         body = events.success_result(job)
     elif job.style is None:

@@ -31,8 +31,11 @@ from typing import TypeVar
 
 import trio
 
-from dynamo import discord_post, imaging, metrics, retry
-from dynamo.jobs import Job, Style
+from dynamo import metrics
+from dynamo.discord import webhook as discord_post
+from dynamo.domain.jobs import Job, Style
+from dynamo.images import processing as imaging
+from dynamo.supervision import retry
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ MAX_ATTEMPTS = 4
 # is usually short, and a longer one is not worth holding up the posts behind it.
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 30.0
+BACKOFF = retry.Backoff(base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S)
 # The whole of one post, rate-limit waits included: posts queue behind the one in hand,
 # and the announcer skips posts when the channel is full.
 POST_DEADLINE_S = 120.0
@@ -140,12 +144,7 @@ async def _retrying(call: Callable[[], Awaitable[T]], job: Job) -> T:
                 failures += 1
                 if failures >= MAX_ATTEMPTS:
                     raise
-                delay_s = retry.backoff_s(
-                    failures - 1,
-                    base_s=BACKOFF_BASE_S,
-                    cap_s=BACKOFF_CAP_S,
-                    retry_after_s=error.retry_after_s,
-                )
+                delay_s = BACKOFF.delay_s(failures - 1, retry_after_s=error.retry_after_s)
         metrics.RETRIES.labels("discord").inc()
         log.info("%s; retrying in %.2f s", error, delay_s, extra=job.log_extra)
         await trio.sleep(delay_s)

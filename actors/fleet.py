@@ -1,6 +1,6 @@
 """The fleet actor: keeps this process's place in the fleet view current.
 
-Receives and sends nothing. Every heartbeat (`dynamo.resume.SWEEP_INTERVAL_S`) it writes
+Receives and sends nothing. Every heartbeat (`dynamo.inflight.resume.SWEEP_INTERVAL_S`) it writes
 how many requests this process holds into its `dynamo.worker` row (the resume sweep's
 heartbeat creates and renews that row, and retires it at shutdown) and takes a snapshot of
 the fleet for the fleet-wide metrics, which this process exports only while it is the
@@ -14,9 +14,9 @@ import logging
 
 import trio
 
-from dynamo.fleet import FLEET_COLLECTOR, Fleet
-from dynamo.fleet_db import FleetUnavailable
-from dynamo.resume import SWEEP_INTERVAL_S
+from dynamo.database.fleet_store import FleetUnavailable
+from dynamo.inflight.resume import SWEEP_INTERVAL_S
+from dynamo.limits.fleet_view import FLEET_COLLECTOR, Fleet
 
 log = logging.getLogger(__name__)
 

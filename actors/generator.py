@@ -16,6 +16,10 @@ image is paid for. A reasoning model that leaves no room for the name is asked o
 with more room; then the friend is named after its subject: never an empty or cut-off
 name on stream.
 
+The request's deadline bounds the waits (for a permit, for OpenAI's answer), never the
+writes of what was already paid for: an image bought before the deadline is stored, and
+every answered call's cost recorded, however long the database takes to come back.
+
 On shutdown or crash, a job in hand is resumed from its persisted step: a screened
 request is not moderated again, a generated image is not bought again.
 """
@@ -27,14 +31,17 @@ import logging
 
 import trio
 
-from dynamo import metrics, outages, prompts, retry
-from dynamo.dialect import ImageOrder
-from dynamo.jobs import Failure, Job, Reason, Step, Style
-from dynamo.messages import failure
-from dynamo.openai_call import call_openai
-from dynamo.permits import CallKind
-from dynamo.pipeline import Pipeline, serve_jobs
-from dynamo.spend import IMAGE, MODERATION, NAME, Spend
+from dynamo import metrics
+from dynamo.domain import prompts
+from dynamo.domain.jobs import Failure, Job, Reason, Step, Style
+from dynamo.domain.viewer_messages import failure
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.limits.permits import CallKind
+from dynamo.openai_port.call import call_openai
+from dynamo.openai_port.client import GeneratorPort
+from dynamo.openai_port.dialect import ImageOrder
+from dynamo.openai_port.spend import IMAGE, MODERATION, NAME, Spend
+from dynamo.supervision import outages, retry
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +53,7 @@ BUDGET_PAUSED_MESSAGE = "Image alerts are paused for today. No points were spent
 
 async def run(
     *,
-    generator,
+    generator: GeneratorPort,
     pipeline: Pipeline,
     generate_recv,
     permits_send,
@@ -82,7 +89,7 @@ async def run(
 class _Worker:
     """What every job's steps share: the ports, and how one OpenAI call is made."""
 
-    def __init__(self, generator, pipeline: Pipeline, permits_send, spend, max_attempts: int):
+    def __init__(self, generator: GeneratorPort, pipeline: Pipeline, permits_send, spend, max_attempts: int):
         self.generator = generator
         self.pipeline = pipeline
         self.permits_send = permits_send
@@ -90,15 +97,21 @@ class _Worker:
         self.max_attempts = max_attempts
 
     async def call(self, job: Job, kind: CallKind, what: str, fn, **kwargs):
-        answer = await call_openai(
-            self.permits_send,
-            kind,
-            fn,
-            deadline=job.deadline,
-            max_attempts=self.max_attempts,
-            log_extra=job.log_extra,
-            **kwargs,
-        )
+        """The call's answer; raises _DeadlinePassed if the request's deadline came first.
+        Its cost is recorded outside the deadline's scope: it was paid for."""
+        answer = None
+        with trio.move_on_at(job.deadline):
+            answer = await call_openai(
+                self.permits_send,
+                kind,
+                fn,
+                deadline=job.deadline,
+                max_attempts=self.max_attempts,
+                log_extra=job.log_extra,
+                **kwargs,
+            )
+        if answer is None:
+            raise _DeadlinePassed()
         if self.spend is not None and answer.model is not None:
             # Paid for: a database outage must not make the step run (and pay) again.
             await outages.patiently(
@@ -114,61 +127,63 @@ class _Worker:
 async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
     """Returns "generated", "failed" or "dropped" (cancelled meanwhile)."""
     pipeline, generator = worker.pipeline, worker.generator
-    with trio.move_on_at(job.deadline):
-        try:
-            if await worker.budget_reached():
-                raise _BudgetReached()
-            if job.step is Step.RESERVED:
-                if not await _screen(worker, job, moderation):
-                    return "failed" if job.failure else "dropped"
-            started = trio.current_time()
-            answer = await worker.call(
-                job,
-                CallKind.IMAGE,
-                IMAGE,
-                functools.partial(generator.image, _image_order(job)),
-                tokens=generator.expected_image_tokens(),
-                before_call=functools.partial(_claim, worker, job),
-            )
-            metrics.STEP_SECONDS.labels("generate").observe(trio.current_time() - started)
-        except _Dropped:
-            return "dropped"
-        except _BudgetReached:
-            paused = Failure(Reason.ERROR, BUDGET_PAUSED_MESSAGE, "daily OpenAI budget reached")
-            await pipeline.fail(job, paused)
-            return "failed"
-        except retry.ContentRejected as exc:
-            await pipeline.fail(job, failure(Reason.REJECTED, f"image API refused: {exc}"))
-            return "failed"
-        except retry.GaveUp as exc:
-            reason = Reason.EXPIRED if exc.reason == "deadline" else Reason.ERROR
-            await pipeline.fail(job, failure(reason, f"OpenAI: {exc}"))
-            return "failed"
-        except retry.Permanent as exc:
-            await pipeline.fail(job, failure(Reason.ERROR, f"OpenAI: {exc}"))
-            return "failed"
-        image = answer.value
-        # The image is paid for: its bytes are kept in hand until the database takes them.
-        saved = await outages.patient_write(
-            pipeline.dependencies,
-            pipeline,
-            job.id,
-            functools.partial(pipeline.db.save_generated, job.id, image.data, image.prompt),
-            done_at=(Step.GENERATED,),
+    try:
+        if trio.current_time() >= job.deadline:
+            raise _DeadlinePassed()
+        if await worker.budget_reached():
+            raise _BudgetReached()
+        if job.step is Step.RESERVED:
+            if not await _screen(worker, job, moderation):
+                return "failed" if job.failure else "dropped"
+        started = trio.current_time()
+        answer = await worker.call(
+            job,
+            CallKind.IMAGE,
+            IMAGE,
+            functools.partial(generator.image, _image_order(job)),
+            tokens=generator.expected_image_tokens(),
+            before_call=functools.partial(_claim, worker, job),
         )
-        if not saved:
-            return "dropped"
-        job.step = Step.GENERATED
-        job.generated = image.data  # saved: the uploader need not read it back
-        log.info(
-            "image generated (%d bytes%s)",
-            len(image.data),
-            ", transparent" if image.transparent else "",
-            extra=job.log_extra,
-        )
-        return "generated"
-    await pipeline.fail(job, failure(Reason.EXPIRED, "deadline passed while generating"))
-    return "failed"
+        metrics.STEP_SECONDS.labels("generate").observe(trio.current_time() - started)
+    except _DeadlinePassed:
+        await pipeline.fail(job, failure(Reason.EXPIRED, "deadline passed while generating"))
+        return "failed"
+    except _Dropped:
+        return "dropped"
+    except _BudgetReached:
+        paused = Failure(Reason.ERROR, BUDGET_PAUSED_MESSAGE, "daily OpenAI budget reached")
+        await pipeline.fail(job, paused)
+        return "failed"
+    except retry.ContentRejected as exc:
+        await pipeline.fail(job, failure(Reason.REJECTED, f"image API refused: {exc}"))
+        return "failed"
+    except retry.GaveUp as exc:
+        reason = Reason.EXPIRED if exc.reason == "deadline" else Reason.ERROR
+        await pipeline.fail(job, failure(reason, f"OpenAI: {exc}"))
+        return "failed"
+    except retry.Permanent as exc:
+        await pipeline.fail(job, failure(Reason.ERROR, f"OpenAI: {exc}"))
+        return "failed"
+    image = answer.value
+    # The image is paid for: its bytes are kept in hand until the database takes them.
+    saved = await outages.patient_write(
+        pipeline.dependencies,
+        pipeline,
+        job.id,
+        functools.partial(pipeline.db.save_generated, job.id, image.data, image.prompt),
+        done_at=(Step.GENERATED,),
+    )
+    if not saved:
+        return "dropped"
+    job.step = Step.GENERATED
+    job.generated = image.data  # saved: the uploader need not read it back
+    log.info(
+        "image generated (%d bytes%s)",
+        len(image.data),
+        ", transparent" if image.transparent else "",
+        extra=job.log_extra,
+    )
+    return "generated"
 
 
 async def _screen(worker: _Worker, job: Job, moderation: bool) -> bool:
@@ -224,7 +239,7 @@ def _image_order(job: Job) -> ImageOrder:
         without_background = prompts.friend_prompt(
             job.inputs["color"], job.inputs["subject"], chroma_key=False
         )
-    return ImageOrder(job.style, job.prompt, job.viewer.twitch_user_id, without_background)
+    return ImageOrder(job.valid_style, job.prompt, job.viewer.twitch_user_id, without_background)
 
 
 async def _claim(worker: _Worker, job: Job) -> None:
@@ -237,6 +252,10 @@ async def _claim(worker: _Worker, job: Job) -> None:
         if not await worker.pipeline.db.advance(job.id, [Step.SCREENED], Step.GENERATING):
             raise _Dropped()
         job.step = Step.GENERATING
+
+
+class _DeadlinePassed(Exception):
+    """The request's deadline came before OpenAI's answer (or before its permit)."""
 
 
 class _Dropped(Exception):

@@ -23,6 +23,7 @@ import hypercorn.trio
 import trio
 
 from dynamo.api import ApiContext, create_app
+from dynamo.api.early_answers import DrainUnreadBody
 
 __all__ = ["ApiContext", "run"]
 
@@ -47,9 +48,12 @@ async def run(*, api: ApiContext, host: str, port: int, task_status=trio.TASK_ST
         request_changes = api.pipeline.db.request_changes()
         await nursery.start(request_changes.run)
         app = create_app(api, request_changes=request_changes)
+        # An answer given before the body was read must not hang or drop a kept-alive
+        # connection (hypercorn issue 314): see dynamo.api.early_answers.
+        served = DrainUnreadBody(app)
         # hypercorn reports the addresses as its listening sockets see them: port 0
         # comes back as the port the system chose.
-        binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
+        binds = await nursery.start(partial(hypercorn.trio.serve, served, config, mode="asgi"))
         url = binds[0]
         log.info("HTTP API listening on %s", url)
         task_status.started(url)

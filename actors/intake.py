@@ -34,19 +34,22 @@ import logging
 
 import trio
 
-from dynamo import genreq, metrics, outages
-from dynamo.attempts import CrashedAttempts, message_key
-from dynamo.db import DataRejected
-from dynamo.jobs import Reason, Step
-from dynamo.messages import failure
-from dynamo.pipeline import Pipeline
+from dynamo import metrics
+from dynamo.database.port import DataRejected
+from dynamo.domain import genreq
+from dynamo.domain.jobs import Reason, Step
+from dynamo.domain.viewer_messages import failure
+from dynamo.inflight.attempts import CrashedAttempts, message_key
+from dynamo.inflight.pipeline import Pipeline
+from dynamo.rabbitmq.broker import BrokerPort
+from dynamo.supervision import outages
 
 log = logging.getLogger(__name__)
 
 
 async def run(
     *,
-    broker,
+    broker: BrokerPort,
     pipeline: Pipeline,
     reserve_send,
     results_send,

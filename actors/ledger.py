@@ -31,12 +31,13 @@ import math
 
 import trio
 
-from dynamo import metrics, outages, retry
-from dynamo.jobs import Job, Reason, Step
-from dynamo.messages import failure
-from dynamo.pipeline import Pipeline, serve_jobs
-from dynamo.points import AlreadyFinalized, InsufficientPoints
-from dynamo.viewer_gate import ViewerGate
+from dynamo import metrics
+from dynamo.domain.jobs import Job, Reason, Step
+from dynamo.domain.viewer_messages import failure
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.supervision import outages, retry
+from dynamo.viewer_points.gate import ViewerGate
+from dynamo.viewer_points.port import AlreadyFinalized, InsufficientPoints, PointsPort
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def _classify(exc: Exception) -> Exception:
 
 async def run(
     *,
-    points,
+    points: PointsPort,
     pipeline: Pipeline,
     reserve_recv,
     finalize_recv,
@@ -105,7 +106,7 @@ async def run(
         )
 
 
-async def _reserve(points, pipeline: Pipeline, gate: ViewerGate, job: Job) -> str:
+async def _reserve(points: PointsPort, pipeline: Pipeline, gate: ViewerGate, job: Job) -> str:
     """Returns "reserved", "failed" or "dropped" (another copy owns the request)."""
     if job.step in (Step.RESERVED, Step.SCREENED):
         return "reserved"
@@ -201,7 +202,7 @@ async def _reserve(points, pipeline: Pipeline, gate: ViewerGate, job: Job) -> st
     return "reserved"
 
 
-async def _adopt_orphan(points, pipeline: Pipeline, job: Job, token: str) -> str | None:
+async def _adopt_orphan(points: PointsPort, pipeline: Pipeline, job: Job, token: str) -> str | None:
     """For a request found at RESERVING: adopts the debit the ledger made for it before a
     crash. Returns "reserved" (adopted) or "dropped" (the request moved on), or None when
     there is nothing to adopt and a fresh reservation is due."""
@@ -252,7 +253,7 @@ async def _adopt_orphan(points, pipeline: Pipeline, job: Job, token: str) -> str
     return None
 
 
-async def _finalize(points, pipeline: Pipeline, job: Job) -> bool:
+async def _finalize(points: PointsPort, pipeline: Pipeline, job: Job) -> bool:
     if job.failure is not None and job.step not in (Step.FAILING, Step.REFUNDED):
         # Failed by an actor without database access (the rate limiter, on expiry):
         # persist the failure first, unless the request moved on meanwhile.

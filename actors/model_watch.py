@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import trio
 
-from dynamo.openai_models import ModelsStatus, check_and_report
+from dynamo.openai_port.catalogue import ModelsStatus, check_and_report
 
 
 async def run(

@@ -6,8 +6,8 @@ the ledger and intake. Sends them on `generate_send` (capacity 0: a send complet
 when a generator worker is free), one viewer at a time, round robin. A job whose deadline
 passed is not generated: it goes on `failures_send` as expired (its debit is refunded there).
 
-Serves the permit protocol of `dynamo.permits` on `permits_recv`: a `PermitRequest` is
-answered with a `Permit` once the account's budget (`dynamo.budget`: its windows of calls
+Serves the permit protocol of `dynamo.limits.permits` on `permits_recv`: a `PermitRequest` is
+answered with a `Permit` once the account's budget (`dynamo.limits.budget`: its windows of calls
 and tokens, 429 pause and auth circuit, shared with every process of a fleet) grants it
 (FIFO per kind; image and text are paced independently, so waiting image calls never hold
 up text calls); a `CallOutcome` teaches the budget.
@@ -29,11 +29,12 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from dynamo import metrics
-from dynamo.budget import BudgetUnavailable, Decision, KindConfig
-from dynamo.jobs import Reason
-from dynamo.messages import failure
-from dynamo.permits import CallKind, CallOutcome, PermitRequest
-from dynamo.ratelimit import RateLimiterStatus
+from dynamo.domain.jobs import Reason
+from dynamo.domain.viewer_messages import failure
+from dynamo.limits.budget import BudgetUnavailable, Decision, KindConfig
+from dynamo.limits.permits import CallKind, CallOutcome, PermitRequest
+from dynamo.limits.state import RateLimiterStatus
+from dynamo.supervision.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ FAIR_QUEUE_METRIC = "rate_limiter.fair_queue"
 # While the budget's store cannot be reached, ask it again after this long, doubling.
 STORE_RETRY_S = 0.5
 STORE_RETRY_CAP_S = 5.0
+STORE_BACKOFF = Backoff(base_s=STORE_RETRY_S, cap_s=STORE_RETRY_CAP_S, floor=1.0)
 
 
 async def run(
@@ -102,7 +104,8 @@ class _RateLimiter:
         self._jobs_ended = False
         self._permits_ended = False
         self._handover: trio.CancelScope | None = None  # waiting for a worker, until a deadline
-        self._unreachable_s = {kind: 0.0 for kind in status.kinds}  # the budget's store down
+        # The budget's store: failed asks in a row (0 while it answers).
+        self._unreachable = {kind: 0 for kind in status.kinds}
 
     def queue_changed(self) -> None:
         metrics.QUEUE_DEPTH.labels(FAIR_QUEUE_METRIC).set(len(self.queue))
@@ -153,11 +156,13 @@ class _RateLimiter:
 
     async def serve_permits(self, permits_recv: trio.MemoryReceiveChannel) -> None:
         async for message in permits_recv:
-            kind = getattr(message, "kind", None)
-            waiting = self.status.waiting.get(kind)
-            if waiting is None or not isinstance(message, PermitRequest | CallOutcome):
+            if (
+                not isinstance(message, PermitRequest | CallOutcome)
+                or message.kind not in self.status.waiting
+            ):
                 log.error("permit protocol: ignoring %r", message)
                 continue
+            kind, waiting = message.kind, self.status.waiting[message.kind]
             if isinstance(message, PermitRequest):
                 waiting.append(message)
                 if len(waiting) == 1:
@@ -200,18 +205,16 @@ class _RateLimiter:
         try:
             decision = await self.status.budget.try_grant(kind, request.tokens, more=more)
         except BudgetUnavailable as exc:
-            if not self._unreachable_s[kind]:
+            if not self._unreachable[kind]:
                 log.warning(
                     "openai %s: no permits while the budget is unreachable: %s", kind.value, exc
                 )
-            self._unreachable_s[kind] = min(
-                STORE_RETRY_CAP_S, 2 * self._unreachable_s[kind] or STORE_RETRY_S
-            )
-            await trio.sleep(self._unreachable_s[kind])
+            await trio.sleep(STORE_BACKOFF.delay_s(self._unreachable[kind]))
+            self._unreachable[kind] += 1
             return None
-        if self._unreachable_s[kind]:
+        if self._unreachable[kind]:
             log.warning("openai %s: the budget is reachable again", kind.value)
-            self._unreachable_s[kind] = 0.0
+            self._unreachable[kind] = 0
         return decision
 
     async def _hand_over(self, kind: CallKind, request: PermitRequest, permit) -> None:

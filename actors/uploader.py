@@ -25,10 +25,14 @@ from collections.abc import Mapping
 
 import trio
 
-from dynamo import imaging, metrics, outages, prompts, retry
-from dynamo.jobs import Job, Reason, Step, Style
-from dynamo.messages import failure
-from dynamo.pipeline import Pipeline, serve_jobs
+from dynamo import metrics
+from dynamo.domain import prompts
+from dynamo.domain.jobs import Job, Reason, Step, Style
+from dynamo.domain.viewer_messages import failure
+from dynamo.images import processing as imaging
+from dynamo.images.storage import StoragePort
+from dynamo.inflight.pipeline import Pipeline, serve_jobs
+from dynamo.supervision import outages, retry
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +58,19 @@ def image_key(job: Job) -> tuple[str, str]:
 def process_image(style: Style, raw: bytes, inputs: Mapping | None = None) -> tuple[bytes, str]:
     """The stored bytes and the `#rrggbb` color for a generated image."""
     header = imaging.sniff(raw)
-    stored_as_is = header is not None and header.sane
+    sane = header if header is not None and header.sane else None  # stored as it came
     if style is Style.FRIEND:
-        if stored_as_is and header.format == "WEBP" and header.alpha:
+        if sane and sane.format == "WEBP" and sane.alpha:
             return raw, imaging.color_hex(prompts.COMPLEMENTS[(inputs or {})["color"]])
         return imaging.key_out_background(raw)
-    if stored_as_is and header.format == "JPEG":
+    if sane and sane.format == "JPEG":
         return raw, GHOST_COLOR
     return imaging.to_jpeg(raw, quality=80), GHOST_COLOR
 
 
 async def run(
     *,
-    storage,
+    storage: StoragePort,
     pipeline: Pipeline,
     upload_recv,
     announce_send,
@@ -87,7 +91,7 @@ async def run(
     )
 
 
-async def _store(storage, pipeline: Pipeline, job: Job) -> str:
+async def _store(storage: StoragePort, pipeline: Pipeline, job: Job) -> str:
     if job.step is Step.STORED:
         return "stored"
     started = trio.current_time()
@@ -100,7 +104,7 @@ async def _store(storage, pipeline: Pipeline, job: Job) -> str:
         return "failed"
     try:
         data, color = await trio.to_thread.run_sync(
-            process_image, job.style, raw, job.inputs, limiter=PROCESSING_THREADS
+            process_image, job.valid_style, raw, job.inputs, limiter=PROCESSING_THREADS
         )
     except (ValueError, KeyError) as exc:  # not a decodable image; a friend without a color
         await pipeline.fail(job, failure(Reason.ERROR, f"image could not be processed: {exc}"))

@@ -1,6 +1,6 @@
 """What one step of the fleet's shared OpenAI budget costs in PostgreSQL, alone.
 
-A step is one transaction (`dynamo/fleet_db.py`): BEGIN; the kind's advisory lock (with
+A step is one transaction (`dynamo/database/fleet_store.py`): BEGIN; the kind's advisory lock (with
 its timeouts set, one statement); one query for the clock, the learned state and the
 grants of the last 60 s; one statement writing what changed, if anything; COMMIT. So 4
 statements, 5 when something changed. This times each kind of step through the real
@@ -21,10 +21,10 @@ import uuid
 import trio_asyncio
 
 from bench import harness
-from dynamo.budget import Budget, KindConfig
-from dynamo.db import open_database
-from dynamo.fleet_db import PostgresStore
-from dynamo.permits import CallKind, CallOutcome
+from dynamo.database.fleet_store import PostgresStore
+from dynamo.database.port import open_database
+from dynamo.limits.budget import Budget, KindConfig
+from dynamo.limits.permits import CallKind, CallOutcome
 from tests.support import infra
 
 IMAGE = CallKind.IMAGE

@@ -41,7 +41,7 @@ import psutil
 import trio
 
 from bench import harness, pg_cost
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 from tests.fakes import CHROMA_RGB
 
 # py-spy's samples per second; --nonblocking so that it does not pause dynamo to sample.
@@ -272,8 +272,8 @@ def summarize_py_spy(path: Path, spy) -> None:
 
 # Where a busy sample is, by the innermost frame from a library we recognise.
 AREAS = (
-    ("imaging (PIL, numpy)", ("PIL/", "numpy/", "dynamo/imaging.py")),
-    ("S3 (boto3/botocore)", ("boto3/", "botocore/", "s3transfer/", "dynamo/storage.py")),
+    ("imaging (PIL, numpy)", ("PIL/", "numpy/", "dynamo/images/processing.py")),
+    ("S3 (boto3/botocore)", ("boto3/", "botocore/", "s3transfer/", "dynamo/images/storage.py")),
     ("RabbitMQ (aio-pika, aiormq, pamqp)", ("aio_pika/", "aiormq/", "pamqp/")),
     ("PostgreSQL (asyncpg)", ("asyncpg/",)),
     ("OpenAI SDK, pydantic", ("openai/", "pydantic")),

@@ -30,7 +30,7 @@ import time
 import trio
 
 from bench import harness
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 from tests.fakes import CHROMA_RGB
 
 # Seconds dynamo is left alone to measure its idle CPU rate.
@@ -88,7 +88,7 @@ def record_answers(fake) -> None:
 
 
 async def main(args) -> None:
-    from dynamo.jobs import Style
+    from dynamo.domain.jobs import Style
 
     ghosts = [harness.ghost(f"a seal number {n}") for n in range(args.ghosts)]
     friends = [harness.friend(f"caterpillar number {n}",

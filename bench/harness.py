@@ -29,7 +29,7 @@ import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 from tests.fakes import FakeAuth, FakeLedger, FakeOpenAI, moto_s3
 from tests.support import infra
 from tests.support.amqp import Rabbit

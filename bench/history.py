@@ -19,10 +19,10 @@ import time
 import uuid
 
 import trio_asyncio
+from dynamo.api.queries import list_requests
 
 from bench import harness
-from dynamo.api.queries import list_requests
-from dynamo.db import open_database
+from dynamo.database.port import open_database
 from tests.support import infra
 
 FILL_SQL = """
@@ -79,7 +79,7 @@ async def measure(db, ids, repeat: int) -> dict[str, tuple[float, float]]:
 
 
 def _columns() -> str:
-    from dynamo.db import REQUEST_COLUMNS
+    from dynamo.database.port import REQUEST_COLUMNS
 
     return REQUEST_COLUMNS
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from bench import harness
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 
 STAGES = (
     ("publish → ledger reserve", "published", "reserve"),

@@ -25,7 +25,7 @@ import httpx
 import trio
 
 from bench import harness
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 from tests.support import infra
 from tests.support.outage import Proxy
 

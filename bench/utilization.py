@@ -45,7 +45,7 @@ import re
 import trio
 
 from bench import harness
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 
 GHOST_PROMPT = re.compile(r"^a ghostly image of (.*), with glitchy VHS artifacts")
 PROGRESS_S = 30.0

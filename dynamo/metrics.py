@@ -1,6 +1,8 @@
 """Prometheus metrics, one registry for the process, served at GET /metrics."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from dynamo.version import version
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -8,6 +10,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # generation behind the rate limit), hence the wide buckets.
 _STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
+# dynamo_build_info{version="..."} 1: which version runs.
+BUILD_INFO = Info("dynamo_build", "The running dynamo", registry=REGISTRY)
+BUILD_INFO.info({"version": version()})
 REQUESTS_RECEIVED = Counter(
     "dynamo_requests_received_total", "Requests stored, by source", ["source"], registry=REGISTRY
 )

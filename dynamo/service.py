@@ -7,10 +7,14 @@
     failures (any stage) ─────────────────────────────────────────▶ finalize
     finalize ──ledger(accept/refund)──▶ results ──announcer(results)──▶ discord
 
-`serve()` opens every port, opens every channel, and starts the actors downstream first,
-so that each actor's outbox is being read before anything is sent into it. Nested
-nurseries make shutdown run in reverse: intake and the HTTP API stop first, and the
-pipeline gets `SHUTDOWN_GRACE_S` to bring what is in hand to a persisted step.
+`serve()` opens every port; the graph is then declared as tables, as OTP does: the
+channels (`channel_specs`: name -> capacity) and the actors (`pipeline_children`,
+`door_children`: name, start function, the channels each reads and sends into, restart
+policy). One loop (`dynamo.supervision.children.start_children`) starts each table in its
+order, downstream first, so that each actor's outbox is being read before anything is sent
+into it; `check_order` refuses a table that is not. Nested nurseries make shutdown run in
+reverse: the doors (intake and the HTTP API) stop first, and the pipeline gets
+`SHUTDOWN_GRACE_S` to bring what is in hand to a persisted step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import functools
 import logging
 import secrets
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import trio
@@ -38,23 +43,32 @@ from actors import (
     uploader,
 )
 from actors import fleet as fleet_actor
-from dynamo import embedded_pg, outages, resume
-from dynamo.broker import open_broker
-from dynamo.budget import Budget
 from dynamo.config import Settings
-from dynamo.db import open_database
-from dynamo.fleet import Fleet
-from dynamo.fleet_db import FleetQueries, PostgresStore
-from dynamo.generation import OfflineGenerator, OpenAIGenerator
-from dynamo.openai_models import ModelsStatus, check_and_report
-from dynamo.pipeline import Pipeline
-from dynamo.points import FreePoints, Points
-from dynamo.pricing import PriceTable
-from dynamo.ratelimit import RateLimiterStatus
-from dynamo.readiness import Readiness
-from dynamo.spend import Spend
-from dynamo.storage import LocalStorage, S3Storage
-from dynamo.supervisor import Supervisor
+from dynamo.database import embedded as embedded_pg
+from dynamo.database.fleet_store import FleetQueries, PostgresStore
+from dynamo.database.port import Database, open_database
+from dynamo.images.storage import LocalStorage, S3Storage, StoragePort
+from dynamo.inflight import resume
+from dynamo.inflight.pipeline import Pipeline
+from dynamo.limits.budget import Budget
+from dynamo.limits.fleet_view import Fleet
+from dynamo.limits.state import RateLimiterStatus
+from dynamo.openai_port.catalogue import ModelsStatus, check_and_report
+from dynamo.openai_port.client import GeneratorPort, OfflineGenerator, OpenAIGenerator
+from dynamo.openai_port.pricing import PriceTable
+from dynamo.openai_port.spend import Spend
+from dynamo.rabbitmq.broker import BrokerPort, open_broker
+from dynamo.supervision import outages
+from dynamo.supervision.children import (
+    Channels,
+    ChannelSpec,
+    ChildSpec,
+    check_order,
+    start_children,
+)
+from dynamo.supervision.readiness import Readiness
+from dynamo.supervision.supervisor import Supervisor
+from dynamo.viewer_points.port import FreePoints, Points, PointsPort
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +96,7 @@ BROKER_FOLLOW_S = 0.5
 
 
 @contextlib.asynccontextmanager
-async def open_database_for(settings: Settings):
+async def open_database_for(settings: Settings) -> AsyncIterator[Database]:
     if settings.database_url is not None:
         async with open_database(settings.database_url) as db:
             yield db
@@ -92,7 +106,7 @@ async def open_database_for(settings: Settings):
         yield db
 
 
-def make_generator(settings: Settings):
+def make_generator(settings: Settings) -> GeneratorPort:
     if settings.openai_api_key is None:
         return OfflineGenerator()
     return OpenAIGenerator(
@@ -104,13 +118,13 @@ def make_generator(settings: Settings):
     )
 
 
-def make_storage(settings: Settings):
+def make_storage(settings: Settings) -> StoragePort:
     if settings.storage is not None:
         return S3Storage(settings.storage)
     return LocalStorage(settings.data_dir / "images", f"{settings.local_http_url}/images")
 
 
-def make_points(settings: Settings, client: httpx.AsyncClient):
+def make_points(settings: Settings, client: httpx.AsyncClient) -> PointsPort:
     if settings.auth_shared_secret is None:
         return FreePoints()
     return Points(
@@ -164,19 +178,175 @@ async def serve(
 
 @dataclasses.dataclass
 class _Ports:
-    db: object
-    broker: object
+    db: Database
+    broker: BrokerPort
     http_client: httpx.AsyncClient
-    generator: object
+    generator: GeneratorPort
     models: ModelsStatus
 
 
-async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -> None:
-    db, broker, http_client, gen = ports.db, ports.broker, ports.http_client, ports.generator
-    # What every request needs; an outage of either is waited out (dynamo.outages).
+# The channels: capacities small on purpose, see above. A feedback channel flows
+# upstream (failures back to the ledger, permit requests back to the rate limiter), so
+# its reader may start after its senders.
+def channel_specs(settings: Settings) -> dict[str, ChannelSpec]:
+    return {
+        "reserve": ChannelSpec(RESERVE_CAPACITY),
+        "schedule": ChannelSpec(SCHEDULE_CAPACITY),
+        "generate": ChannelSpec(GENERATE_CAPACITY),
+        "permits": ChannelSpec(
+            PERMITS_CAPACITY_PER_WORKER * settings.generator_workers, feedback=True
+        ),
+        "upload": ChannelSpec(UPLOAD_CAPACITY),
+        "announce": ChannelSpec(ANNOUNCE_CAPACITY),
+        "finalize": ChannelSpec(FINALIZE_CAPACITY, feedback=True),
+        "results": ChannelSpec(RESULTS_CAPACITY),
+        "discord": ChannelSpec(DISCORD_CAPACITY),
+    }
+
+
+@dataclasses.dataclass
+class _Parts:
+    """What the actors share besides channels, built once per run."""
+
+    pipeline: Pipeline
+    supervisor: Supervisor
+    storage: StoragePort
+    points: PointsPort
+    spend: Spend
+    limiter_status: RateLimiterStatus
+    fleet: Fleet
+    readiness: Readiness
+
+
+def pipeline_children(settings: Settings, ports: _Ports, parts: _Parts) -> list[ChildSpec]:
+    """The pipeline's actors, downstream first (`check_order` holds the table to it)."""
+    db, broker, gen, pipeline = ports.db, ports.broker, ports.generator, parts.pipeline
+    run_ = functools.partial
+    children = [
+        ChildSpec(
+            "discord",
+            run_(discord.run, settings=settings, db=db, http_client=ports.http_client),
+            reads=("discord",),
+        ),
+        ChildSpec(
+            "announcer",
+            run_(announcer.run, broker=broker, pipeline=pipeline),
+            reads=("announce", "results"),
+            sends=("finalize", "discord"),
+        ),
+        ChildSpec(
+            "uploader",
+            run_(uploader.run, storage=parts.storage, pipeline=pipeline),
+            reads=("upload",),
+            sends=("announce", "finalize"),
+        ),
+        ChildSpec(
+            "generator",
+            run_(
+                generator.run,
+                generator=gen,
+                pipeline=pipeline,
+                workers=settings.generator_workers,
+                max_attempts=settings.max_attempts,
+                moderation=settings.moderation,
+                spend=parts.spend,
+            ),
+            reads=("generate",),
+            sends=("permits", "upload", "finalize"),
+        ),
+        ChildSpec(
+            "rate_limiter",
+            run_(
+                rate_limiter.run,
+                images_per_minute=settings.images_per_minute,
+                image_tokens_per_minute=settings.image_tokens_per_minute,
+                text_per_minute=settings.text_requests_per_minute,
+                status=parts.limiter_status,
+                queue_capacity=rate_limiter.fair_queue_capacity(
+                    settings.images_per_minute, settings.request_timeout_s
+                ),
+            ),
+            reads=("schedule", "permits"),
+            sends=("generate", "finalize"),
+            keywords={"schedule": "jobs", "finalize": "failures"},
+        ),
+        ChildSpec(
+            "ledger",
+            run_(ledger.run, points=parts.points, pipeline=pipeline),
+            reads=("reserve", "finalize"),
+            sends=("schedule", "finalize", "results"),
+        ),
+        # Re-routes unfinished requests to the channel of their persisted step.
+        ChildSpec(
+            "resume",
+            run_(_resume, pipeline=pipeline),
+            sends=("reserve", "schedule", "upload", "announce", "finalize", "results"),
+        ),
+        ChildSpec("fleet", run_(fleet_actor.run, fleet=parts.fleet)),
+    ]
+    if not gen.offline:  # nothing to watch in the catalogue of placeholders
+        children.append(
+            ChildSpec(
+                "model_watch",
+                run_(model_watch.run, generator=gen, models=ports.models, profile=settings.profile),
+            )
+        )
+    return children
+
+
+def door_children(settings: Settings, ports: _Ports, parts: _Parts, channels: Channels):
+    """Where requests come in; they stop first at shutdown."""
+    api = dict(
+        settings=settings,
+        pipeline=parts.pipeline,
+        readiness=parts.readiness,
+        supervisor=parts.supervisor,
+        channels=channels.send,
+        limiter_status=parts.limiter_status,
+        fleet=parts.fleet,
+        local_storage=parts.storage if isinstance(parts.storage, LocalStorage) else None,
+        http_client=ports.http_client,
+        admin_token=admin_token_for(settings),
+        auth_configured=settings.auth_shared_secret is not None,
+        models=ports.models,
+        spend=parts.spend,
+        broker=ports.broker,
+    )
+    return [
+        ChildSpec(
+            "intake",
+            functools.partial(
+                intake.run, broker=ports.broker, pipeline=parts.pipeline, readiness=parts.readiness
+            ),
+            sends=("reserve", "results"),
+        ),
+        ChildSpec(
+            "http",
+            functools.partial(
+                _serve_http, host=settings.http_host, port=settings.http_port, api=api
+            ),
+            sends=("reserve", "finalize"),
+        ),
+    ]
+
+
+async def _resume(*, pipeline: Pipeline, task_status=trio.TASK_STATUS_IGNORED, **sends) -> None:
+    await resume.run(pipeline=pipeline, router=resume.Router(**sends), task_status=task_status)
+
+
+async def _serve_http(
+    *, host: str, port: int, api: dict, reserve_send, finalize_send, task_status
+) -> None:
+    context = http.ApiContext(reserve_send=reserve_send, finalize_send=finalize_send, **api)
+    await http.run(api=context, host=host, port=port, task_status=task_status)
+
+
+def _parts(settings: Settings, ports: _Ports) -> _Parts:
+    db = ports.db
+    # What every request needs; an outage of either is waited out (dynamo.supervision.outages).
     dependencies = outages.Dependencies(
         database=outages.Dependency("database", probe=db.ping),
-        broker=outages.Dependency("broker", probe=broker.probe),
+        broker=outages.Dependency("broker", probe=ports.broker.probe),
     )
     pipeline = Pipeline(
         db,
@@ -185,223 +355,61 @@ async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -
         points_cost=settings.points_cost if settings.auth_shared_secret else 0,
         dependencies=dependencies,
     )
-    supervisor = Supervisor(on_restart=pipeline.inflight.take_orphans, dependencies=dependencies)
-    storage = make_storage(settings)
-    points = make_points(settings, http_client)
-    spend = Spend(db, PriceTable(settings.prices), daily_budget_usd=settings.daily_budget_usd)
     # The OpenAI limits are the account's: every process of a fleet shares one budget.
     budget = Budget(PostgresStore(db, pipeline.worker_id), worker=str(pipeline.worker_id))
     limiter_status = RateLimiterStatus(budget=budget)
-    fleet_view = Fleet(
-        FleetQueries(db),
-        worker_id=pipeline.worker_id,
-        http_addr=f"{settings.http_host}:{settings.http_port}",
-        inflight=pipeline.inflight,
-    )
-    readiness = Readiness(
-        db=db, broker=broker, limiter_status=limiter_status, dependencies=dependencies
+    return _Parts(
+        pipeline=pipeline,
+        supervisor=Supervisor(
+            on_restart=pipeline.inflight.take_orphans, dependencies=dependencies
+        ),
+        storage=make_storage(settings),
+        points=make_points(settings, ports.http_client),
+        spend=Spend(db, PriceTable(settings.prices), daily_budget_usd=settings.daily_budget_usd),
+        limiter_status=limiter_status,
+        fleet=Fleet(
+            FleetQueries(db),
+            worker_id=pipeline.worker_id,
+            http_addr=f"{settings.http_host}:{settings.http_port}",
+            inflight=pipeline.inflight,
+        ),
+        readiness=Readiness(
+            db=db, broker=ports.broker, limiter_status=limiter_status, dependencies=dependencies
+        ),
     )
 
-    reserve_send, reserve_recv = trio.open_memory_channel(RESERVE_CAPACITY)
-    schedule_send, schedule_recv = trio.open_memory_channel(SCHEDULE_CAPACITY)
-    generate_send, generate_recv = trio.open_memory_channel(GENERATE_CAPACITY)
-    permits_send, permits_recv = trio.open_memory_channel(
-        PERMITS_CAPACITY_PER_WORKER * settings.generator_workers
-    )
-    upload_send, upload_recv = trio.open_memory_channel(UPLOAD_CAPACITY)
-    announce_send, announce_recv = trio.open_memory_channel(ANNOUNCE_CAPACITY)
-    finalize_send, finalize_recv = trio.open_memory_channel(FINALIZE_CAPACITY)
-    results_send, results_recv = trio.open_memory_channel(RESULTS_CAPACITY)
-    discord_send, discord_recv = trio.open_memory_channel(DISCORD_CAPACITY)
-    channels = {
-        "reserve": reserve_send,
-        "schedule": schedule_send,
-        "generate": generate_send,
-        "permits": permits_send,
-        "upload": upload_send,
-        "announce": announce_send,
-        "finalize": finalize_send,
-        "results": results_send,
-        "discord": discord_send,
-    }
-    router = resume.Router(
-        reserve_send=reserve_send,
-        schedule_send=schedule_send,
-        upload_send=upload_send,
-        announce_send=announce_send,
-        finalize_send=finalize_send,
-        results_send=results_send,
-    )
-    start = supervisor.start
 
-    # The pipeline, downstream first. Its nursery outlives intake's and the API's, so
-    # at shutdown those stop taking work first.
+async def _run_graph(settings: Settings, ports: _Ports, shutdown, task_status) -> None:
+    parts = _parts(settings, ports)
+    pipeline, supervisor, broker = parts.pipeline, parts.supervisor, ports.broker
+    specs = channel_specs(settings)
+    channels = Channels(specs)
+    pipeline_table = pipeline_children(settings, ports, parts)
+    doors = door_children(settings, ports, parts, channels)
+    check_order([*pipeline_table, *doors], specs)
+
+    # The pipeline, downstream first. Its nursery outlives the doors', so at shutdown
+    # intake and the HTTP API stop taking work first.
     async with trio.open_nursery() as pipeline_nursery:
         pipeline_nursery.start_soon(supervisor.watch_outages)
         if broker.configured:
             pipeline_nursery.start_soon(
                 functools.partial(
                     outages.follow,
-                    dependencies["broker"],
+                    supervisor.dependencies["broker"],
                     lambda: broker.connected,
                     every_s=BROKER_FOLLOW_S,
                 )
             )
-        await start(
-            pipeline_nursery,
-            "discord",
-            lambda task_status: discord.run(
-                settings=settings,
-                db=db,
-                http_client=http_client,
-                discord_recv=discord_recv,
-                task_status=task_status,
-            ),
-        )
-        await start(
-            pipeline_nursery,
-            "announcer",
-            lambda task_status: announcer.run(
-                broker=broker,
-                pipeline=pipeline,
-                announce_recv=announce_recv,
-                results_recv=results_recv,
-                finalize_send=finalize_send,
-                discord_send=discord_send,
-                task_status=task_status,
-            ),
-        )
-        await start(
-            pipeline_nursery,
-            "ledger",
-            lambda task_status: ledger.run(
-                points=points,
-                pipeline=pipeline,
-                reserve_recv=reserve_recv,
-                finalize_recv=finalize_recv,
-                schedule_send=schedule_send,
-                finalize_send=finalize_send,
-                results_send=results_send,
-                task_status=task_status,
-            ),
-        )
-        await start(
-            pipeline_nursery,
-            "uploader",
-            lambda task_status: uploader.run(
-                storage=storage,
-                pipeline=pipeline,
-                upload_recv=upload_recv,
-                announce_send=announce_send,
-                finalize_send=finalize_send,
-                task_status=task_status,
-            ),
-        )
-        await start(
-            pipeline_nursery,
-            "generator",
-            lambda task_status: generator.run(
-                generator=gen,
-                pipeline=pipeline,
-                generate_recv=generate_recv,
-                permits_send=permits_send,
-                upload_send=upload_send,
-                finalize_send=finalize_send,
-                workers=settings.generator_workers,
-                max_attempts=settings.max_attempts,
-                moderation=settings.moderation,
-                spend=spend,
-                task_status=task_status,
-            ),
-        )
-        if not gen.offline:
-            await start(
-                pipeline_nursery,
-                "model_watch",
-                lambda task_status: model_watch.run(
-                    generator=gen,
-                    models=ports.models,
-                    profile=settings.profile,
-                    task_status=task_status,
-                ),
-            )
-        await start(
-            pipeline_nursery,
-            "rate_limiter",
-            lambda task_status: rate_limiter.run(
-                jobs_recv=schedule_recv,
-                generate_send=generate_send,
-                permits_recv=permits_recv,
-                failures_send=finalize_send,
-                images_per_minute=settings.images_per_minute,
-                image_tokens_per_minute=settings.image_tokens_per_minute,
-                text_per_minute=settings.text_requests_per_minute,
-                status=limiter_status,
-                queue_capacity=rate_limiter.fair_queue_capacity(
-                    settings.images_per_minute, settings.request_timeout_s
-                ),
-                task_status=task_status,
-            ),
-        )
-        await start(
-            pipeline_nursery,
-            "resume",
-            lambda task_status: resume.run(
-                pipeline=pipeline, router=router, task_status=task_status
-            ),
-        )
-        await start(
-            pipeline_nursery,
-            "fleet",
-            lambda task_status: fleet_actor.run(fleet=fleet_view, task_status=task_status),
-        )
+        await start_children(supervisor, pipeline_nursery, pipeline_table, channels)
 
-        async with trio.open_nursery() as intake_nursery:
-            await start(
-                intake_nursery,
-                "intake",
-                lambda task_status: intake.run(
-                    broker=broker,
-                    pipeline=pipeline,
-                    reserve_send=reserve_send,
-                    results_send=results_send,
-                    readiness=readiness,
-                    task_status=task_status,
-                ),
-            )
-            api = http.ApiContext(
-                settings=settings,
-                pipeline=pipeline,
-                reserve_send=reserve_send,
-                finalize_send=finalize_send,
-                readiness=readiness,
-                supervisor=supervisor,
-                channels=channels,
-                limiter_status=limiter_status,
-                fleet=fleet_view,
-                local_storage=storage if isinstance(storage, LocalStorage) else None,
-                http_client=http_client,
-                admin_token=admin_token_for(settings),
-                auth_configured=settings.auth_shared_secret is not None,
-                models=ports.models,
-                spend=spend,
-                broker=broker,
-            )
-            url = await start(
-                intake_nursery,
-                "http",
-                lambda task_status: http.run(
-                    api=api,
-                    host=settings.http_host,
-                    port=settings.http_port,
-                    task_status=task_status,
-                ),
-            )
+        async with trio.open_nursery() as doors_nursery:
+            *_, url = await start_children(supervisor, doors_nursery, doors, channels)
             log.info("dynamo is running; HTTP API at %s", url)
             task_status.started(url)
             await shutdown.wait()
             log.info("shutting down: intake and the HTTP API stop first")
-            intake_nursery.cancel_scope.cancel()
+            doors_nursery.cancel_scope.cancel()
         # The pipeline gets its grace period to finish or persist what it holds; every
         # step is persisted before the next starts, so cancelling after that is safe.
         with trio.move_on_after(SHUTDOWN_GRACE_S):

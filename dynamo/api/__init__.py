@@ -5,8 +5,10 @@ One module per concern: `context` (what the app is given), `access` (bearer toke
 models), `submit_routes`, `requests_routes`, `ops_routes`, `stream_routes` (the live
 event stream, with `tickets`) and `page_routes` (the live page of `dynamo/web/`): the
 routes; `openapi` (the document at /openapi.json, generated from the routes and their
-models) and `app` (the assembly, with one log line per request). The API reaches
-PostgreSQL only through the database port (`dynamo.db`).
+models) and `app` (the assembly, with one log line per request); `early_answers` (what
+hypercorn is given to serve: the app, with an early answer's unread body read first, so
+that kept-alive connections go on). The API reaches PostgreSQL only through the database
+port (`dynamo.database.port`).
 """
 
 from dynamo.api.app import build_app, create_app, openapi_document

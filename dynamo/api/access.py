@@ -24,7 +24,7 @@ import trio
 from quart import current_app, request
 
 from dynamo.api.errors import ApiError
-from dynamo.jobs import Viewer
+from dynamo.domain.jobs import Viewer
 
 log = logging.getLogger(__name__)
 

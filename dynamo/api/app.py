@@ -19,6 +19,7 @@ import logging
 import pydantic
 import trio
 from quart import g, request
+from quart.json.provider import DefaultJSONProvider
 from quart_schema import RequestSchemaValidationError
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -36,7 +37,8 @@ from dynamo.api import (
 from dynamo.api.context import ApiContext
 from dynamo.api.errors import ApiError
 from dynamo.api.tickets import Tickets
-from dynamo.db_errors import DataRejected
+from dynamo.database.errors import DataRejected
+from dynamo.supervision.unavailable import outage_of
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,13 @@ _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Paths are logged, cut to this length: a client controls them.
 LOGGED_PATH_CHARS = 200
 
-# Failures that mean the database (or another dependency) is unavailable for now; the
-# port's DatabaseUnavailable is an OSError.
-_UNAVAILABLE = (trio.TooSlowError, OSError)
-
 
 def build_app() -> QuartTrio:
     app = QuartTrio(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = submit_routes.MAX_BODY_BYTES
     openapi.install(app)
+    # quart types `app.json` as the JSONProvider base; it is the default provider.
+    assert isinstance(app.json, DefaultJSONProvider)
     app.json.sort_keys = False  # bodies read in the order they are written
     for routes in (page_routes, ops_routes, submit_routes, requests_routes, stream_routes):
         app.register_blueprint(routes.blueprint)
@@ -128,7 +128,8 @@ def _add_error_handlers(app: QuartTrio) -> None:
             # beyond its column's range): the client's to fix, so 400, not 500.
             log.warning("%s %s: %s", request.method, request.path[:LOGGED_PATH_CHARS], exc)
             return {"error": "a value in the request is out of range"}, 400
-        if isinstance(exc, _UNAVAILABLE):
+        # A dependency's outage (outage_of), or one that did not answer in time: 503.
+        if outage_of(exc) is not None or isinstance(exc, trio.TooSlowError):
             log.warning(
                 "%s %s: unavailable: %s",
                 request.method,

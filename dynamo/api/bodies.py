@@ -9,8 +9,8 @@ import datetime
 import re
 import uuid
 
-from dynamo.db import iso
-from dynamo.messages import VIEWER_MESSAGES
+from dynamo.database.port import iso
+from dynamo.domain.viewer_messages import VIEWER_MESSAGES
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 # A UTC offset's digits, as RFC 3339 writes them after its sign (`02:00`).

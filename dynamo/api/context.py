@@ -9,10 +9,10 @@ import httpx
 from quart import current_app
 
 from dynamo.config import Settings
-from dynamo.pipeline import Pipeline
-from dynamo.readiness import Readiness
-from dynamo.storage import LocalStorage
-from dynamo.supervisor import Supervisor
+from dynamo.images.storage import LocalStorage
+from dynamo.inflight.pipeline import Pipeline
+from dynamo.supervision.readiness import Readiness
+from dynamo.supervision.supervisor import Supervisor
 
 # Where the app keeps its context (`app.extensions[...]`).
 EXTENSION_KEY = "dynamo"
@@ -27,15 +27,15 @@ class ApiContext:
     readiness: Readiness
     supervisor: Supervisor
     channels: dict[str, Any]  # name -> a channel end, for /status and /metrics
-    limiter_status: Any  # dynamo.ratelimit.RateLimiterStatus (`.as_json()`)
+    limiter_status: Any  # dynamo.limits.state.RateLimiterStatus (`.as_json()`)
     local_storage: LocalStorage | None  # None when images live in S3-compatible storage
     http_client: httpx.AsyncClient  # for the auth service
     admin_token: str | None = dataclasses.field(repr=False)
     auth_configured: bool = False
-    models: Any = None  # dynamo.openai_models.ModelsStatus (`.as_json()`), for /status
-    spend: Any = None  # dynamo.spend.Spend: /status `spend`, a request's calls and cost
-    fleet: Any = None  # dynamo.fleet.Fleet (`await .status()`); None: not shown
-    broker: Any = None  # dynamo.broker's port: /status asks it for the input queue's depth
+    models: Any = None  # dynamo.openai_port.catalogue.ModelsStatus (`.as_json()`), for /status
+    spend: Any = None  # dynamo.openai_port.spend.Spend: /status `spend`, a request's calls and cost
+    fleet: Any = None  # dynamo.limits.fleet_view.Fleet (`await .status()`); None: not shown
+    broker: Any = None  # dynamo.rabbitmq.broker's port: /status asks it for the input queue's depth
 
 
 def current_api() -> ApiContext:

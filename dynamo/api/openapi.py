@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
+from typing import Any
 
 from quart_schema import QuartSchema, document_response
 from quart_schema.openapi import OpenAPIProvider
@@ -27,7 +28,8 @@ INFO = {
     "token is a Twitch user access token, checked with the auth service, or "
     "DYNAMO_ADMIN_TOKEN without one (a broadcaster).",
 }
-SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer"}}
+# Typed loosely: quart-schema's parameter is an invariant dict of its scheme classes or dicts.
+SECURITY_SCHEMES: dict[str, Any] = {"bearer": {"type": "http", "scheme": "bearer"}}
 # `security: []` on a route: no token needed.
 PUBLIC: list = []
 # The event stream: the bearer token, or no header at all (its one-use ticket instead).
@@ -37,9 +39,9 @@ BEARER_OR_TICKET: list = [{"bearer": []}, {}]
 class _Provider(OpenAPIProvider):
     def build_response_object(self, model, headers_model):
         if isinstance(model, type) and issubclass(model, schemas.Media):
-            response = {
+            response: dict[str, Any] = {
                 "description": inspect.cleandoc(model.__doc__ or ""),
-                "content": {media: {"schema": model.schema} for media in model.media_types},
+                "content": {media: {"schema": model.body_schema} for media in model.media_types},
             }
             return response, {}
         response, definitions = super().build_response_object(model, headers_model)
@@ -122,7 +124,9 @@ def errors(*statuses: int) -> Callable:
 
     def decorate(handler):
         for status in statuses:
-            headers = {401: schemas.ChallengeHeaders, 503: schemas.RetryHeaders}.get(status)
+            # quart-schema annotates its models as instances; it takes classes.
+            documented: dict[int, Any] = {401: schemas.ChallengeHeaders, 503: schemas.RetryHeaders}
+            headers = documented.get(status)
             handler = document_response(schemas.ErrorBody, status, headers)(handler)
         return handler
 

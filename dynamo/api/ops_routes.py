@@ -16,14 +16,15 @@ import trio
 from quart import Blueprint, Response
 from quart_schema import document_response, security_scheme, validate_response
 
-from dynamo import broker as broker_port
 from dynamo import metrics
 from dynamo.api import schemas
 from dynamo.api.access import authenticate_broadcaster
 from dynamo.api.context import current_api
 from dynamo.api.errors import bounded, not_found
 from dynamo.api.openapi import PUBLIC, errors
-from dynamo.jobs import State
+from dynamo.domain.jobs import State
+from dynamo.rabbitmq import broker as broker_port
+from dynamo.version import version
 
 blueprint = Blueprint("ops", __name__)
 
@@ -78,6 +79,7 @@ async def status_body(api) -> dict:
     counts = {state.value: 0 for state in State}
     counts.update(await api.pipeline.db.counts_by_state())
     return {
+        "version": version(),
         "actors": {name: actor.as_json() for name, actor in api.supervisor.actors.items()},
         "queues": {**channel_statistics(api.channels), **await input_queue(api.broker)},
         "rate_limiter": api.limiter_status.as_json() if api.limiter_status is not None else None,

@@ -9,7 +9,7 @@ Content-Security-Policy that allows only this origin's scripts and styles.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import importlib.resources
 
 from quart import Blueprint, Response
 from quart_schema import document_response, security_scheme
@@ -20,7 +20,8 @@ from dynamo.api.openapi import PUBLIC, errors
 
 blueprint = Blueprint("page", __name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+# Read as package resources, so that an installed wheel serves them too.
+WEB_DIR = importlib.resources.files("dynamo") / "web"
 
 # The files under /web/ and their content types; nothing else is served from there.
 WEB_FILES = {

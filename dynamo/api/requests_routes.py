@@ -22,8 +22,8 @@ from dynamo.api.access import Caller, authenticate, authenticate_broadcaster
 from dynamo.api.context import current_api
 from dynamo.api.errors import ApiError, bounded, not_found
 from dynamo.api.openapi import errors
-from dynamo.jobs import CANCELLABLE_STEPS, Reason, Step
-from dynamo.messages import failure
+from dynamo.domain.jobs import CANCELLABLE_STEPS, Reason, Step
+from dynamo.domain.viewer_messages import failure
 
 log = logging.getLogger(__name__)
 

@@ -8,40 +8,29 @@ time, and a key the model does not name yet is passed on, not dropped.
 
 from __future__ import annotations
 
-import uuid
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 from pydantic_core import PydanticCustomError
 
-from dynamo import genreq, prompts
-from dynamo.jobs import Reason, State, Step, Style
+from dynamo.domain import genreq
+from dynamo.domain.jobs import Reason, State, Step, Style
 
-# Literal types from the enums, so the document lists the values the code uses.
-StateName = Literal[tuple(state.value for state in State)]  # type: ignore[valid-type]
-StepName = Literal[tuple(step.value for step in Step)]  # type: ignore[valid-type]
-StyleName = Literal[tuple(style.value for style in Style)]  # type: ignore[valid-type]
-ReasonName = Literal[tuple(reason.value for reason in Reason)]  # type: ignore[valid-type]
-ColorName = Literal[prompts.COLORS]  # type: ignore[valid-type]
+# Literal types from the enums, so the document lists the values the code uses. Built at
+# run time, which a type checker cannot follow: it sees strings.
+if TYPE_CHECKING:
+    StateName: TypeAlias = str
+    StepName: TypeAlias = str
+    StyleName: TypeAlias = str
+    ReasonName: TypeAlias = str
+else:
+    StateName = Literal[tuple(state.value for state in State)]
+    StepName = Literal[tuple(step.value for step in Step)]
+    StyleName = Literal[tuple(style.value for style in Style)]
+    ReasonName = Literal[tuple(reason.value for reason in Reason)]
 
 Uuid = Annotated[str, Field(json_schema_extra={"format": "uuid"})]
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
-_NO_CONTROL_CHARACTERS = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
-Subject = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=genreq.MAX_SUBJECT_CHARS,
-        pattern=_NO_CONTROL_CHARACTERS,
-        description="Trimmed before the length is checked; control characters are invalid.",
-    ),
-]
-ViewerField = Annotated[
-    str,
-    Field(min_length=1, max_length=genreq.MAX_VIEWER_FIELD_CHARS, pattern=_NO_CONTROL_CHARACTERS),
-]
-# Ids are stored in PostgreSQL `integer` columns.
-Int32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class _Open(BaseModel):
@@ -68,48 +57,8 @@ class RetryHeaders(BaseModel):
 # -- submitting ----------------------------------------------------------------------
 
 
-class GhostInputs(BaseModel):
-    subject: Subject
-
-
-class FriendInputs(BaseModel):
-    color: ColorName
-    subject: Subject
-
-
-class GhostPayload(BaseModel):
-    style: Literal["ghost"]
-    inputs: GhostInputs
-
-
-class FriendPayload(BaseModel):
-    style: Literal["friend"]
-    inputs: FriendInputs
-
-
-class Viewer(BaseModel):
-    twitch_user_id: ViewerField
-    twitch_display_name: ViewerField
-
-
-class MessageState(BaseModel):
-    """broadcast_id 0 and the nil screening_id mean none."""
-
-    broadcast_id: Int32 = 0
-    screening_id: uuid.UUID = genreq.NIL_UUID
-    tape_id: Int32 = 0
-
-
-class GenreqMessage(BaseModel):
-    """A golden-vcr `genreq` message, as `dispatch` publishes it."""
-
-    type: Literal["image"]
-    viewer: Viewer
-    state: MessageState | None = None
-    payload: GhostPayload | FriendPayload
-
-
-class NewRequest(RootModel[GenreqMessage | GhostPayload | FriendPayload]):
+# The message is modelled once, in `genreq`, for the broker door and this one alike.
+class NewRequest(RootModel[genreq.GenreqMessage | genreq.GhostPayload | genreq.FriendPayload]):
     """A whole `genreq` message (any viewer for a broadcaster; a viewer only for
     themselves), or the short form `{style, inputs}` for the caller. A body with any of
     `type`, `viewer`, `state`, `payload` is read as a whole message."""
@@ -322,6 +271,7 @@ class Fleet(_Open):
 class Status(_Open):
     """The service's state. Other keys may appear."""
 
+    version: str = Field(description="The running dynamo's version (its package's).")
     actors: dict[str, ActorStatus]
     queues: dict[str, QueueStatistics] = Field(
         description="Each pipeline channel, and the RabbitMQ input queue where configured."
@@ -374,7 +324,7 @@ class Media(RootModel[str]):
 
     media_types: ClassVar[tuple[str, ...]] = ()
     # The schema of the body (of each event, for an event stream).
-    schema: ClassVar[dict] = {"type": "string"}
+    body_schema: ClassVar[dict] = {"type": "string"}
 
 
 class EventStream(Media):
@@ -383,7 +333,7 @@ class EventStream(Media):
     every few seconds), `resync` (changes may have been missed: read again)."""
 
     media_types = ("text/event-stream",)
-    schema = {
+    body_schema = {
         "type": "object",
         "properties": {
             "event": {"type": "string", "enum": ["hello", "request", "status", "resync"]},

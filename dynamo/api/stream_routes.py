@@ -34,7 +34,8 @@ from dynamo.api.context import current_api
 from dynamo.api.errors import ApiError
 from dynamo.api.openapi import BEARER_OR_TICKET, errors
 from dynamo.api.tickets import TICKET_TTL_S
-from dynamo.db_events import RESYNC, RequestChange
+from dynamo.database.changes import RESYNC, RequestChange
+from dynamo.supervision.unavailable import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ async def _stream(api, changes, caller: Caller):
             wake_at = min(
                 next_status if caller.is_broadcaster else now + KEEPALIVE_S, last_sent + KEEPALIVE_S
             )
-            batch = []
+            batch: list | None = []
             # The cancel scope ends before any yield (a yield inside it would leak it).
             with trio.move_on_at(wake_at):
                 batch = await _next_batch(receive)
@@ -152,7 +153,7 @@ async def _event_for(api, caller: Caller, item) -> bytes | None:
     try:
         with trio.fail_after(LOAD_DEADLINE_S):
             row = await api.pipeline.db.load_request(item.request_id)
-    except (OSError, trio.TooSlowError) as exc:  # DatabaseUnavailable is an OSError
+    except (Unavailable, trio.TooSlowError) as exc:
         log.warning("event stream: cannot read a changed request: %s", type(exc).__name__)
         return _event("resync", {})
     if row is None:
@@ -164,7 +165,7 @@ async def _status(api) -> dict | None:
     try:
         with trio.fail_after(LOAD_DEADLINE_S):
             return await ops_routes.status_body(api)
-    except (OSError, trio.TooSlowError) as exc:
+    except (Unavailable, trio.TooSlowError) as exc:
         log.warning("event stream: no status: %s", type(exc).__name__)
         return None
 

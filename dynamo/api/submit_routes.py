@@ -23,13 +23,14 @@ import trio
 from quart import Blueprint, request
 from quart_schema import document_headers, document_request, document_response, validate_response
 
-from dynamo import genreq, metrics
+from dynamo import metrics
 from dynamo.api import bodies, schemas
 from dynamo.api.access import Caller, authenticate
 from dynamo.api.context import current_api
 from dynamo.api.errors import DATABASE_DEADLINE_S, ApiError
 from dynamo.api.openapi import errors
-from dynamo.jobs import Step, state_for
+from dynamo.domain import genreq
+from dynamo.domain.jobs import Step, state_for
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ async def submit_request():
         raise ApiError(415, "the body must be JSON (Content-Type: application/json)")
     if (request.content_length or 0) > MAX_BODY_BYTES:
         raise ApiError(413, f"the body must be at most {MAX_BODY_BYTES} bytes")
-    raw = await request.get_data(cache=False)  # app's MAX_CONTENT_LENGTH bounds a chunked body
+    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)  # app's MAX_CONTENT_LENGTH bounds a chunked body
     body = _json_object(raw)
     idempotency_key = _idempotency_key()
     parsed = _parse(body, raw, caller)

@@ -3,6 +3,8 @@
 OpenAI, auth, ledger and Discord fakes are served on 127.0.0.1, port 0, in the test's
 Trio nursery (`url = await nursery.start(fake.serve)`); S3 is moto's server. See
 `_service` for the behaviour they share and `fixtures` for ready-made fixtures.
+`ports` holds the in-memory fakes of the ports (database, broker, points, storage,
+OpenAI SDK answers) for unit tests of one actor.
 """
 
 from ._service import Call, FakeService

@@ -13,7 +13,7 @@ from pamqp import body as pamqp_body
 from pamqp import commands, frame, header
 from trio_asyncio import aio_as_trio
 
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 
 
 class Rabbit:

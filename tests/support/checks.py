@@ -19,7 +19,7 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
-from dynamo import broker as topology
+from dynamo.rabbitmq import broker as topology
 from tests.support import infra
 
 # How often a test looks again at a queue or a table while it waits.

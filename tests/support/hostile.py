@@ -1,5 +1,5 @@
 """Hostile HTTP requests, as raw bytes: the known-bad cases of issue 10 and a seeded
-generator of random ones, for the fuzz of the running service (tests/test_http_fuzz.py).
+generator of random ones, for the fuzz of the running service (tests/integration/test_http_fuzz.py).
 
 A request is sent on its own connection with `Connection: close` and read to the end;
 `send` answers the status code, or None when the connection was dropped without one."""

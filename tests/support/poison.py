@@ -1,5 +1,5 @@
 """Hostile and invalid `generation-requests` messages, for the fuzz of the broker door
-(tests/test_broker_fuzz.py): the known cases of issue 10 (nesting bombs, bytes that are
+(tests/integration/test_broker_fuzz.py): the known cases of issue 10 (nesting bombs, bytes that are
 not UTF-8, huge bodies, wrong types, missing fields, bodies that are not JSON, empty ones)
 and seeded random ones, each invalid by construction (a required field made wrong)."""
 

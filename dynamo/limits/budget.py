@@ -1,0 +1,243 @@
+"""The OpenAI account's budget of calls and tokens, however many processes share it.
+
+The limits belong to the account, not to a process. A `Budget` decides every permit, and
+learns from every answer, in one step on the kind's `KindLimiter` (the pure logic of
+`dynamo.limits.kind`) that a store lends it under the store's lock:
+
+- `MemoryStore`: the limiter lives in this process and trio's clock is the time base. A
+  process alone uses it in tests; so do the tests' "fleets": limiters given budgets over
+  one `MemoryStore` share its limits exactly, as the processes of a fleet do.
+- `dynamo.database.fleet_store.PostgresStore`: the fleet's store. The limiter's history and learned
+  state are rows in PostgreSQL, loaded and saved in one short transaction under an
+  advisory lock, with the database's clock as the fleet's common time base.
+
+Processes waiting for a permit of one kind take turns in the order they started waiting
+(`KindLimiter.ahead_of`), so that no process, and no viewer whose request it holds, is
+starved by the others. A budget never holds a permit for later: a process that dies
+leaves nothing but the calls it made, which the API counts too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+import trio
+from prometheus_client import Counter, Histogram
+
+from dynamo import metrics
+from dynamo.limits.kind import KindLimiter
+from dynamo.limits.permits import CallKind, CallOutcome, Permit
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A call is expected to cost at least the most any of this process's last few calls of its
+# kind really cost: a prompt's own tokens come on top of the image's, and a price table
+# may lag behind the API. Kept per process: it changes with every answer.
+RECENT_COSTS = 8
+# Until an answer has shown whether a kind is limited in tokens (and how much), this
+# process sends calls priced in tokens one at a time: a burst made before the limit is
+# known would have to be paid back by a stall when it leaves the window (issue 18). A
+# call not answered within this long (the API is slow, or its caller was cancelled) lets
+# the next one go, so that a hung API or a lost outcome never holds calls for long.
+UNKNOWN_TOKENS_LEASE_S = 5.0
+
+BUDGET_STEPS = Counter(
+    "dynamo_budget_steps_total",
+    "Decisions and lessons of the OpenAI budget, by kind and what they were",
+    ["kind", "step"],
+    registry=metrics.REGISTRY,
+)
+BUDGET_STEP_SECONDS = Histogram(
+    "dynamo_budget_step_seconds",
+    "Time one step of the OpenAI budget took (a database transaction for a fleet), by kind",
+    ["kind"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    registry=metrics.REGISTRY,
+)
+
+
+class BudgetUnavailable(Exception):
+    """The budget's store cannot be reached now: no permit can be decided; ask again."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KindConfig:
+    """This process's configured limits for one kind (the API's may be lower)."""
+
+    per_minute: float
+    tokens_per_minute: float | None = None
+
+
+@dataclasses.dataclass
+class Decision:
+    permit: Permit | None  # granted, or None
+    # When to ask (again, or for the next caller after a grant): the process's turn.
+    retry_in_s: float = 0.0
+
+
+class Store(Protocol):
+    shared: bool  # whether other processes share it
+
+    async def transact(
+        self, kind: CallKind, config: KindConfig, step: Callable[[KindLimiter, float], T]
+    ) -> tuple[T, float, KindLimiter]:
+        """Runs `step(limiter, now)` alone on the kind's limiter and keeps what it changed;
+        returns its result, `now` and the limiter as `step` left it."""
+        ...
+
+
+class MemoryStore:
+    """The limiters in this process's memory, on trio's clock."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._limiters: dict[CallKind, KindLimiter] = {}
+
+    async def transact(self, kind, config, step):
+        limiter = self._limiters.get(kind)
+        if limiter is None:
+            limiter = self._limiters[kind] = KindLimiter(
+                kind, config.per_minute, config.tokens_per_minute
+            )
+        else:
+            limiter.configure(config.per_minute, config.tokens_per_minute)
+        now = trio.current_time()
+        return step(limiter, now), now, limiter
+
+
+@dataclasses.dataclass
+class _Seen:
+    """The limiter as the last step left it, and when, for /status and for telling which
+    outcomes need no step at all."""
+
+    limiter: KindLimiter
+    store_now: float
+    trio_now: float
+
+    def now(self, trio_now: float | None = None) -> float:
+        trio_now = trio.current_time() if trio_now is None else trio_now
+        return self.store_now + (trio_now - self.trio_now)
+
+
+class Budget:
+    """This process's handle on the account's budget; `worker` names it among the fleet."""
+
+    def __init__(self, store: Store | None = None, *, worker: str = "local"):
+        self.store = store if store is not None else MemoryStore()
+        self.worker = worker
+        self.configs: dict[CallKind, KindConfig] = {}
+        self._seen: dict[CallKind, _Seen] = {}
+        self._recent_costs: dict[CallKind, deque[int]] = {}
+        # kind -> when (trio time) this process sent a call while the token limit was
+        # unknown, until an outcome of that kind comes back.
+        self._probing: dict[CallKind, float] = {}
+
+    @property
+    def shared(self) -> bool:
+        return self.store.shared
+
+    def configure(self, configs: Mapping[CallKind, KindConfig]) -> None:
+        for kind, config in configs.items():
+            KindLimiter(kind, config.per_minute, config.tokens_per_minute)  # validates
+            self.configs[kind] = config
+            self._recent_costs.setdefault(kind, deque(maxlen=RECENT_COSTS))
+
+    def expected_tokens(self, kind: CallKind, requested: int = 0) -> int:
+        """What the next call of `kind` will cost: the most any recent answer said (the
+        price table's guess, `requested`, only until an answer said it)."""
+        recent = self._recent_costs.get(kind)
+        return max(recent) if recent else requested
+
+    async def try_grant(self, kind: CallKind, tokens: int = 0, *, more: bool = False) -> Decision:
+        """A permit for a call of `kind` expected to cost `tokens`, if it may start now and it
+        is this process's turn; else when to ask again. `more`: other callers here wait
+        too; then the process queues up for its next turn at once, and the decision says
+        when that turn is due (so that it need not ask before)."""
+        expected = self.expected_tokens(kind, tokens)
+        answered_here = bool(self._recent_costs.get(kind))
+
+        def attempt(limiter: KindLimiter, now: float) -> Decision:
+            # Until this process has an answer of its own, another process's answer is a
+            # better guess than the price table.
+            cost = expected if answered_here or not limiter.last_cost else limiter.last_cost
+            at = limiter.next_grant_at(now, cost)
+            probe = cost > 0 and limiter.limit.tokens_unknown(now)
+            if probe:
+                at = max(at, now + self._probe_wait_s(kind))
+            if at > now or limiter.ahead_of(self.worker, now) is not None:
+                return Decision(None, limiter.wait_turn(self.worker, now, at) - now)
+            permit = limiter.permit()
+            limiter.granted(now, permit, cost)
+            limiter.end_turn(self.worker)
+            if probe:
+                self._probing[kind] = trio.current_time()
+            if not more:
+                return Decision(permit)
+            next_at = limiter.next_grant_at(now, cost)
+            return Decision(permit, limiter.wait_turn(self.worker, now, next_at) - now)
+
+        decision = await self._step(kind, attempt)
+        BUDGET_STEPS.labels(kind.value, "granted" if decision.permit else "wait").inc()
+        return decision
+
+    def _probe_wait_s(self, kind: CallKind) -> float:
+        """How long until this process's unanswered call of `kind` stops holding the next
+        (0: none is out). Its outcome ends the wait sooner (the rate limiter looks again)."""
+        sent_at = self._probing.get(kind)
+        if sent_at is None:
+            return 0.0
+        return max(0.0, sent_at + UNKNOWN_TOKENS_LEASE_S - trio.current_time())
+
+    async def release(self, kind: CallKind, permit: Permit) -> None:
+        """Gives back a permit nobody used (its caller left before it was handed over)."""
+
+        def give_back(limiter: KindLimiter, now: float) -> None:
+            limiter.limit.window.remove(permit.grant_id)
+            if permit.probe:
+                limiter.circuit.probe_returned()
+
+        await self._step(kind, give_back)
+        self._probing.pop(kind, None)
+        BUDGET_STEPS.labels(kind.value, "released").inc()
+
+    async def report(self, outcome: CallOutcome) -> bool:
+        """Learns from a call's answer; False if it taught nothing new (most successes),
+        and then no step was taken, and it freed no call waiting for it."""
+        kind = outcome.kind
+        expected = self.expected_tokens(kind)
+        if outcome.tokens_used is not None:
+            self._recent_costs[kind].append(outcome.tokens_used)
+        probed = self._probing.pop(kind, None) is not None
+        seen = self._seen.get(kind)
+        if seen is not None and seen.limiter.outcome_changes_nothing(outcome, seen.now(), expected):
+            BUDGET_STEPS.labels(kind.value, "outcome-skipped").inc()
+            return probed
+        await self._step(kind, lambda limiter, now: limiter.on_outcome(outcome, now, expected))
+        BUDGET_STEPS.labels(kind.value, "outcome").inc()
+        return True
+
+    async def refresh(self, kind: CallKind) -> None:
+        """Looks at the kind's state without changing it (for /status)."""
+        await self._step(kind, lambda limiter, now: None)
+
+    def view(
+        self, kind: CallKind, trio_now: float | None = None
+    ) -> tuple[KindLimiter, float] | None:
+        """The kind's limiter as last seen, and the store's time now; None if never seen."""
+        seen = self._seen.get(kind)
+        return None if seen is None else (seen.limiter, seen.now(trio_now))
+
+    async def _step(self, kind: CallKind, step: Callable[[KindLimiter, float], Any]):
+        started = trio.current_time()
+        result, now, limiter = await self.store.transact(kind, self.configs[kind], step)
+        finished = trio.current_time()
+        BUDGET_STEP_SECONDS.labels(kind.value).observe(finished - started)
+        self._seen[kind] = _Seen(limiter, now, finished)
+        return result

@@ -1,0 +1,1 @@
+"""Browser tests: the live page (dynamo/web/) driven by Playwright in Chromium."""
