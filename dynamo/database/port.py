@@ -139,8 +139,9 @@ class Database:
         intake_acked: bool = True,
         failure_reason: str | None = None,
         failure_message: str | None = None,
-    ) -> tuple[uuid.UUID, bool]:
-        """Stores a new request; returns (id, created). An existing `message_key` wins."""
+    ) -> tuple[uuid.UUID | None, bool]:
+        """Stores a new request; returns (id, created). An existing `message_key` wins
+        (None: that request was deleted between the two statements)."""
         row, created = await self.store_request(
             viewer_id=viewer_id,
             display_name=display_name,
@@ -182,7 +183,7 @@ class Database:
         failure_reason: str | None = None,
         failure_message: str | None = None,
         load_existing: bool = True,
-    ) -> tuple[asyncpg.Record, bool]:
+    ) -> tuple[asyncpg.Record | None, bool]:
         """As `insert_request`, returning the row as `load_request` reads it (of the new
         request in the same round trip; of the existing one, read after, unless
         `load_existing` is false: then only its id)."""

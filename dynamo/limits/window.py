@@ -26,7 +26,7 @@ EDGE_MARGIN_S = 0.5
 class Grant:
     """One permit given out: a call started at `at`, expected to cost `tokens`. A grant
     that is not a call (`call=False`) only adds tokens an answer reported on top. A
-    summary of older grants (`dynamo.fleet_db` loads a busy window so) stands for `calls`
+    summary of older grants (`dynamo.database.fleet_store` loads a busy window so) stands for `calls`
     calls and their tokens, all taken as made at the latest of them."""
 
     at: float

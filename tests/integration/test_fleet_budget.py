@@ -23,6 +23,7 @@ from dynamo.limits.permits import CallKind, CallOutcome
 from dynamo.limits.window import EDGE_MARGIN_S, WINDOW_S
 from dynamo.openai_port.rate_headers import parse_ratelimit_headers
 from tests.support import infra
+from tests.support.timeouts import PORT_S, SLOW_S
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ async def grant_rows(db, kind=CallKind.IMAGE):
 async def test_two_processes_share_one_limit_in_turns(db):
     """120/min: every grant at least 0.5 s after the previous one, whoever made it, by the
     database's clock; and the two take turns."""
-    with trio.fail_after(60):
+    with trio.fail_after(SLOW_S):
         budgets = fleet_of(db, 2, KindConfig(120))
         async with trio.open_nursery() as nursery:
             for budget in budgets:
@@ -79,7 +80,7 @@ async def test_two_processes_share_one_limit_in_turns(db):
 
 
 async def test_what_one_process_learns_applies_to_the_other(db):
-    with trio.fail_after(30):
+    with trio.fail_after(PORT_S):
         first, second = fleet_of(db, 2, KindConfig(100))
         granted = await first.try_grant(CallKind.IMAGE, MEDIUM_SQUARE)
         # The API shows a token limit of two images a minute, then refuses with a pause.
@@ -101,7 +102,7 @@ async def test_what_one_process_learns_applies_to_the_other(db):
 
 
 async def test_an_answer_corrects_its_grant_and_an_unused_permit_is_given_back(db):
-    with trio.fail_after(30):
+    with trio.fail_after(PORT_S):
         (budget,) = fleet_of(db, 1, KindConfig(100, tokens_per_minute=21120))
         granted = (await budget.try_grant(CallKind.IMAGE, MEDIUM_SQUARE)).permit
         await budget.report(CallOutcome(CallKind.IMAGE, succeeded=True, tokens_used=1100,
@@ -118,7 +119,7 @@ async def test_an_answer_corrects_its_grant_and_an_unused_permit_is_given_back(d
 async def test_a_process_killed_inside_a_transaction_holds_nothing(db, pg_database):
     """A connection that dies holding the kind's lock (kill -9 mid-transaction) frees it:
     PostgreSQL ends the transaction with the connection."""
-    with trio.fail_after(30):
+    with trio.fail_after(PORT_S):
         (budget,) = fleet_of(db, 1, KindConfig(100))
         conn = await aio_as_trio(asyncpg.connect)(infra.pg_dsn(pg_database))
         await aio_as_trio(conn.execute)("begin")
@@ -146,7 +147,7 @@ async def test_a_busy_window_is_loaded_summed_up_and_still_counted_exactly(db):
     """600 calls in the last minute (200 a second for 3 s): a step loads the newest
     EXACT_GRANTS one by one and the rest summed up per second; the count is exact, and
     the count rule waits for the oldest of them no earlier than if all were loaded."""
-    with trio.fail_after(30):
+    with trio.fail_after(PORT_S):
         (budget,) = fleet_of(db, 1, KindConfig(600))
         now = await db.fetchval("select extract(epoch from clock_timestamp())::float8")
         times = [now - 10 + n / 200 for n in range(600)]
@@ -170,7 +171,7 @@ async def test_a_pooled_connection_comes_back_with_no_session_state(db):
     transaction per release): a budget step and a step's transaction must leave nothing
     in the session, neither a lock nor a setting. (The pool hands out the connection
     released last first, so the query after a step runs on that step's connection.)"""
-    with trio.fail_after(30):
+    with trio.fail_after(PORT_S):
         (budget,) = fleet_of(db, 1, KindConfig(100))
         defaults = await db.fetchrow(SESSION_SQL)
         assert defaults["locks"] == 0
@@ -198,7 +199,7 @@ async def test_a_query_bug_is_loud_not_an_unavailable_budget(db):
     """Schema drift (a column the budget's query reads is gone) is a bug: it comes out of
     the port as the driver's error, so that the rate limiter crashes and the supervisor
     counts it, instead of holding every OpenAI call with one warning."""
-    with trio.fail_after(30):
+    with trio.fail_after(PORT_S):
         (budget,) = fleet_of(db, 1, KindConfig(100))
         await db.execute("alter table dynamo.permit_grant drop column tokens")
         with pytest.raises(asyncpg.exceptions.UndefinedColumnError):
@@ -209,7 +210,7 @@ async def test_a_lock_timeout_or_a_cancelled_query_makes_the_budget_unavailable(
         db, pg_database, monkeypatch):
     """What means "wait": the kind's lock not free within the lock timeout, and a query
     cancelled under the budget (pg_cancel_backend, a statement timeout)."""
-    with trio.fail_after(30):
+    with trio.fail_after(PORT_S):
         (budget,) = fleet_of(db, 1, KindConfig(100))
         monkeypatch.setattr(fleet_db, "_BEGIN_SQL", fleet_db._BEGIN_SQL.replace(
             f"lock_timeout = '{fleet_db.LOCK_TIMEOUT}'", "lock_timeout = '200ms'"))

@@ -13,13 +13,15 @@ import functools
 import pytest
 import trio
 
-from dynamo.budget import UNKNOWN_TOKENS_LEASE_S, Budget, KindConfig, MemoryStore
-from dynamo.permits import CallKind, CallOutcome, acquire_permit, report_outcome
-from dynamo.rate_adaptive import AdaptiveLimit
-from dynamo.rate_kind import KindLimiter
-from dynamo.rate_window import EDGE_MARGIN_S, WINDOW_S, Grant, SlidingWindow
-from dynamo.ratelimit import RateLimiterStatus
-from tests.test_budget import MEDIUM_SQUARE, most_tokens_in_any_window, running
+from dynamo.limits.adaptive import AdaptiveLimit
+from dynamo.limits.budget import UNKNOWN_TOKENS_LEASE_S, Budget, KindConfig, MemoryStore
+from dynamo.limits.kind import KindLimiter
+from dynamo.limits.permits import CallKind, CallOutcome, acquire_permit, report_outcome
+from dynamo.limits.state import RateLimiterStatus
+from dynamo.limits.window import EDGE_MARGIN_S, WINDOW_S, Grant, SlidingWindow
+from dynamo.openai_port.rate_headers import parse_ratelimit_headers
+from tests.support.timeouts import VIRTUAL_S
+from tests.unit.test_budget import MEDIUM_SQUARE, most_tokens_in_any_window, running
 
 CALL_S = 2.0  # the API's time per image
 GHOSTS = 30
@@ -62,7 +64,7 @@ async def ghost(permits_send, account: Account, cost: int) -> None:
         await trio.sleep(CALL_S)
         if headers is not None:
             await report_outcome(permits_send, CallOutcome(
-                CallKind.IMAGE, succeeded=True, headers=headers, tokens_used=cost, permit=permit))
+                CallKind.IMAGE, succeeded=True, limits=parse_ratelimit_headers(headers), tokens_used=cost, permit=permit))
             return
         await report_outcome(permits_send, CallOutcome(
             CallKind.IMAGE, rate_limited=True, retry_after_s=1.0, permit=permit))
@@ -91,7 +93,7 @@ async def test_an_unknown_token_limit_is_used_evenly_with_no_stall_at_the_edge(a
     """The issue's scenario: before, 4 calls went out before the first answer showed the
     limit, then one every 3 s, then nothing for 10.6 s at the window's edge (0.88 of the
     limit over calls 5-24). Now one every 3 s from the first call, 3.5 s at the edge."""
-    with trio.fail_after(300):
+    with trio.fail_after(VIRTUAL_S):
         calls = await thirty_ghosts(MEDIUM_SQUARE)
     times = [at for at, accepted in calls if accepted]
     assert len(times) == GHOSTS
@@ -107,7 +109,7 @@ async def test_an_unknown_token_limit_is_used_evenly_with_no_stall_at_the_edge(a
 async def test_a_cost_that_does_not_divide_the_limit_is_paced_by_whole_calls(autojump_clock):
     """1,077 tokens an image (1,056 and the prompt's): 19 whole calls fit in 21,120 tokens.
     They are spaced 60/19 s, not 60 × 1077/21120 s with a stall when the 20th does not fit."""
-    with trio.fail_after(300):
+    with trio.fail_after(VIRTUAL_S):
         calls = await thirty_ghosts(1077)
     times = [at for at, accepted in calls if accepted]
     assert len(times) == GHOSTS and all(accepted for _, accepted in calls)
@@ -137,7 +139,7 @@ def budget_told_nothing_about_tokens() -> Budget:
 
 
 async def test_a_call_priced_in_tokens_waits_for_the_first_answer(autojump_clock):
-    with trio.fail_after(60):
+    with trio.fail_after(VIRTUAL_S):
         budget, start = budget_told_nothing_about_tokens(), trio.current_time()
         first = await budget.try_grant(CallKind.IMAGE, PRICE_TABLE_GUESS)
         await trio.sleep(1.0)  # the count limit alone would let the next go after 0.6 s
@@ -149,7 +151,7 @@ async def test_a_call_priced_in_tokens_waits_for_the_first_answer(autojump_clock
         await trio.sleep(1.0)
         assert await budget.report(CallOutcome(
             CallKind.IMAGE, succeeded=True, tokens_used=MEDIUM_SQUARE, permit=first.permit,
-            headers={"x-ratelimit-limit-tokens": str(TOKENS_PER_MINUTE)}))
+            limits=parse_ratelimit_headers({"x-ratelimit-limit-tokens": str(TOKENS_PER_MINUTE)})))
         # Known now: 60 × 1056 / 21120 = 3 s after the last call (the one at 1.0 s).
         decision = await budget.try_grant(CallKind.IMAGE, PRICE_TABLE_GUESS)
         assert decision.permit is None
@@ -157,24 +159,25 @@ async def test_a_call_priced_in_tokens_waits_for_the_first_answer(autojump_clock
 
 
 async def test_an_answer_without_a_token_limit_ends_the_wait_for_good(autojump_clock):
-    with trio.fail_after(60):
+    with trio.fail_after(VIRTUAL_S):
         budget = budget_told_nothing_about_tokens()
         first = await budget.try_grant(CallKind.IMAGE, PRICE_TABLE_GUESS)
         await budget.report(CallOutcome(CallKind.IMAGE, succeeded=True, permit=first.permit,
-                                        headers={"x-ratelimit-limit-requests": "100"}))
+                                        limits=parse_ratelimit_headers({"x-ratelimit-limit-requests": "100"})))
         for _ in range(3):  # one every 0.6 s, as 100/min allows
             await trio.sleep(0.6)
             assert (await budget.try_grant(CallKind.IMAGE, PRICE_TABLE_GUESS)).permit is not None
         # Answers keep saying so: the shared state changes at most once a minute.
         limiter = KindLimiter(CallKind.IMAGE, IMAGES_PER_MINUTE)
-        quiet = CallOutcome(CallKind.IMAGE, succeeded=True, headers={"x-ratelimit-limit-requests": "100"})
+        quiet = CallOutcome(CallKind.IMAGE, succeeded=True,
+                            limits=parse_ratelimit_headers({"x-ratelimit-limit-requests": "100"}))
         limiter.on_outcome(quiet, 0.0)
         assert limiter.outcome_changes_nothing(quiet, 30.0)
         assert not limiter.outcome_changes_nothing(quiet, 62.0)
 
 
 async def test_a_failed_or_lost_call_frees_the_next_one(autojump_clock):
-    with trio.fail_after(60):
+    with trio.fail_after(VIRTUAL_S):
         budget = budget_told_nothing_about_tokens()
         await budget.try_grant(CallKind.IMAGE, PRICE_TABLE_GUESS)
         # A 500 shows no limits, but it is an outcome: the next call may go.
@@ -201,7 +204,7 @@ async def test_a_fleet_sends_one_call_per_process_then_paces_evenly(autojump_clo
     """Two processes over one budget: each sends one call before the first answer (a
     process knows only of its own calls in flight: a process that died with one out holds
     nobody up), then together they keep the pace."""
-    with trio.fail_after(300):
+    with trio.fail_after(VIRTUAL_S):
         store = MemoryStore()
         account = Account(IMAGES_PER_MINUTE, TOKENS_PER_MINUTE)
         statuses = [RateLimiterStatus(budget=Budget(store, worker=name)) for name in "ab"]
