@@ -28,6 +28,8 @@ import json
 import uuid
 from typing import Any
 
+import asyncpg
+
 from dynamo.database.errors import DatabaseUnavailable, driver_errors_mapped
 from dynamo.limits.budget import BudgetUnavailable, KindConfig
 from dynamo.limits.kind import KindLimiter
@@ -145,17 +147,31 @@ class PostgresStore:
 async def _transact(pool, kind: CallKind, config: KindConfig, step, worker_id: uuid.UUID):
     async with pool.acquire() as conn:
         # BEGIN goes in one round trip with the statements after it (asyncpg's
-        # `transaction()` sends it alone). Any way out but COMMIT closes the connection,
-        # which ends the transaction: a statement cut off by a cancellation (waiting for
-        # the lock) leaves nothing a ROLLBACK could be sent on; the pool opens another.
+        # `transaction()` sends it alone), so the transaction is ended here: a statement the
+        # server refused (the lock timeout, a cancelled query, a bug in the SQL) leaves the
+        # connection sound, and ROLLBACK ends the transaction on it; any other way out (a
+        # cancellation, the step's own error, the connection lost) closes the connection,
+        # which ends the transaction too: a statement cut off while waiting for the lock
+        # leaves nothing a ROLLBACK could be sent on. The pool opens another.
         try:
             await conn.execute(_BEGIN_SQL.format(key=LOCK_KEYS[kind]))
             result = await _locked_step(conn, kind, config, step, worker_id)
             await conn.execute("commit")
+        except asyncpg.PostgresError:
+            await _roll_back(conn)
+            raise
         except BaseException:
             conn.terminate()
             raise
     return result
+
+
+async def _roll_back(conn) -> None:
+    try:
+        await conn.execute("rollback")
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 async def _locked_step(conn, kind: CallKind, config: KindConfig, step, worker_id: uuid.UUID):
