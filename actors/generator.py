@@ -180,6 +180,7 @@ async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
     if not saved:
         return "dropped"
     job.step = Step.GENERATED
+    job.generated = image.data  # saved: the uploader need not read it back
     log.info(
         "image generated (%d bytes%s)",
         len(image.data),

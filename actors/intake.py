@@ -110,15 +110,17 @@ async def _take(delivery, pipeline: Pipeline, reserve_send, results_send) -> Non
     if delivery.message_id is None and delivery.redelivered:
         # Possibly stored before a crash that came before the ack: take that one.
         request_id = await pipeline.db.claim_unacked_by_body(body_sha256)
-    created = False
+    created, row = False, None
     if request_id is None:
         try:
-            request_id, created = await pipeline.db.insert_request(
+            row, created = await pipeline.db.store_request(
                 **pipeline.request_fields(request, source="broker"),
                 message_key=f"message-id:{delivery.message_id}" if delivery.message_id else None,
                 body_sha256=None if delivery.message_id else body_sha256,
                 intake_acked=delivery.message_id is not None,
+                load_existing=False,
             )
+            request_id = None if row is None else row["id"]
         except DataRejected as exc:
             # Valid JSON the database cannot hold: never retried, never blocking the queue.
             metrics.DEAD_LETTERS.inc()
@@ -140,7 +142,7 @@ async def _take(delivery, pipeline: Pipeline, reserve_send, results_send) -> Non
         return
     metrics.REQUESTS_RECEIVED.labels("broker").inc()
     log.info("request received from the broker", extra=extra)
-    job = await pipeline.job(request_id)
+    job = pipeline.job_from_row(row)  # as stored: no need to read it back
     if job is not None and pipeline.inflight.add(job.id):
         await pipeline.inflight.route(job, reserve_send)
 

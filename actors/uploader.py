@@ -1,6 +1,7 @@
 """The uploader actor: turns a generated image into the stored alert image.
 
-Receives jobs on `upload_recv` at step GENERATED (the raw image is in the database). A
+Receives jobs on `upload_recv` at step GENERATED (the raw image is in the database, and in
+hand from the generator unless the job was resumed: then it is read from there). A
 ghost is stored as a JPEG (quality 80) at `{id}/{id}-0.jpg`; a friend as a WEBP with
 alpha at `{id}/{id}-0.webp`. Where the image API sent that format already (a JPEG ghost;
 a WEBP friend with its alpha channel, drawn on a transparent background), the bytes are
@@ -94,7 +95,9 @@ async def _store(storage: StoragePort, pipeline: Pipeline, job: Job) -> str:
     if job.step is Step.STORED:
         return "stored"
     started = trio.current_time()
-    raw = await pipeline.db.load_generated(job.id)
+    raw, job.generated = job.generated, None
+    if raw is None:
+        raw = await pipeline.db.load_generated(job.id)
     if raw is None:
         log.error("generated image missing from the database", extra=job.log_extra)
         await pipeline.fail(job, failure(Reason.ERROR, "generated image missing"))

@@ -9,11 +9,14 @@ at once; a request is complete when its result is on `generation-results`.
 
 CPU seconds are shown per process group (dynamo; this process, which serves the fakes and
 moto; PostgreSQL; RabbitMQ) to tell which one is the bottleneck on this 2-core machine.
-`--profile py-spy` (default when py-spy is installed: `pip install py-spy`) samples dynamo
-with py-spy and prints where its threads spend their time; `--profile cprofile` runs it
-under `python -m cProfile` instead (main thread only, large overhead).
+`--profile py-spy` (default when py-spy is installed: `pip install -e '.[bench]'`) samples
+dynamo with py-spy and prints where its threads spend their time; `--profile cprofile`
+runs it under `python -m cProfile` instead (main thread only, large overhead), and
+`--profile cpu` the same timed by CPU time (`bench/cpu_profile.py`). Per request: dynamo's
+CPU, this database's PostgreSQL backends' CPU and transactions, and with
+`--count-statements` the statements and round trips (`bench/pg_cost.py`).
 
-    python -m bench.capacity [--ghosts 100 --friends 100] [--profile py-spy|cprofile|none]
+    python -m bench.capacity [--ghosts 100 --friends 100] [--profile py-spy|cprofile|cpu|none]
     python -m bench.capacity --processes 2 --profile none     # a fleet of two
 
 `--processes N` runs N dynamo processes on the one database and vhost (competing
@@ -37,7 +40,7 @@ from pathlib import Path
 import psutil
 import trio
 
-from bench import harness
+from bench import harness, pg_cost
 from dynamo.rabbitmq import broker as topology
 from tests.fakes import CHROMA_RGB
 
@@ -93,7 +96,10 @@ async def main(args) -> None:
     if profile == "py-spy" and not shutil.which("py-spy", path=str(Path(sys.executable).parent)):
         print("py-spy is not installed (pip install py-spy): running without a profile")
         profile = "none"
-    python_args = ["-m", "cProfile", "-o", str(out / "dynamo.prof")] if profile == "cprofile" else []
+    python_args = {
+        "cprofile": ["-m", "cProfile", "-o", str(out / "dynamo.prof")],
+        "cpu": [str(Path(__file__).with_name("cpu_profile.py")), str(out / "dynamo.prof")],
+    }.get(profile, [])
     bodies = [harness.ghost(f"a seal number {n}") for n in range(args.ghosts)] + [
         harness.friend(f"caterpillar number {n}", harness.FRIEND_COLORS[n % len(harness.FRIEND_COLORS)])
         for n in range(args.friends)]
@@ -107,11 +113,17 @@ async def main(args) -> None:
                 env.openai.png_for(background if color else "a ghostly image", (1024, 1024))
         alerts = await env.watch(topology.ONSCREEN_EXCHANGE)
         results = await env.watch(topology.RESULTS_EXCHANGE)
+        counter, database_env = None, {}
+        if args.count_statements:
+            counter = await env.nursery.start(pg_cost.StatementCounter().serve)
+            database_env = {"DATABASE_URL": counter.dsn(env.database)}
         services = await env.start_services(
             args.processes,
             python_args=python_args,
             DYNAMO_IMAGES_PER_MINUTE=harness.UNLIMITED_PER_MINUTE,
-            DYNAMO_TEXT_REQUESTS_PER_MINUTE=harness.UNLIMITED_PER_MINUTE)
+            DYNAMO_TEXT_REQUESTS_PER_MINUTE=harness.UNLIMITED_PER_MINUTE,
+            **database_env)
+        backends = await env.nursery.start(pg_cost.BackendCpu(env.database).follow)
         service, pids = services[0], {each.pid for each in services}
         spy = None
         if profile == "py-spy":
@@ -121,7 +133,11 @@ async def main(args) -> None:
                  "--output", str(out / "dynamo.pyspy.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             await trio.sleep(1.0)  # py-spy attaches
+        await trio.sleep(2.0)  # startup's own queries settle, and their statistics
         cpu_before, machine_before = cpu_by_process(pids), psutil.cpu_times()
+        backends.reset()
+        xacts_before = await pg_cost.transactions(env.database)
+        statements_before = counter.snapshot() if counter else None
         started = trio.current_time()
         for body in bodies:
             await env.publish(body)
@@ -131,6 +147,10 @@ async def main(args) -> None:
             await results.wait_for(total)
         done = trio.current_time()
         cpu_after, machine_after = cpu_by_process(pids), psutil.cpu_times()
+        backend_s = backends.seconds()
+        statements_after = counter.snapshot() if counter else None
+        await trio.sleep(1.5)  # pg_stat_database is flushed about once a second
+        xacts = await pg_cost.transactions(env.database) - xacts_before
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             await trio.to_thread.run_sync(spy.wait)
@@ -161,12 +181,36 @@ async def main(args) -> None:
     rows.append(("anything else (other jobs on the machine)", f"{others:.1f} s", f"{others / wall:.2f}"))
     rows.append(("whole machine", f"{busy:.1f} s", f"{busy / wall:.2f} of {psutil.cpu_count()}"))
     harness.print_table("CPU during the run", ("", "CPU time", "cores busy"), rows)
+    report_per_request(total, used.get("dynamo", 0.0), backend_s, xacts,
+                       statements_before, statements_after)
 
     if profile == "py-spy":
         summarize_py_spy(out / "dynamo.pyspy.txt", spy)
-    elif profile == "cprofile":
+    elif profile in ("cprofile", "cpu"):
         summarize_cprofile(out / "dynamo.prof")
     print(f"\nprofile files in {out}")
+
+
+def report_per_request(total, dynamo_s, backend_s, xacts, before, after) -> None:
+    """dynamo's and PostgreSQL's CPU, transactions and statements, per request."""
+    rows = [
+        ("dynamo CPU", f"{dynamo_s / total * 1000:.1f} ms"),
+        ("PostgreSQL CPU (this database's backends)", f"{backend_s / total * 1000:.1f} ms"),
+        ("transactions (pg_stat_database commits + rollbacks)", f"{xacts / total:.1f}"),
+    ]
+    if before is not None:
+        statements = after[0] - before[0]
+        rows += [
+            ("statements (Query and Execute messages)", f"{sum(statements.values()) / total:.1f}"),
+            ("round trips (Query and Sync messages)", f"{(after[1] - before[1]) / total:.1f}"),
+            ("statements prepared (Parse messages)", f"{(after[2] - before[2]) / total:.1f}"),
+        ]
+        rows += [(f"  {word}", f"{count / total:.2f}") for word, count in statements.most_common()]
+    harness.print_table("per request", ("", ""), rows)
+    if before is not None:
+        texts = after[3] - before[3]
+        harness.print_table("statements per request, by their opening", ("", ""),
+                            [(text, f"{count / total:.2f}") for text, count in texts.most_common(40)])
 
 
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
@@ -257,6 +301,7 @@ def summarize_cprofile(path: Path) -> None:
     print("\ncProfile (main thread only), top functions by own time:")
     stats = pstats.Stats(str(path))
     stats.sort_stats("tottime").print_stats(TOP)
+    stats.sort_stats("cumulative").print_stats(TOP * 2)
 
 
 if __name__ == "__main__":
@@ -264,8 +309,12 @@ if __name__ == "__main__":
     parser.add_argument("--ghosts", type=int, default=100)
     parser.add_argument("--friends", type=int, default=100)
     parser.add_argument("--processes", type=int, default=1, help="dynamo processes (a fleet)")
-    parser.add_argument("--profile", choices=("py-spy", "cprofile", "none"), default="py-spy")
+    parser.add_argument("--profile", choices=("py-spy", "cprofile", "cpu", "none"), default="py-spy",
+                        help="cpu: cProfile timed by the main thread's CPU time (bench/cpu_profile.py)")
     parser.add_argument("--realistic-images", action="store_true",
                         help="~1.7 MB PNGs, as large as real generations (default: the fake's ~8 KB)")
+    parser.add_argument("--count-statements", action="store_true",
+                        help="relay dynamo's PostgreSQL connections through a counter of "
+                             "statements and round trips (bench/pg_cost.py)")
     parser.add_argument("--out", help="directory for the profile files (default: a temp dir)")
     harness.run(main, parser.parse_args())

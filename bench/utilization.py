@@ -22,6 +22,12 @@ Each process's /metrics gives the database cost of its shared budget
     python -m bench.utilization --requests 60                    # a 1-minute smoke run
     python -m bench.utilization --processes 3 --limit 30 --requests 90   # a fleet
     python -m bench.utilization --limit 100 --tokens 21120 --requests 80 # tokens bind
+    python -m bench.utilization --limit 100 --tokens 21120 --requests 30 \
+        --image-model gpt-image-2 --image-tokens 1056    # issue 18: 20 images a minute
+
+The image calls' start times are printed (s after the first), so that a stall shows, with
+the longest gap between two calls and the steady rate over calls 5-24 (the first calls
+may go out before the first answer shows the limits).
 
 Times per request: publish, the fake's start and end of its successful image call, and
 the alert's arrival on `onscreen-events`. "outside the image call" is end to end minus
@@ -53,10 +59,14 @@ async def main(args) -> None:
         env.openai.images_per_minute = limit
         env.openai.image_tokens_per_minute = args.tokens
         env.openai.latency_s = {"images": args.latency}
+        if args.image_tokens:
+            fixed_image_cost(env.openai, args.image_tokens)
         if args.hide_headers:
             harness.hide_rate_limit_headers(env.openai)
         alerts = await env.watch(topology.ONSCREEN_EXCHANGE)
         settings = {"DYNAMO_IMAGES_PER_MINUTE": f"{configured:g}"}
+        if args.image_model:
+            settings["DYNAMO_IMAGE_MODEL"] = args.image_model
         if args.tokens and args.configure_tokens:
             settings["DYNAMO_IMAGE_TOKENS_PER_MINUTE"] = f"{args.tokens * args.configured:g}"
         services = await env.start_services(args.processes, **settings)
@@ -85,6 +95,21 @@ def image_cost(fake) -> int:
     """What one of the benchmark's ghosts costs in tokens (the fake's `usage`)."""
     return fake.image_usage({"prompt": "a ghostly image of a seal number 100, with glitchy VHS "
                                        "artifacts, dark background"})["total_tokens"]
+
+
+def fixed_image_cost(fake, total_tokens: int) -> None:
+    """Every image answer's `usage.total_tokens` is `total_tokens` (the prompt's tokens
+    and the image's output tokens make it up), whatever the model's table says."""
+    usage_of = fake.image_usage
+
+    def fixed(body: dict) -> dict:
+        usage = usage_of(body)
+        output = max(0, total_tokens - usage["input_tokens"])
+        usage["output_tokens"] = usage["output_tokens_details"]["image_tokens"] = output
+        usage["total_tokens"] = usage["input_tokens"] + output
+        return usage
+
+    fake.image_usage = fixed
 
 
 def binding_rate(args, fake) -> float:
@@ -193,6 +218,7 @@ def report(args, env, alerts, published, status) -> None:
         minutes[minute] = (accepted + (call.status == 200), rate_limited + (call.status == 429))
     harness.print_table("image calls per minute since the first", ("minute", "200", "429"),
                         [(m, *minutes[m]) for m in sorted(minutes)])
+    report_call_times(calls, binding)
 
     e2e, in_call, outside, after = [], [], [], []
     for subject, sent in published.items():
@@ -206,6 +232,27 @@ def report(args, env, alerts, published, status) -> None:
                                   ("outside the image call", outside),
                                   ("after the image call", after))]
     harness.print_table("time per request", ("", "p50", "p99"), rows)
+
+
+def report_call_times(calls, binding: float) -> None:
+    """Every image call's start (s after the first; a 429 marked), the longest gap, and the
+    steady rate over calls 5-24 (1-based, as the issue counts them)."""
+    start = calls[0].time
+    marks = [f"{c.time - start:.2f}" + ("*" if c.status == 429 else "") for c in calls]
+    print("\nimage calls, s after the first (* = 429):")
+    for row in range(0, len(marks), 10):
+        print("  " + " ".join(mark.rjust(7) for mark in marks[row:row + 10]))
+    ok = [c.time for c in calls if c.status == 200]
+    gaps = [(later - earlier, earlier - start) for earlier, later in zip(ok, ok[1:], strict=False)]
+    if gaps:
+        longest, after = max(gaps)
+        print(f"  longest gap between two accepted calls: {longest:.2f} s (after the call at "
+              f"{after:.2f} s); pacing interval at the binding limit {60 / binding:.2f} s")
+    steady = ok[4:24]
+    if len(steady) > 1:
+        rate = (len(steady) - 1) / (steady[-1] - steady[0]) * 60
+        print(f"  steady rate over calls 5-{4 + len(steady)}: {rate:.2f}/min, "
+              f"{rate / binding:.1%} of the binding limit")
 
 
 def description(message) -> str:
@@ -225,5 +272,8 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, help="the fake's image tokens per minute")
     parser.add_argument("--configure-tokens", action="store_true",
                         help="tell dynamo the token limit (else it learns it from the headers)")
+    parser.add_argument("--image-model", help="DYNAMO_IMAGE_MODEL (the fake serves it)")
+    parser.add_argument("--image-tokens", type=int,
+                        help="every image answer's usage.total_tokens (else the fake's table)")
     parser.add_argument("--dump", metavar="FILE", help="write the raw timeline as JSON")
     harness.run(main, parser.parse_args())

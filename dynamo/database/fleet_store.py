@@ -3,11 +3,13 @@
 `PostgresStore` is the `dynamo.limits.budget` store of a fleet. Each step of the budget (a
 permit decided, an answer learned from) is one short transaction on a pooled connection:
 
-1. take the kind's advisory transaction lock (one lock per kind, so image and text calls
-   never wait for each other), with `lock_timeout` and `idle_in_transaction_session_timeout`
-   set, so that a process frozen inside a transaction cannot hold the fleet up;
+1. begin and take the kind's advisory transaction lock (one lock per kind, so image and
+   text calls never wait for each other), with `lock_timeout` and
+   `idle_in_transaction_session_timeout` set, so that a process frozen inside a
+   transaction cannot hold the fleet up, in one round trip;
 2. read the database's clock, the kind's learned state (`dynamo.rate_limit_state`) and its
-   grants of the last 60 s (`dynamo.permit_grant`) in one query;
+   grants of the last 60 s (`dynamo.permit_grant`; in a busy window the older ones summed
+   up per second, `EXACT_GRANTS`) in one query;
 3. run the step on a `KindLimiter` rebuilt from them (the same pure logic as in memory);
 4. write what the step changed (new grants, corrected token counts, a new state) in one
    statement, dropping grants older than KEEP_GRANTS_S on the way, and commit.
@@ -26,6 +28,8 @@ import json
 import uuid
 from typing import Any
 
+import asyncpg
+
 from dynamo.database.errors import DatabaseUnavailable, driver_errors_mapped
 from dynamo.limits.budget import BudgetUnavailable, KindConfig
 from dynamo.limits.kind import KindLimiter
@@ -43,6 +47,8 @@ IDLE_IN_TRANSACTION_TIMEOUT = "10s"
 KEEP_GRANTS_S = 2 * WINDOW_S
 
 _BEGIN_SQL = (
+    # One round trip opens the transaction, sets it up and takes the lock.
+    "begin; "
     # A grant need not wait for its WAL record to reach the disk: a PostgreSQL crash could
     # lose the last fraction of a second of grants (a call or two uncounted for a minute),
     # while every grant waiting for an fsync under the lock would slow the whole fleet.
@@ -52,14 +58,44 @@ _BEGIN_SQL = (
     "select pg_advisory_xact_lock({key})"
 )
 
-_LOAD_SQL = """
-    with clock as (select extract(epoch from clock_timestamp())::float8 as now)
+# The newest grants of a window are loaded one by one, older ones summed up per second
+# (each summary taken as made at the latest of its grants, so that it leaves the window
+# no earlier than they do). A busy window (no limit, thousands of calls a minute) then
+# costs a step a few hundred rows instead of all of them, which made the step's CPU grow
+# with the rate; a window of up to this many grants is exact, and beyond it the window's
+# edge is at most a second late.
+EXACT_GRANTS = 128
+
+# The fleet's clock: when this statement arrived, after the lock was taken. Not
+# clock_timestamp(): a volatile function keeps the window's bound out of the index scan.
+_NOW_SQL = "extract(epoch from statement_timestamp())::float8"
+
+_LOAD_SQL = f"""
+    with clock as (select {_NOW_SQL} as now),
+    recent as (  -- the newest, backwards along an index on granted_at
+        select g.id, g.granted_at, g.tokens, g.is_call
+          from dynamo.permit_grant g
+         where g.kind = $1 and g.granted_at > {_NOW_SQL} - $2::float8
+         order by g.granted_at desc, g.id desc
+         limit $3
+    ), cut as (  -- the oldest of them; older grants exist only if there are $3 of them
+        select r.granted_at, r.id from recent r
+         where (select count(*) from recent) = $3
+         order by r.granted_at, r.id limit 1
+    )
     select clock.now,
            (select s.state from dynamo.rate_limit_state s where s.kind = $1) as state,
-           (select coalesce(json_agg(json_build_array(g.id, g.granted_at, g.tokens, g.is_call)
-                                     order by g.granted_at), '[]'::json)
-              from dynamo.permit_grant g
-             where g.kind = $1 and g.granted_at > clock.now - $2::float8) as grants
+           (select coalesce(json_agg(json_build_array(r.id, r.granted_at, r.tokens, r.is_call)
+                                     order by r.granted_at), '[]'::json)
+              from recent r) as grants,
+           (select coalesce(json_agg(json_build_array(b.at, b.tokens, b.calls)
+                                     order by b.at), '[]'::json)
+              from (select max(g.granted_at) as at, sum(g.tokens) as tokens,
+                           count(*) filter (where g.is_call) as calls
+                      from dynamo.permit_grant g, cut
+                     where g.kind = $1 and g.granted_at > clock.now - $2::float8
+                       and (g.granted_at, g.id) < (cut.granted_at, cut.id)
+                     group by floor(g.granted_at)) b) as older
     from clock
 """
 
@@ -72,9 +108,10 @@ _SAVE_SQL = """
         update dynamo.permit_grant g set tokens = c.tokens
           from unnest($7::uuid[], $8::int[]) as c(id, tokens)
          where g.id = c.id
-    ), removed as (
-        delete from dynamo.permit_grant g
-         where g.id = any($9::uuid[]) or (g.kind = $1 and g.granted_at < $10::float8)
+    ), removed as (  -- two statements, so that each takes its index (an OR scans all)
+        delete from dynamo.permit_grant g where g.id = any($9::uuid[])
+    ), expired as (
+        delete from dynamo.permit_grant g where g.kind = $1 and g.granted_at < $10::float8
     ), saved as (
         insert into dynamo.rate_limit_state (kind, state, updated_at)
         select $1, $11::jsonb, now() where $11::jsonb is not null
@@ -108,39 +145,71 @@ class PostgresStore:
 
 
 async def _transact(pool, kind: CallKind, config: KindConfig, step, worker_id: uuid.UUID):
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(_BEGIN_SQL.format(key=LOCK_KEYS[kind]))
-        row = await conn.fetchrow(_LOAD_SQL, kind.value, WINDOW_S)
-        now = row["now"]
-        grants = [
-            Grant(at, tokens, call, uuid.UUID(id_))
-            for id_, at, tokens, call in json.loads(row["grants"])
-        ]
-        loaded = {grant.id: grant.tokens for grant in grants}
-        limiter = KindLimiter(kind, config.per_minute, config.tokens_per_minute)
-        limiter.restore(row["state"], grants)
-        state = limiter.state()
-        result = step(limiter, now)
-        kept = limiter.limit.window.grants()
-        added = [grant for grant in kept if grant.id not in loaded]
-        corrected = [g for g in kept if g.id in loaded and loaded[g.id] != g.tokens]
-        removed = set(loaded) - {grant.id for grant in kept}
-        new_state = limiter.state()
-        if added or corrected or removed or new_state != state:
-            await conn.execute(
-                _SAVE_SQL,
-                kind.value,
-                worker_id,
-                [grant.id for grant in added],
-                [grant.at for grant in added],
-                [grant.tokens for grant in added],
-                [grant.call for grant in added],
-                [grant.id for grant in corrected],
-                [grant.tokens for grant in corrected],
-                list(removed),
-                now - KEEP_GRANTS_S,
-                new_state if new_state != state else None,
-            )
+    async with pool.acquire() as conn:
+        # BEGIN goes in one round trip with the statements after it (asyncpg's
+        # `transaction()` sends it alone), so the transaction is ended here: a statement the
+        # server refused (the lock timeout, a cancelled query, a bug in the SQL) leaves the
+        # connection sound, and ROLLBACK ends the transaction on it; any other way out (a
+        # cancellation, the step's own error, the connection lost) closes the connection,
+        # which ends the transaction too: a statement cut off while waiting for the lock
+        # leaves nothing a ROLLBACK could be sent on. The pool opens another.
+        try:
+            await conn.execute(_BEGIN_SQL.format(key=LOCK_KEYS[kind]))
+            result = await _locked_step(conn, kind, config, step, worker_id)
+            await conn.execute("commit")
+        except asyncpg.PostgresError:
+            await _roll_back(conn)
+            raise
+        except BaseException:
+            conn.terminate()
+            raise
+    return result
+
+
+async def _roll_back(conn) -> None:
+    try:
+        await conn.execute("rollback")
+    except BaseException:
+        conn.terminate()
+        raise
+
+
+async def _locked_step(conn, kind: CallKind, config: KindConfig, step, worker_id: uuid.UUID):
+    row = await conn.fetchrow(_LOAD_SQL, kind.value, WINDOW_S, EXACT_GRANTS)
+    now = row["now"]
+    grants = [
+        Grant(at, tokens, call, uuid.UUID(id_))
+        for id_, at, tokens, call in json.loads(row["grants"])
+    ]
+    grants += [  # summaries: never saved, as their ids are no rows' (see `loaded`)
+        Grant(at, int(tokens), calls > 0, calls=calls)
+        for at, tokens, calls in json.loads(row["older"])
+    ]
+    loaded = {grant.id: grant.tokens for grant in grants}
+    limiter = KindLimiter(kind, config.per_minute, config.tokens_per_minute)
+    limiter.restore(row["state"], grants)
+    state = limiter.state()
+    result = step(limiter, now)
+    kept = limiter.limit.window.grants()
+    added = [grant for grant in kept if grant.id not in loaded]
+    corrected = [g for g in kept if g.id in loaded and loaded[g.id] != g.tokens]
+    removed = set(loaded) - {grant.id for grant in kept}
+    new_state = limiter.state()
+    if added or corrected or removed or new_state != state:
+        await conn.execute(
+            _SAVE_SQL,
+            kind.value,
+            worker_id,
+            [grant.id for grant in added],
+            [grant.at for grant in added],
+            [grant.tokens for grant in added],
+            [grant.call for grant in added],
+            [grant.id for grant in corrected],
+            [grant.tokens for grant in corrected],
+            list(removed),
+            now - KEEP_GRANTS_S,
+            new_state if new_state != state else None,
+        )
     return result, now, limiter
 
 

@@ -54,15 +54,16 @@ REQUEST_COLUMNS = """
 """
 
 
-_INSERT_REQUEST_SQL = """
-    insert into dynamo.image_request (
+# Returns the new row as `load_request` reads it, so that intake need not read it back.
+_INSERT_REQUEST_SQL = f"""
+    insert into dynamo.image_request as r (
         id, twitch_user_id, twitch_display_name, broadcast_id, screening_id, style,
         inputs, prompt, source, message_key, body_sha256, intake_acked, expires_at,
         points_cost, step, state, failure_reason, error_message, owner)
     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
             now() + make_interval(secs => $13), $14, $15, $16, $17, $18, $19)
     on conflict (message_key) do nothing
-    returning id
+    returning {REQUEST_COLUMNS}
 """
 
 
@@ -71,6 +72,15 @@ __all__ = ["Database", "DatabaseUnavailable", "DataRejected", "open_database"]
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A connection goes back to the pool as it is. asyncpg's default reset (advisory
+    unlock all, CLOSE ALL, UNLISTEN *, RESET ALL) costs a round trip and a transaction on
+    every release, about 17 a request, to undo session state dynamo never leaves: its
+    locks are transaction-scoped (pg_advisory_xact_lock), its settings `set local`, it
+    keeps no cursor open, and it LISTENs on a connection of its own (`db_events`). A
+    transaction left open is still rolled back by asyncpg before this is called."""
 
 
 class Database:
@@ -130,8 +140,54 @@ class Database:
         intake_acked: bool = True,
         failure_reason: str | None = None,
         failure_message: str | None = None,
-    ) -> tuple[uuid.UUID, bool]:
-        """Stores a new request; returns (id, created). An existing `message_key` wins."""
+    ) -> tuple[uuid.UUID | None, bool]:
+        """Stores a new request; returns (id, created). An existing `message_key` wins
+        (None: that request was deleted between the two statements)."""
+        row, created = await self.store_request(
+            viewer_id=viewer_id,
+            display_name=display_name,
+            broadcast_id=broadcast_id,
+            screening_id=screening_id,
+            style=style,
+            inputs=inputs,
+            prompt=prompt,
+            source=source,
+            owner=owner,
+            timeout_s=timeout_s,
+            points_cost=points_cost,
+            message_key=message_key,
+            body_sha256=body_sha256,
+            intake_acked=intake_acked,
+            failure_reason=failure_reason,
+            failure_message=failure_message,
+            load_existing=False,
+        )
+        return (None if row is None else row["id"]), created
+
+    async def store_request(
+        self,
+        *,
+        viewer_id: str,
+        display_name: str,
+        broadcast_id: int | None,
+        screening_id: uuid.UUID | None,
+        style: str,
+        inputs: dict,
+        prompt: str,
+        source: str,
+        owner: uuid.UUID | None,
+        timeout_s: float,
+        points_cost: int,
+        message_key: str | None = None,
+        body_sha256: str | None = None,
+        intake_acked: bool = True,
+        failure_reason: str | None = None,
+        failure_message: str | None = None,
+        load_existing: bool = True,
+    ) -> tuple[asyncpg.Record | None, bool]:
+        """As `insert_request`, returning the row as `load_request` reads it (of the new
+        request in the same round trip; of the existing one, read after, unless
+        `load_existing` is false: then only its id)."""
         request_id = uuid.uuid4()
         failed = failure_reason is not None
         step = Step.REFUNDED if failed else Step.RECEIVED
@@ -159,9 +215,15 @@ class Database:
             owner,
         )
         if row is not None:
-            return row["id"], True
-        existing = await self.fetchval(
-            "select id from dynamo.image_request where message_key = $1", message_key
+            return row, True
+        if not load_existing:
+            existing = await self.fetchrow(
+                "select id from dynamo.image_request where message_key = $1", message_key
+            )
+            return existing, False
+        existing = await self.fetchrow(
+            f"select {REQUEST_COLUMNS} from dynamo.image_request r where r.message_key = $1",
+            message_key,
         )
         return existing, False
 
@@ -398,48 +460,46 @@ _ADVANCE_COLUMNS = frozenset(
 )
 
 
+# One statement each (atomic, one round trip instead of BEGIN, two or three, COMMIT):
+# the step moves only from the one expected, and the rest follows only if it moved.
+_SAVE_GENERATED_SQL = """
+    with moved as (
+        update dynamo.image_request set step = 'generated', updated_at = now(),
+               prompt = coalesce($2, prompt)
+         where id = $1 and step = 'generating'
+        returning id
+    ), kept as (
+        insert into dynamo.generated_image (image_request_id, data)
+        select id, $3 from moved
+        on conflict (image_request_id) do update set data = excluded.data
+    )
+    select count(*) from moved
+"""
+
+_SAVE_IMAGE_SQL = """
+    with moved as (
+        update dynamo.image_request set step = 'stored', updated_at = now()
+         where id = $1 and step in ('generated', 'approved')
+        returning id
+    ), recorded as (
+        insert into dynamo.image (image_request_id, index, url, color)
+        select id, 0, $2, $3 from moved
+        on conflict (image_request_id, index)
+        do update set url = excluded.url, color = excluded.color
+    ), dropped as (
+        delete from dynamo.generated_image
+         where image_request_id = $1 and exists (select 1 from moved)
+    )
+    select count(*) from moved
+"""
+
+
 async def _save_generated(pool, request_id, data: bytes, prompt: str | None) -> bool:
-    async with pool.acquire() as conn:
-        async with conn.transaction():
-            status = await conn.execute(
-                "update dynamo.image_request set step = 'generated', updated_at = now(), "
-                "prompt = coalesce($2, prompt) where id = $1 and step = 'generating'",
-                request_id,
-                prompt,
-            )
-            if not status.endswith(" 1"):
-                return False
-            await conn.execute(
-                "insert into dynamo.generated_image (image_request_id, data) values ($1, $2) "
-                "on conflict (image_request_id) do update set data = excluded.data",
-                request_id,
-                data,
-            )
-            return True
+    return await pool.fetchval(_SAVE_GENERATED_SQL, request_id, prompt, data) == 1
 
 
 async def _save_image(pool, request_id, url: str, color: str) -> bool:
-    async with pool.acquire() as conn:
-        async with conn.transaction():
-            status = await conn.execute(
-                "update dynamo.image_request set step = 'stored', updated_at = now() "
-                "where id = $1 and step in ('generated', 'approved')",
-                request_id,
-            )
-            if not status.endswith(" 1"):
-                return False
-            await conn.execute(
-                "insert into dynamo.image (image_request_id, index, url, color) "
-                "values ($1, 0, $2, $3) on conflict (image_request_id, index) "
-                "do update set url = excluded.url, color = excluded.color",
-                request_id,
-                url,
-                color,
-            )
-            await conn.execute(
-                "delete from dynamo.generated_image where image_request_id = $1", request_id
-            )
-            return True
+    return await pool.fetchval(_SAVE_IMAGE_SQL, request_id, url, color) == 1
 
 
 async def _record_late_flow(pool, request_id, flow_id: str) -> bool:
@@ -486,6 +546,7 @@ async def open_database(dsn: str) -> AsyncIterator[Database]:
             min_size=1,
             max_size=POOL_MAX_SIZE,
             init=_init_connection,
+            reset=_keep_session,
         ),
         system="database",
         within_s=STARTUP_CONNECT_S,

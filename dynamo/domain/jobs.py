@@ -104,6 +104,9 @@ class Job:
     image_color: str | None = None
     failure: Failure | None = None
     raw_style: str | None = None  # the style as it came, for an invalid request's result
+    # The generated image's bytes in hand from the generator to the uploader, which takes
+    # them; a job resumed from the database has none (the uploader loads them from there).
+    generated: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def valid_style(self) -> Style:

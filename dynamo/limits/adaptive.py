@@ -64,6 +64,7 @@ class AdaptiveLimit:
         self._learned_tokens_at = -math.inf
         self._changed_at = -math.inf  # last change of the effective limit
         self._rate_limited_in_a_row = 0
+        self._answered_at = -math.inf  # last answer that could show a token limit
         self._rng = rng
         self.configured_tokens = configured_tokens
 
@@ -120,6 +121,19 @@ class AdaptiveLimit:
         if token_ceiling is not None and mean > 0:
             pace = min(pace, token_ceiling / mean)
         return pace
+
+    def on_answer(self, now: float) -> None:
+        """A success or a 429 (which show the limits) came: the token limit, or that there
+        is none, is known for LEARNED_LIMIT_TTL_S (confirmed at most once a minute)."""
+        if now - self._answered_at >= LEARNED_LIMIT_REFRESH_S:
+            self._answered_at = now
+
+    def answer_changes_nothing(self, now: float) -> bool:
+        return now - self._answered_at < LEARNED_LIMIT_REFRESH_S
+
+    def tokens_unknown(self, now: float) -> bool:
+        """No token limit configured or shown, and no recent answer showed there is none."""
+        return self.token_ceiling(now) is None and now - self._answered_at >= LEARNED_LIMIT_TTL_S
 
     def on_rate_limited(
         self, now: float, retry_after_s: float | None, shown: RateLimitHeaders
@@ -235,6 +249,7 @@ class AdaptiveLimit:
             "learned_tokens_at": _finite(self._learned_tokens_at),
             "changed_at": _finite(self._changed_at),
             "rate_limited_in_a_row": self._rate_limited_in_a_row,
+            "answered_at": _finite(self._answered_at),
         }
 
     def restore(self, state: Mapping) -> None:
@@ -252,6 +267,8 @@ class AdaptiveLimit:
         self._learned_tokens_at = _time(state["learned_tokens_at"])
         self._changed_at = _time(state["changed_at"])
         self._rate_limited_in_a_row = state["rate_limited_in_a_row"]
+        # Absent from the state a process before issue 18 wrote.
+        self._answered_at = _time(state.get("answered_at"))
 
     # -- learning ----------------------------------------------------------------------
 

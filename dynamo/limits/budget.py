@@ -40,6 +40,12 @@ T = TypeVar("T")
 # kind really cost: a prompt's own tokens come on top of the image's, and a price table
 # may lag behind the API. Kept per process: it changes with every answer.
 RECENT_COSTS = 8
+# Until an answer has shown whether a kind is limited in tokens (and how much), this
+# process sends calls priced in tokens one at a time: a burst made before the limit is
+# known would have to be paid back by a stall when it leaves the window (issue 18). A
+# call not answered within this long (the API is slow, or its caller was cancelled) lets
+# the next one go, so that a hung API or a lost outcome never holds calls for long.
+UNKNOWN_TOKENS_LEASE_S = 5.0
 
 BUDGET_STEPS = Counter(
     "dynamo_budget_steps_total",
@@ -129,6 +135,9 @@ class Budget:
         self.configs: dict[CallKind, KindConfig] = {}
         self._seen: dict[CallKind, _Seen] = {}
         self._recent_costs: dict[CallKind, deque[int]] = {}
+        # kind -> when (trio time) this process sent a call while the token limit was
+        # unknown, until an outcome of that kind comes back.
+        self._probing: dict[CallKind, float] = {}
 
     @property
     def shared(self) -> bool:
@@ -152,22 +161,39 @@ class Budget:
         too; then the process queues up for its next turn at once, and the decision says
         when that turn is due (so that it need not ask before)."""
         expected = self.expected_tokens(kind, tokens)
+        answered_here = bool(self._recent_costs.get(kind))
 
         def attempt(limiter: KindLimiter, now: float) -> Decision:
-            at = limiter.next_grant_at(now, expected)
+            # Until this process has an answer of its own, another process's answer is a
+            # better guess than the price table.
+            cost = expected if answered_here or not limiter.last_cost else limiter.last_cost
+            at = limiter.next_grant_at(now, cost)
+            probe = cost > 0 and limiter.limit.tokens_unknown(now)
+            if probe:
+                at = max(at, now + self._probe_wait_s(kind))
             if at > now or limiter.ahead_of(self.worker, now) is not None:
                 return Decision(None, limiter.wait_turn(self.worker, now, at) - now)
             permit = limiter.permit()
-            limiter.granted(now, permit, expected)
+            limiter.granted(now, permit, cost)
             limiter.end_turn(self.worker)
+            if probe:
+                self._probing[kind] = trio.current_time()
             if not more:
                 return Decision(permit)
-            next_at = limiter.next_grant_at(now, expected)
+            next_at = limiter.next_grant_at(now, cost)
             return Decision(permit, limiter.wait_turn(self.worker, now, next_at) - now)
 
         decision = await self._step(kind, attempt)
         BUDGET_STEPS.labels(kind.value, "granted" if decision.permit else "wait").inc()
         return decision
+
+    def _probe_wait_s(self, kind: CallKind) -> float:
+        """How long until this process's unanswered call of `kind` stops holding the next
+        (0: none is out). Its outcome ends the wait sooner (the rate limiter looks again)."""
+        sent_at = self._probing.get(kind)
+        if sent_at is None:
+            return 0.0
+        return max(0.0, sent_at + UNKNOWN_TOKENS_LEASE_S - trio.current_time())
 
     async def release(self, kind: CallKind, permit: Permit) -> None:
         """Gives back a permit nobody used (its caller left before it was handed over)."""
@@ -178,19 +204,21 @@ class Budget:
                 limiter.circuit.probe_returned()
 
         await self._step(kind, give_back)
+        self._probing.pop(kind, None)
         BUDGET_STEPS.labels(kind.value, "released").inc()
 
     async def report(self, outcome: CallOutcome) -> bool:
         """Learns from a call's answer; False if it taught nothing new (most successes),
-        and then no step was taken."""
+        and then no step was taken, and it freed no call waiting for it."""
         kind = outcome.kind
         expected = self.expected_tokens(kind)
         if outcome.tokens_used is not None:
             self._recent_costs[kind].append(outcome.tokens_used)
+        probed = self._probing.pop(kind, None) is not None
         seen = self._seen.get(kind)
         if seen is not None and seen.limiter.outcome_changes_nothing(outcome, seen.now(), expected):
             BUDGET_STEPS.labels(kind.value, "outcome-skipped").inc()
-            return False
+            return probed
         await self._step(kind, lambda limiter, now: limiter.on_outcome(outcome, now, expected))
         BUDGET_STEPS.labels(kind.value, "outcome").inc()
         return True

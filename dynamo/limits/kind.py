@@ -112,6 +112,9 @@ class KindLimiter:
         # order the processes started waiting.
         self.turns: dict[str, tuple[int, float]] = {}
         self._next_ticket = 0
+        # What the latest answer said a call cost, for a process that has had no answer
+        # of its own yet (its first call would otherwise be spaced by a price table's guess).
+        self.last_cost: int | None = None
 
     def configure(self, per_minute: float, tokens_per_minute: float | None) -> None:
         self.limit.configured = per_minute
@@ -176,6 +179,8 @@ class KindLimiter:
         to cost, for an answer whose permit is not known."""
         if outcome.tokens_used is not None:
             self._count_tokens(outcome, outcome.tokens_used, now, expected_tokens)
+        if outcome.succeeded or outcome.rate_limited:
+            self.limit.on_answer(now)
         if outcome.auth_failed:
             if outcome.probe and self.circuit.is_open:
                 self.circuit.probe_failed(now)
@@ -208,7 +213,11 @@ class KindLimiter:
         """Whether `on_outcome` would leave the state as it is: a success like the others."""
         if outcome.auth_failed or outcome.rate_limited or outcome.probe:
             return False
+        if outcome.succeeded and not self.limit.answer_changes_nothing(now):
+            return False
         if outcome.tokens_used is not None:
+            if max(0, outcome.tokens_used) != self.last_cost:
+                return False
             grant = self.limit.window.find(_grant_id(outcome))
             if grant is not None and grant.tokens != outcome.tokens_used:
                 return False
@@ -222,6 +231,7 @@ class KindLimiter:
         """What the answer says the call cost replaces what was expected of it; without the
         permit to match, only a cost above what was expected is added, from now on."""
         used = max(0, tokens_used)
+        self.last_cost = used
         grant = self.limit.window.find(_grant_id(outcome))
         if grant is not None:
             grant.tokens = used
@@ -236,6 +246,7 @@ class KindLimiter:
             "circuit": self.circuit.state(),
             "turns": {worker: list(turn) for worker, turn in self.turns.items()},
             "next_ticket": self._next_ticket,
+            "last_cost": self.last_cost,
         }
 
     def restore(self, state: Mapping | None, grants: Iterable[Grant]) -> None:
@@ -246,6 +257,7 @@ class KindLimiter:
         self.circuit.restore(state["circuit"])
         self.turns = {worker: tuple(turn) for worker, turn in state["turns"].items()}
         self._next_ticket = state["next_ticket"]
+        self.last_cost = state.get("last_cost")  # absent from a state written before issue 18
 
 
 def _grant_id(outcome: CallOutcome):

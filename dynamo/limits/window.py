@@ -25,12 +25,15 @@ EDGE_MARGIN_S = 0.5
 @dataclasses.dataclass
 class Grant:
     """One permit given out: a call started at `at`, expected to cost `tokens`. A grant
-    that is not a call (`call=False`) only adds tokens an answer reported on top."""
+    that is not a call (`call=False`) only adds tokens an answer reported on top. A
+    summary of older grants (`dynamo.database.fleet_store` loads a busy window so) stands for `calls`
+    calls and their tokens, all taken as made at the latest of them."""
 
     at: float
     tokens: int = 0
     call: bool = True
     id: uuid.UUID = dataclasses.field(default_factory=uuid.uuid4)
+    calls: int = 1  # the calls it stands for, if `call`
 
 
 class SlidingWindow:
@@ -82,17 +85,21 @@ class SlidingWindow:
     def next_allowed(self, now: float, tokens: int = 0) -> float:
         """The earliest time, not before `now`, at which a call costing `tokens` may start."""
         self._forget(now)
-        calls = [grant for grant in self._grants if grant.call]
+        last_call = self._newest_call(1)
         earliest = now
-        if calls:
-            earliest = max(earliest, calls[-1].at + self.interval_s)
-            most = max(1, math.floor(self._limit))
-            if len(calls) >= most:
-                earliest = max(earliest, _leaves(calls[-most].at) + EDGE_MARGIN_S)
+        if last_call is not None:
+            earliest = max(earliest, last_call.at + self.interval_s)
+            # The call `most` calls back must have left the window.
+            nth_call = self._newest_call(max(1, math.floor(self._limit)))
+            if nth_call is not None:
+                earliest = max(earliest, _leaves(nth_call.at) + EDGE_MARGIN_S)
         if self._token_limit is not None and self._grants:
-            if calls:  # spaced by its share of the limit, at most a whole window
-                spacing_s = WINDOW_S * min(1.0, tokens / self._token_limit)
-                earliest = max(earliest, calls[-1].at + spacing_s)
+            if last_call is not None and tokens > 0:
+                # Spaced evenly by the whole calls of this cost a window holds (at least
+                # one), so that a limit that is not a multiple of the cost does not make
+                # the window's edge stall.
+                fit = max(1, math.floor(self._token_limit / tokens))
+                earliest = max(earliest, last_call.at + WINDOW_S / fit)
             excess = self.tokens(now) + tokens - self._token_limit
             if excess > 0:
                 # The oldest grants leave first; wait until enough of their tokens have
@@ -123,7 +130,17 @@ class SlidingWindow:
     def count(self, now: float) -> int:
         """Calls in the window (now-60, now]."""
         self._forget(now)
-        return sum(1 for grant in self._grants if grant.call)
+        return sum(grant.calls for grant in self._grants if grant.call)
+
+    def _newest_call(self, n: int) -> Grant | None:
+        """The grant that holds the n-th newest call (1: the last call), if there are n."""
+        seen = 0
+        for grant in reversed(self._grants):
+            if grant.call:
+                seen += grant.calls
+                if seen >= n:
+                    return grant
+        return None
 
     def tokens(self, now: float) -> int:
         """Tokens in the window (now-60, now]."""

@@ -158,6 +158,11 @@ class MemoryDatabase(_Observable):
         self._notify()
         return row["id"], True
 
+    async def store_request(self, *, load_existing: bool = True, **fields):
+        """(the row as `load_request` reads it, created), as `Database.store_request`."""
+        request_id, created = await self.insert_request(**fields)
+        return await self.load_request(request_id), created
+
     async def claim_unacked_by_body(self, body_sha256: str) -> uuid.UUID | None:
         await trio.lowlevel.checkpoint()
         candidates = [row for row in self.requests.values()

@@ -58,6 +58,20 @@ async def store(db, *, viewer="1001", message_key=None, body_sha256=None, acked=
     return request_id
 
 
+async def test_a_stored_request_comes_back_as_it_is_read(db):
+    """`store_request` returns the new row in the round trip that stores it, the same
+    as `load_request` reads it; for a key stored before, that request's row."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        fields = dict(
+            viewer_id="1001", display_name="GhostFan", broadcast_id=7, screening_id=None,
+            style="ghost", inputs={"subject": "a seal"}, prompt="a seal", source="broker",
+            owner=None, timeout_s=900, points_cost=200, message_key="message-id:m1")
+        row, created = await db.store_request(**fields)
+        assert created and dict(row) == dict(await db.load_request(row["id"]))
+        again, created = await db.store_request(**fields)
+        assert not created and dict(again) == dict(row)
+
+
 async def step_of(db, request_id) -> str:
     return (await db.load_request(request_id))["step"]
 

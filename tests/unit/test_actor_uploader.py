@@ -156,3 +156,28 @@ async def test_job_already_stored_goes_on_without_an_upload(autojump_clock, inst
             stored = await actor.announce_recv.receive()
         assert stored.image_url == "https://cdn.example/x.jpg"
         assert actor.storage.attempts == []
+
+
+async def test_bytes_in_hand_from_the_generator_are_not_read_back(autojump_clock, instant_threads):
+    """A job straight from the generator carries its image: the database is not asked for
+    it again (a round trip and the whole image less per request). A resumed job has none
+    and is served from the database, as before."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        actor = Uploader()
+        in_hand, resumed = await actor.job(GHOST_RAW), await actor.job(GHOST_RAW)
+        in_hand.generated = GHOST_RAW
+        loads = []
+        load_generated = actor.db.load_generated
+
+        async def counted(request_id):
+            loads.append(request_id)
+            return await load_generated(request_id)
+
+        actor.db.load_generated = counted
+        async with actor.run():
+            for job in (in_hand, resumed):
+                await actor.upload_send.send(job)
+                await actor.announce_recv.receive()
+        assert loads == [resumed.id]
+        assert in_hand.generated is None  # not carried on to the announcer and the ledger
+        assert len(actor.storage.objects) == 2

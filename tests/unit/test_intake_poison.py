@@ -107,16 +107,16 @@ async def test_a_crash_after_the_ack_is_logged_and_the_actor_goes_on(autojump_cl
     with trio.fail_after(TEST_TIMEOUT_S):
         db = MemoryDatabase()
         actor = intake_on(db, [(ghost("a seal"), "m-1", False), (ghost("an owl"), "m-2", False)])
-        real_job = actor.pipeline.job
+        real_job = actor.pipeline.job_from_row  # the job made from the stored row
         calls = []
 
-        async def job(request_id):
-            calls.append(request_id)
+        def job(row):
+            calls.append(row["id"])
             if len(calls) == 1:
                 raise RuntimeError("a bug after the ack")
-            return await real_job(request_id)
+            return real_job(row)
 
-        monkeypatch.setattr(actor.pipeline, "job", job)
+        monkeypatch.setattr(actor.pipeline, "job_from_row", job)
         async with actor.run():
             await actor.all_settled()
             sent = await actor.reserve_recv.receive()

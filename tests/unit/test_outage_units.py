@@ -358,7 +358,7 @@ async def test_intake_waits_for_the_database_then_stores_and_routes_the_message(
         intake_setup.db.outage(OUTAGE_S)
         async with intake_setup.run():
             job = await intake_setup.reserve_recv.receive()
-        assert intake_setup.db.refused["insert_request"] >= 1
+        assert intake_setup.db.refused["store_request"] >= 1
         assert trio.current_time() <= intake_setup.db.back_at + RESUME_WITHIN_S
         [row] = intake_setup.memory.requests.values()
         assert job.id == row["id"] and intake_setup.broker.settled_count() == 1
@@ -370,7 +370,7 @@ async def test_intake_stores_a_message_once_when_its_commit_answer_was_lost(auto
     with trio.fail_after(TEST_TIMEOUT_S):
         body = json.dumps(genreq("a patient seal")).encode()
         intake_setup = _Intake(body)
-        intake_setup.db.lose_commit_answer("insert_request", then_down_s=OUTAGE_S)
+        intake_setup.db.lose_commit_answer("store_request", then_down_s=OUTAGE_S)
         async with intake_setup.run():
             await intake_setup.broker.wait_until(lambda: intake_setup.broker.settled_count())
             await trio.sleep(OUTAGE_S)
