@@ -18,6 +18,7 @@ lives in a room (the actors themselves are in the top-level `actors` package):
 - `dynamo.discord`: Discord webhook posts.
 - `dynamo.api`: the HTTP API (quart-trio); `dynamo/web/`: the page it serves.
 
-A regular package (not a namespace one), so that its files (`schema.sql`, a copy of the
-root one; `web/`) are found with `importlib.resources` in every install.
+A regular package (not a namespace one), so that its files (`database/schema.sql`, to
+which the repository's top-level `schema.sql` links; `web/`) are found with
+`importlib.resources` in every install.
 """

@@ -15,5 +15,5 @@ service's own errors, never a driver's.
 - `dynamo.database.spend_store`: OpenAI spend's SQL (`record_call`, `totals_usd`,
   `request_calls`), for `dynamo.openai_port.spend`.
 
-The schema itself is `schema.sql` at the top of the repository.
+The schema itself is `schema.sql` here (the repository's top-level `schema.sql` links to it).
 """

@@ -30,9 +30,9 @@ from dynamo.supervision.retry import connect_at_startup
 
 log = logging.getLogger(__name__)
 
-# The package's copy of the root schema.sql (tests/test_package.py keeps them identical),
-# read as a resource so that an installed wheel finds it.
-SCHEMA = importlib.resources.files("dynamo") / "schema.sql"
+# The schema (the repository's top-level schema.sql is a link to this file), read as a
+# resource so that an installed wheel finds it.
+SCHEMA = importlib.resources.files("dynamo.database") / "schema.sql"
 # A few connections suffice: every stage holds one only for a single short statement.
 POOL_MAX_SIZE = 8
 # How long startup waits for the database to come up before it gives up.

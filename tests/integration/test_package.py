@@ -4,7 +4,7 @@ directory with no configuration at all: it serves a ghost end to end with the ad
 it prints, says its version, and stops on SIGTERM with exit 0. Bad input (an HTTP address
 that cannot be bound, a data directory that is not one) is one line and exit 2.
 
-Also: the package's schema is the root schema.sql, byte for byte."""
+Also: the top-level schema.sql is the packaged one (a link to it), not a copy."""
 
 from __future__ import annotations
 
@@ -65,9 +65,11 @@ def installed(tmp_path_factory) -> dict:
     return {"wheel": wheel, "names": names, "bin": environment / "bin"}
 
 
-def test_the_packaged_schema_is_the_root_schema():
-    """schema.sql at the root is the one to edit; copy it: cp schema.sql dynamo/schema.sql"""
-    assert (ROOT / "dynamo" / "schema.sql").read_bytes() == (ROOT / "schema.sql").read_bytes()
+def test_the_top_level_schema_is_the_packaged_schema():
+    """One schema: the top-level schema.sql is a link to the file the package ships."""
+    top = ROOT / "schema.sql"
+    assert top.is_symlink(), "schema.sql must link to dynamo/database/schema.sql, not copy it"
+    assert top.resolve() == (ROOT / "dynamo" / "database" / "schema.sql").resolve()
 
 
 def test_the_wheel_holds_every_module_the_schema_and_the_page(installed):
@@ -79,7 +81,7 @@ def test_the_wheel_holds_every_module_the_schema_and_the_page(installed):
         if "__pycache__" not in path.parts
     }
     assert modules - names == set()
-    assert "dynamo/schema.sql" in names
+    assert "dynamo/database/schema.sql" in names
     page = {path.relative_to(ROOT).as_posix() for path in (ROOT / "dynamo" / "web").iterdir()}
     assert page and page - names == set()
     assert not [name for name in names if name.startswith(("tests/", "bench/"))]

@@ -138,7 +138,7 @@ alter table dynamo.worker
     add column if not exists in_hand integer not null default 0,
     add column if not exists http_addr text;
 
--- The OpenAI account's budget, shared by every dynamo process (dynamo.fleet_db): each
+-- The OpenAI account's budget, shared by every dynamo process (dynamo.database.fleet_store): each
 -- permit granted in the last minutes (times are the database clock's epoch seconds), and
 -- per kind of call what was learned from the API (limits, pauses, the auth circuit).
 create table if not exists dynamo.permit_grant (
@@ -160,7 +160,7 @@ create table if not exists dynamo.rate_limit_state (
 
 -- Every request load and list page looks up its friend's name by request id.
 create index if not exists answer_image_request_id on dynamo.answer (image_request_id);
--- The live page's change feed (dynamo/db_events.py): every new request and every change
+-- The live page's change feed (dynamo/database/changes.py): every new request and every change
 -- of a request's step or state is announced on channel dynamo_request_changes when its
 -- transaction commits, whichever process wrote it. The payload is small (< 300 bytes).
 create or replace function dynamo.notify_request_change() returns trigger
