@@ -30,6 +30,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from dynamo.supervision.pids import process_exists
+
 log = logging.getLogger(__name__)
 
 HANDLES_FILE = ".handle_pids.json"  # pgserver's
@@ -78,7 +80,7 @@ def forget_dead_handles(pgdata: Path) -> None:
         pids = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    alive = [pid for pid in pids if isinstance(pid, int) and _process_exists(pid)]
+    alive = [pid for pid in pids if isinstance(pid, int) and process_exists(pid)]
     if alive != pids:
         log.info(
             "embedded PostgreSQL: forgetting processes that are gone: %s",
@@ -123,13 +125,3 @@ def _first_line_pid(path: Path) -> int | None:
     except OSError:
         return None
     return int(first) if first.lstrip("-").isdigit() else None
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

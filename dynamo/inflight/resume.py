@@ -24,6 +24,7 @@ import trio
 
 from dynamo.domain.jobs import Job, Step
 from dynamo.inflight.pipeline import Pipeline
+from dynamo.supervision.pids import process_exists
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +80,13 @@ async def reap_dead_neighbours(db, worker_id, hostname: str) -> None:
     for worker in await db.workers_on(hostname):
         if worker["id"] == worker_id or worker["pid"] is None:
             continue
-        if worker["pid"] == os.getpid() or not _process_exists(worker["pid"]):
+        if worker["pid"] == os.getpid() or not process_exists(worker["pid"]):
             log.info(
                 "worker %s (pid %d) on this host is gone; taking over its requests",
                 worker["id"],
                 worker["pid"],
             )
             await db.retire(worker["id"])
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 async def _sweep(

@@ -14,4 +14,5 @@ dependency or an actor fails, and tells a bug from an outage.
   (the ports' outage errors subclass it) and `outage_of`.
 - `dynamo.supervision.backoff`: `Backoff`, the one backoff policy every retrying,
   probing, restarting or reconnecting loop is given.
+- `dynamo.supervision.pids`: `process_exists`, whether a pid on this host is alive.
 """
