@@ -26,6 +26,7 @@ import asyncpg
 import trio
 from trio_asyncio import aio_as_trio
 
+from dynamo.database.errors import DatabaseUnavailable, driver_errors_mapped
 from dynamo.supervision.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ RECONNECT_BACKOFF = Backoff(steps_s=RECONNECT_BACKOFF_S)
 # An idle LISTEN connection is checked this often, so a silently dead one is replaced.
 HEALTH_CHECK_S = 15.0
 HEALTH_CHECK_DEADLINE_S = 5.0
+HEALTH_CHECK_QUERY = "select 1"
 CONNECT_DEADLINE_S = 10.0
 CLOSE_DEADLINE_S = 2.0
 # How the LISTEN session shows in pg_stat_activity.
@@ -57,7 +59,10 @@ class RequestChange:
 # Sent to every subscriber after the feed (re)connected: changes may have been missed.
 RESYNC = "resync"
 
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, trio.TooSlowError)
+# What means the LISTEN connection is lost or cannot be made now (the database port's
+# mapping decides for the driver's errors; a deadline here is one more): the feed
+# reconnects. Anything else is a bug and raises, for the supervisor to count.
+_CONNECTION_LOST = (DatabaseUnavailable, trio.TooSlowError)
 
 
 def parse_notification(payload: str) -> RequestChange | None:
@@ -103,8 +108,9 @@ class RequestChanges:
                 self._subscribers.discard(send)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """LISTENs until cancelled, reconnecting after any loss; started at once (serving
-        does not wait for the database)."""
+        """LISTENs until cancelled, reconnecting after any loss of the connection; started
+        at once (serving does not wait for the database). A query the database refuses
+        for another reason (a bug) raises."""
         if self._dsn is None:
             raise ValueError("the change feed needs the database's DSN")
         task_status.started()
@@ -112,7 +118,7 @@ class RequestChanges:
         while True:
             try:
                 await self._listen_until_lost()
-            except _CONNECTION_ERRORS as exc:
+            except _CONNECTION_LOST as exc:
                 if failures == 0:
                     log.warning("change feed: not listening: %s", type(exc).__name__)
                 failures += 1
@@ -123,6 +129,10 @@ class RequestChanges:
             await trio.sleep(RECONNECT_BACKOFF.delay_s(failures - 1))
 
     async def _listen_until_lost(self) -> None:
+        with driver_errors_mapped():
+            await self._listen()
+
+    async def _listen(self) -> None:
         with trio.fail_after(CONNECT_DEADLINE_S):
             conn = await aio_as_trio(asyncpg.connect)(
                 self._dsn, server_settings={"application_name": APPLICATION_NAME}
@@ -140,12 +150,13 @@ class RequestChanges:
                     await lost.wait()
                 if not lost.is_set():
                     with trio.fail_after(HEALTH_CHECK_DEADLINE_S):
-                        await aio_as_trio(conn.execute)("select 1")
+                        await aio_as_trio(conn.execute)(HEALTH_CHECK_QUERY)
         finally:
             with trio.move_on_after(CLOSE_DEADLINE_S, shield=True):
                 try:
-                    await aio_as_trio(conn.close)()
-                except _CONNECTION_ERRORS:
+                    with driver_errors_mapped():
+                        await aio_as_trio(conn.close)()
+                except DatabaseUnavailable:
                     pass  # already gone
 
     def _on_notification(self, _conn, _pid, _channel, payload: str) -> None:

@@ -211,3 +211,18 @@ def test_notifications_are_parsed_or_ignored():
     assert change is not None and (change.viewer_id, change.step) == ("1001", "stored")
     for junk in ("", "[]", "{}", '{"id": "x", "viewer": 1, "step": "a", "state": "b"}', "\x00"):
         assert db_events.parse_notification(junk) is None
+
+
+async def test_a_query_bug_in_the_feed_raises_instead_of_reconnecting(
+    api, http_database, monkeypatch  # noqa: F811
+):
+    """Only a lost connection means reconnect (the database port's mapping decides): a
+    query PostgreSQL refuses as wrong is a bug, and comes out of the feed for the
+    supervisor to count, rather than a reconnect loop that hides it."""
+    monkeypatch.setattr(db_events, "HEALTH_CHECK_S", 0.05)
+    monkeypatch.setattr(db_events, "HEALTH_CHECK_QUERY", "select * from no_such_table")
+    changes = api.db.request_changes()
+    with trio.fail_after(TEST_TIMEOUT_S), changes.subscribe() as receive:
+        with pytest.raises(asyncpg.exceptions.UndefinedTableError):
+            await changes.run()
+        assert receive.receive_nowait() == db_events.RESYNC  # it was listening
