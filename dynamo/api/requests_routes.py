@@ -134,10 +134,5 @@ async def cancel_request(request_id: str):
     row = await pipeline.db.load_request(job.id)
     job = pipeline.job_from_row(row)
     added = pipeline.inflight.add(job.id)
-    try:
-        await api.finalize_send.send(job)
-    except BaseException:
-        if added:
-            pipeline.inflight.finish(job.id)  # not sent: the resume sweep routes it again
-        raise
+    await pipeline.inflight.route(job, api.finalize_send, added=added)
     return bodies.request_json(row), 202

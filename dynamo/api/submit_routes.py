@@ -125,14 +125,10 @@ async def _route(api, row) -> None:
         return
     try:
         # Waits while the pipeline is full: backpressure reaches the client.
-        await api.reserve_send.send(job)
+        await pipeline.inflight.route(job, api.reserve_send)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         # Shutting down: the request is stored and resumes on the next start.
-        pipeline.inflight.finish(job.id)
         log.warning("pipeline closed; the request waits for the next start", extra=job.log_extra)
-    except BaseException:
-        pipeline.inflight.finish(job.id)  # not sent: the resume sweep routes it again
-        raise
 
 
 def _json_object(raw: bytes) -> dict:

@@ -81,13 +81,18 @@ class InFlight:
         finally:
             self._finish_watchers.remove(finished)
 
-    async def route(self, job, channel) -> None:
+    async def route(self, job, channel, *, added: bool = True) -> None:
         """Sends a job just `add()`ed; if the send is cancelled (shutdown), the job is not
-        in the pipeline after all and the resume sweep will route it."""
+        in the pipeline after all and the resume sweep will route it.
+
+        `added=False`: the job was in flight already when `add()` was asked (a cancelled
+        request is sent on to its refund all the same); a failed send then leaves it to
+        the copy in flight."""
         try:
             await channel.send(job)
         except BaseException:
-            self.finish(job.id)
+            if added:
+                self.finish(job.id)
             raise
 
     @contextmanager
