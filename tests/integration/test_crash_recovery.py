@@ -312,7 +312,7 @@ async def test_kill_after_the_ledger_debited_before_its_id_was_stored_adopts_tha
     """The orphan window closed: the restarted process finds the debit in the viewer's
     ledger history and takes it as the request's own. One debit, accepted; none pending,
     none reported."""
-    with trio.fail_after(120):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         service = dynamo_process()
@@ -342,7 +342,7 @@ async def test_kill_after_the_ledger_debited_with_its_history_unreadable_is_repo
     service cannot refund a debit it does not know, so it must flag the request, log a
     WARNING with its id and count it on /status; the request itself still ends once,
     charged once."""
-    with trio.fail_after(120):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         service = dynamo_process()
@@ -408,7 +408,7 @@ async def test_forty_requests_survive_four_random_kills(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, fake_s3, pg_database):
     rng = random.Random(RANDOM_SEED)
     fakes = {"auth": fake_auth, "ledger": fake_ledger, "openai": fake_openai}
-    with trio.fail_after(240):
+    with trio.fail_after(2 * SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         fake_ledger.default_balance = RICH_BALANCE
@@ -569,7 +569,7 @@ async def stop_releasing_the_ledger(service, fake_ledger, signum: int, *,
 async def test_a_signal_stops_intake_keeps_unstored_messages_and_exits_0(
         signum, ledger_answers, rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger,
         fake_s3, pg_database):
-    with trio.fail_after(75):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         fake_ledger.default_balance = RICH_BALANCE

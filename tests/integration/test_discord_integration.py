@@ -10,6 +10,7 @@ from dynamo.rabbitmq import broker as topology
 from tests.fakes.discord_server import FRIENDS_WEBHOOK, GHOSTS_WEBHOOK
 from tests.support.amqp import bodies
 from tests.support.service import started
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,7 @@ def message(style: str, inputs: dict) -> dict:
 
 async def test_each_success_is_posted_once_to_its_style_webhook(
         rabbit, dynamo_process, fake_discord, fake_ledger):
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(topology.RESULTS_EXCHANGE)
         service = await started(dynamo_process, **fake_discord.env())
         await rabbit.publish(message("ghost", {"subject": "a seal @everyone"}))
@@ -54,7 +55,7 @@ async def test_each_success_is_posted_once_to_its_style_webhook(
 
 async def test_a_webhook_that_is_down_changes_nothing_for_the_viewer(
         rabbit, dynamo_process, fake_discord, fake_ledger):
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         fake_discord.down = True
         await rabbit.collect(topology.RESULTS_EXCHANGE)
         await started(dynamo_process, **fake_discord.env())

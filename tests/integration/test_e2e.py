@@ -22,6 +22,7 @@ from dynamo.rabbitmq import broker as topology
 from tests.support import checks, infra
 from tests.support.amqp import bodies
 from tests.support.service import started
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ async def fetch_rows(database: str, sql: str, *args):
 
 async def test_ghost_and_friend_from_rabbitmq_to_the_screen(
         rabbit, dynamo_process, fake_openai, fake_ledger, fake_s3, pg_database):
-    with trio.fail_after(90):
+    with trio.fail_after(SERVICE_S):
         await rabbit.collect(topology.ONSCREEN_EXCHANGE)
         await rabbit.collect(topology.RESULTS_EXCHANGE)
         service = await started(dynamo_process)

@@ -55,7 +55,7 @@ async def check_nothing_on_stream(rabbit) -> None:
 
 async def test_unparseable_message_is_dead_lettered_as_it_came(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit)
         poison = b'{"type": "image", "viewer": {"twitch_user_id": "90790024", '
         sent_at = datetime.datetime(2024, 5, 4, 12, 30, 0, tzinfo=datetime.UTC)
@@ -96,7 +96,7 @@ async def test_unparseable_message_is_dead_lettered_as_it_came(
 async def test_invalid_request_with_a_viewer_fails_and_is_dead_lettered(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database,
         message, style, description, problem):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit)
         body = json.dumps(message).encode()
         await checks.publish_with_properties(
@@ -125,7 +125,7 @@ async def test_invalid_request_with_a_viewer_fails_and_is_dead_lettered(
 
 async def test_subject_flagged_by_moderation_is_rejected_without_buying_an_image(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit)
         assert "forbidden" in fake_openai.flagged_words
         await rabbit.publish(genreq("  a forbidden seal "))
@@ -144,7 +144,7 @@ async def test_subject_flagged_by_moderation_is_rejected_without_buying_an_image
 
 async def test_image_refused_by_the_content_policy_is_rejected(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit)
         assert "nsfw" in fake_openai.policy_words and "nsfw" not in fake_openai.flagged_words
         await rabbit.publish(genreq("caterpillar in an nsfw hat", style="friend", color="yellow"))
@@ -167,7 +167,7 @@ async def test_image_refused_by_the_content_policy_is_rejected(
 
 async def test_viewer_without_enough_points_gets_no_image_call(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         fake_ledger.balances[VIEWER["twitch_user_id"]] = checks.POINTS_COST - 1
         await started(dynamo_process, rabbit=rabbit)
         await rabbit.publish(genreq("a seal"))
@@ -203,7 +203,7 @@ async def check_failed_at_its_deadline(database: str, request_id: str) -> None:
 
 async def test_request_still_generating_at_its_deadline_expires_refunded(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit, DYNAMO_REQUEST_TIMEOUT_S="3")
         fake_openai.hold("images")
         published_at = trio.current_time()
@@ -232,7 +232,7 @@ async def test_request_waiting_for_a_generator_worker_at_its_deadline_expires_re
     The only way for the busy request to have the later deadline is to come from a
     process with a longer timeout: the first dynamo is killed while generating it, and
     the second (timeout 3 s, one worker) resumes it, its deadline unchanged."""
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         first = await started(dynamo_process, rabbit=rabbit, DYNAMO_REQUEST_TIMEOUT_S="60",
                             DYNAMO_GENERATOR_WORKERS="1")
         fake_openai.hold("images")
@@ -268,7 +268,7 @@ async def test_request_waiting_for_a_generator_worker_at_its_deadline_expires_re
 
 async def test_image_api_failing_more_times_than_allowed_is_an_error_refunded(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit, DYNAMO_MAX_ATTEMPTS="2")
         # Contract §1: every attempt counts, an outage's (5xx) too.
         fake_openai.script("images", [500, 500, 500])
@@ -292,7 +292,7 @@ async def test_points_outage_delays_a_request_without_failing_it(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database, system):
     fake, endpoint = {"ledger": (fake_ledger, "outflow"),
                       "auth": (fake_auth, "service-token")}[system]
-    with trio.fail_after(45):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit, DYNAMO_REQUEST_TIMEOUT_S="40")
         fake.down = True
         await rabbit.publish(genreq("a patient seal"))

@@ -25,6 +25,7 @@ import trio
 from dynamo.rabbitmq import broker as topology
 from tests.support.crash import by_message_id, check_outcomes, request_rows, stop_with_signal
 from tests.support.service import started_fleet
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +119,7 @@ async def test_three_processes_share_30_a_minute_and_survive_a_kill(
     the account's limit holds (no 429), 95 % of it is used; a newcomer's one request,
     published after a flooder's 59, is not starved."""
     requests = 60
-    with trio.fail_after(420):
+    with trio.fail_after(3 * SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         fake_ledger.default_balance = PLENTY_OF_POINTS
@@ -176,7 +177,7 @@ async def test_a_rolling_restart_under_load_loses_nothing_and_doubles_nothing(
     """Three processes, 45 ghosts; each process in turn gets SIGTERM, exits 0 and is
     started again (a rolling deploy) while the others carry on."""
     requests = 45
-    with trio.fail_after(420):
+    with trio.fail_after(3 * SERVICE_S):
         await rabbit.collect(ONSCREEN)
         await rabbit.collect(RESULTS)
         fake_ledger.default_balance = PLENTY_OF_POINTS

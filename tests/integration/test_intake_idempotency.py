@@ -20,6 +20,7 @@ from tests.support import checks
 from tests.support.amqp import bodies
 from tests.support.checks import genreq
 from tests.support.service import started
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +38,7 @@ async def check_input_queue_drained(rabbit, vhost) -> None:
 
 async def test_one_message_id_delivered_four_times_is_one_request(
         rabbit, dynamo_process, fake_openai, fake_ledger, pg_database, vhost):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit)
         message = genreq("a seal")
         for _ in range(3):
@@ -70,7 +71,7 @@ async def test_one_message_id_delivered_four_times_is_one_request(
 
 async def test_identical_bodies_without_a_message_id_are_separate_requests(
         rabbit, dynamo_process, fake_openai, fake_ledger, pg_database, vhost):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit)
         message = genreq("a seal")
         for _ in range(3):
@@ -99,7 +100,7 @@ async def test_identical_bodies_without_a_message_id_are_separate_requests(
 
 async def test_poison_message_between_two_good_ones_blocks_nothing(
         rabbit, dynamo_process, fake_openai, fake_ledger, pg_database, vhost):
-    with trio.fail_after(30):
+    with trio.fail_after(SERVICE_S):
         await started(dynamo_process, rabbit=rabbit)
         await rabbit.publish(genreq("a seal"), message_id="good-1")
         await rabbit.publish(POISON, message_id="poison-1")

@@ -31,6 +31,7 @@ from dynamo.rabbitmq import broker as topology
 from tests.support import infra
 from tests.support.amqp import bodies
 from tests.support.service import started
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +111,7 @@ def hide_rate_limit_headers(fake_openai) -> None:
 
 async def test_configured_at_the_real_limit_paces_evenly_without_a_429(
         rabbit, dynamo_process, fake_openai, fake_ledger):
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         fake_openai.images_per_minute = 60
         await start(rabbit, dynamo_process, fake_ledger, DYNAMO_IMAGES_PER_MINUTE="60")
         await publish_ghosts(rabbit, 12)
@@ -132,7 +133,7 @@ async def test_configured_at_the_real_limit_paces_evenly_without_a_429(
 
 async def test_configured_above_a_limit_the_api_shows_is_capped_by_its_first_answer(
         rabbit, dynamo_process, fake_openai, fake_ledger):
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         fake_openai.images_per_minute = 60
         await start(rabbit, dynamo_process, fake_ledger, DYNAMO_IMAGES_PER_MINUTE="120")
         await publish_ghosts(rabbit, 12)
@@ -150,7 +151,7 @@ async def test_configured_above_a_limit_the_api_shows_is_capped_by_its_first_ans
 async def test_configured_at_twice_a_limit_the_api_hides_429s_once_then_paces_under_it(
         rabbit, dynamo_process, fake_openai, fake_ledger):
     # A real minute has to pass before the refused call's window has room again.
-    with trio.fail_after(110):
+    with trio.fail_after(SERVICE_S):
         real_limit, configured = 20, 40  # 3 s and 1.5 s apart
         fake_openai.images_per_minute = real_limit
         hide_rate_limit_headers(fake_openai)
@@ -189,7 +190,7 @@ async def test_configured_at_twice_a_limit_the_api_hides_429s_once_then_paces_un
 
 async def test_a_backlog_stays_in_rabbitmq_while_generation_is_held(
         rabbit, dynamo_process, fake_openai, fake_auth, fake_ledger, pg_database):
-    with trio.fail_after(90):
+    with trio.fail_after(SERVICE_S):
         published = 150
         fake_openai.hold("images")
         # Fast enough that the rate limit is not what holds the backlog once released.

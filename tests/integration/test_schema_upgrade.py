@@ -16,6 +16,7 @@ from dynamo.rabbitmq import broker as topology
 from tests.support import infra
 from tests.support.amqp import bodies
 from tests.support.service import started
+from tests.support.timeouts import SERVICE_S
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +72,7 @@ async def test_schema_upgrades_the_original_database_and_keeps_its_rows(pg_datab
 
 
 async def test_the_service_runs_on_an_upgraded_database(pg_database, rabbit, dynamo_process):
-    with trio.fail_after(60):
+    with trio.fail_after(SERVICE_S):
         await _original_database(pg_database)
         await rabbit.collect(topology.RESULTS_EXCHANGE)
         service = await started(dynamo_process)
