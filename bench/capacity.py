@@ -122,7 +122,8 @@ async def main(args) -> None:
             python_args=python_args,
             DYNAMO_IMAGES_PER_MINUTE=harness.UNLIMITED_PER_MINUTE,
             DYNAMO_TEXT_REQUESTS_PER_MINUTE=harness.UNLIMITED_PER_MINUTE,
-            **database_env)
+            **database_env,
+            **dict(setting.split("=", 1) for setting in args.env))
         backends = await env.nursery.start(pg_cost.BackendCpu(env.database).follow)
         service, pids = services[0], {each.pid for each in services}
         spy = None
@@ -317,4 +318,6 @@ if __name__ == "__main__":
                         help="relay dynamo's PostgreSQL connections through a counter of "
                              "statements and round trips (bench/pg_cost.py)")
     parser.add_argument("--out", help="directory for the profile files (default: a temp dir)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="one more variable for dynamo, e.g. DYNAMO_IMAGE_MODERATION=off")
     harness.run(main, parser.parse_args())
