@@ -121,47 +121,11 @@ class Database:
 
     # -- intake ---------------------------------------------------------------------
 
-    async def insert_request(
-        self,
-        *,
-        viewer_id: str,
-        display_name: str,
-        broadcast_id: int | None,
-        screening_id: uuid.UUID | None,
-        style: str,
-        inputs: dict,
-        prompt: str,
-        source: str,
-        owner: uuid.UUID | None,
-        timeout_s: float,
-        points_cost: int,
-        message_key: str | None = None,
-        body_sha256: str | None = None,
-        intake_acked: bool = True,
-        failure_reason: str | None = None,
-        failure_message: str | None = None,
-    ) -> tuple[uuid.UUID | None, bool]:
-        """Stores a new request; returns (id, created). An existing `message_key` wins
-        (None: that request was deleted between the two statements)."""
-        row, created = await self.store_request(
-            viewer_id=viewer_id,
-            display_name=display_name,
-            broadcast_id=broadcast_id,
-            screening_id=screening_id,
-            style=style,
-            inputs=inputs,
-            prompt=prompt,
-            source=source,
-            owner=owner,
-            timeout_s=timeout_s,
-            points_cost=points_cost,
-            message_key=message_key,
-            body_sha256=body_sha256,
-            intake_acked=intake_acked,
-            failure_reason=failure_reason,
-            failure_message=failure_message,
-            load_existing=False,
-        )
+    async def insert_request(self, **fields: Any) -> tuple[uuid.UUID | None, bool]:
+        """Stores a new request (the fields of `store_request`); returns (id, created). An
+        existing `message_key` wins (None: that request was deleted between the two
+        statements)."""
+        row, created = await self.store_request(**fields, load_existing=False)
         return (None if row is None else row["id"]), created
 
     async def store_request(
