@@ -169,10 +169,13 @@ class Budget:
             cost = expected if answered_here or not limiter.last_cost else limiter.last_cost
             at = limiter.next_grant_at(now, cost)
             probe = cost > 0 and limiter.limit.tokens_unknown(now)
-            if probe:
-                at = max(at, now + self._probe_wait_s(kind))
-            if at > now or limiter.ahead_of(self.worker, now) is not None:
-                return Decision(None, limiter.wait_turn(self.worker, now, at) - now)
+            # Held back by its own unanswered call (not by the budget), this process keeps
+            # its place in line due when the budget allows, not when its wait ends: the
+            # others' calls are spaced from that, not from the end of its lease.
+            own_answer_s = self._probe_wait_s(kind) if probe else 0.0
+            if at > now or own_answer_s > 0 or limiter.ahead_of(self.worker, now) is not None:
+                turn_s = limiter.wait_turn(self.worker, now, at) - now
+                return Decision(None, max(turn_s, own_answer_s))
             permit = limiter.permit()
             limiter.granted(now, permit, cost)
             limiter.end_turn(self.worker)

@@ -224,3 +224,25 @@ async def test_a_fleet_sends_one_call_per_process_then_paces_evenly(autojump_clo
         assert max(gaps) <= 3.0 + EDGE_MARGIN_S + (3.0 - 0.6) + 1e-9, times
         assert steady_rate(times) >= 0.95 * 20
         assert most_tokens_in_any_window([(at, MEDIUM_SQUARE) for at in times]) <= TOKENS_PER_MINUTE
+
+
+async def test_a_process_waiting_for_its_own_answer_holds_no_other_process_up(autojump_clock):
+    """Three processes told 30 images/min, the token limit not known yet: a process whose
+    first call is unanswered waits for it, and the others' calls still go out at the
+    count's spacing (2 s) from the start, with no gap while the limit is being learned."""
+    with trio.fail_after(VIRTUAL_S):
+        store = MemoryStore()
+        account = Account(30, 10**9)
+        statuses = [RateLimiterStatus(budget=Budget(store, worker=name)) for name in "abc"]
+        start = trio.current_time()
+        async with running(statuses[0], images_per_minute=30) as (permits_a, _), \
+                running(statuses[1], images_per_minute=30) as (permits_b, _), \
+                running(statuses[2], images_per_minute=30) as (permits_c, _):
+            async with trio.open_nursery() as ghosts:
+                for number in range(12):
+                    permits_send = (permits_a, permits_b, permits_c)[number % 3]
+                    ghosts.start_soon(functools.partial(ghost, permits_send, account, MEDIUM_SQUARE))
+        times = [at - start for at, accepted in account.calls if accepted]
+        assert len(times) == 12 and all(accepted for _, accepted in account.calls)
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert max(gaps) <= 2.0 + 1e-6, times
