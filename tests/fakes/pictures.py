@@ -160,5 +160,7 @@ def is_marked(data: bytes) -> bool:
     inner = (left + 16, top + 16, right - 16, bottom - 16)
     if image.width < right or image.height < bottom:
         return False
-    mean = ImageStat.Stat(image.convert("RGB").crop(inner)).mean
+    # Cropped before it is converted: conversion to RGB goes pixel by pixel, so the
+    # square's pixels are the same, and the whole picture is not copied for 64x64 of it.
+    mean = ImageStat.Stat(image.crop(inner).convert("RGB")).mean
     return all(abs(m - want) <= MARK_TOLERANCE for m, want in zip(mean, MARK_RGB, strict=True))
