@@ -20,7 +20,9 @@ of `text` and `image_url` parts, at most one image, as a URL or a base64 data UR
 its 400s for bad input, and answers `category_applied_input_types`. Text is flagged for
 one of `flagged_words`; an image this fake generated from a prompt holding
 IMAGE_MARKER_WORD ("gruesome") carries a mark in its pixels and is flagged (violence,
-violence/graphic, applied to the image).
+violence/graphic, applied to the image). Each picture is judged from its pixels once,
+when generated (or when first seen), and the verdict remembered by its bytes' sha256
+(`pictures.Verdicts`), so screening a picture this fake made costs no decoding.
 
 Rate limits are a sliding 60 s window (on `trio.current_time()`) over the calls that
 passed the limit check: `images_per_minute` for images, `text_per_minute` for chat and
@@ -48,7 +50,7 @@ from quart_trio import QuartTrio
 
 from . import openai_catalogue as catalogue
 from ._service import Call, FakeService, json_response
-from .pictures import encode, is_marked, marked, png_for_prompt, transparent_png_for_prompt
+from .pictures import Verdicts, encode, marked, png_for_prompt, transparent_png_for_prompt
 
 WINDOW_S = 60.0
 BUCKET_OF_ENDPOINT = {"images": "images", "chat": "text", "moderations": "text"}
@@ -145,6 +147,8 @@ class FakeOpenAI(FakeService):
         self.opaque_models: set[str] = set()
         self.image_tokens_per_minute: int | None = None
         self._image_tokens: deque[tuple[float, int]] = deque()  # (arrival, total tokens)
+        # Whether each picture seen carries the marker, by its bytes' sha256.
+        self.verdicts = Verdicts()
 
     def env(self) -> dict[str, str]:
         return {"OPENAI_API_KEY": self.api_key, "OPENAI_BASE_URL": f"{self.url}/v1"}
@@ -422,14 +426,14 @@ class FakeOpenAI(FakeService):
         if not data:
             return None
         try:
-            is_marked(data)
+            self.verdicts.judge(data)
         except ValueError:
             return None
         return data
 
     def _moderation_result(self, texts: list[str], images: list[bytes]) -> dict:
         text_flagged = any(_mentions(text, self.flagged_words) for text in texts)
-        image_flagged = any(is_marked(image) for image in images)
+        image_flagged = any(self.verdicts.judge(image) for image in images)
         applied = {}
         for name in MODERATION_CATEGORIES:
             kinds = (["text"] if texts else []) + (["image"] if images and name in IMAGE_CATEGORIES else [])
@@ -494,6 +498,10 @@ class FakeOpenAI(FakeService):
         compression = body.get("output_compression")
         data = encode(picture, output_format, 100 if compression is None else int(compression))
         call.extra["image"] = data  # what was sent, for tests to compare with what is stored
+        try:  # judged now, once per distinct picture: screening it is then a lookup
+            self.verdicts.judge(data)
+        except ValueError:
+            pass  # no picture (a test's png_for): the moderation endpoint refuses it, as ever
         forced = self.response_format
         as_url = forced == "url" or (forced is None and not family.gpt_image
                                      and body.get("response_format", "url") == "url")

@@ -7,11 +7,13 @@ prompt (ghosts) gets a dark image with a pale shape. With a transparent backgrou
 same figure (a friend's in its own color, "a yellow caterpillar ...") is drawn on pixels
 of alpha 0. `encode()` gives the picture in the requested format and compression, as the
 GPT image models do. Encoded pictures are cached, so a test that generates hundreds of
-images stays fast.
+images stays fast; `Verdicts` remembers which pictures carry the moderation marker, so
+that a picture judged once is not decoded again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from functools import lru_cache
@@ -164,3 +166,36 @@ def is_marked(data: bytes) -> bool:
     # square's pixels are the same, and the whole picture is not copied for 64x64 of it.
     mean = ImageStat.Stat(image.crop(inner).convert("RGB")).mean
     return all(abs(m - want) <= MARK_TOLERANCE for m, want in zip(mean, MARK_RGB, strict=True))
+
+
+# Verdicts a `Verdicts` keeps (32-byte digests): far more than the distinct pictures one
+# fake makes (a few per color, size, format and compression), so none it made is dropped.
+REMEMBERED_VERDICTS = 1024
+
+
+class Verdicts:
+    """`is_marked`, remembered by the sha256 of the picture's bytes.
+
+    The fake judges each picture it generates (`judge` when answering), so that when it
+    comes back to the moderation endpoint (dynamo screens every image) it is a lookup,
+    not a decode. A picture never seen (dynamo re-encoded it, a test made it) is judged
+    from its pixels as before, then remembered too. The verdict is always the pixels'
+    own, also for a picture a test's `png_for` serves. Bytes that are no picture are not
+    remembered: each time they raise ValueError, as `is_marked` does.
+    """
+
+    def __init__(self, capacity: int = REMEMBERED_VERDICTS) -> None:
+        self._capacity = capacity
+        self._marked: dict[bytes, bool] = {}  # insertion order: the oldest go first
+
+    def judge(self, data: bytes) -> bool:
+        """Whether `data` carries the marker; ValueError if it is not a picture."""
+        digest = hashlib.sha256(data).digest()
+        known = self._marked.get(digest)
+        if known is not None:
+            return known
+        verdict = is_marked(data)
+        if len(self._marked) >= self._capacity:
+            del self._marked[next(iter(self._marked))]
+        self._marked[digest] = verdict
+        return verdict

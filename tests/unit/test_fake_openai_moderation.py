@@ -1,17 +1,20 @@
 """The fake OpenAI's moderation endpoint takes what the real one takes (checked with the
 real `openai` client): a string, a list of strings, or text and `image_url` parts with a
 URL or a base64 data URL; it refuses what the real one refuses with a 400, and flags an
-image it generated from a prompt holding its marker word."""
+image it generated from a prompt holding its marker word. A picture it generated is
+judged again without decoding it; one it never made is judged from its pixels."""
 
 from __future__ import annotations
 
 import base64
+import io
 
 import openai
 import pytest
 import trio
+from PIL import Image, ImageDraw
 
-from tests.fakes import FakeOpenAI, fixtures
+from tests.fakes import FakeOpenAI, fixtures, pictures
 from tests.fakes.openai_server import IMAGE_CATEGORIES, IMAGE_MARKER_WORD
 from tests.support.timeouts import FAKES_S as TEST_DEADLINE_S
 
@@ -110,3 +113,54 @@ async def test_two_images_in_one_request_are_refused(fake_openai: FakeOpenAI) ->
     assert caught.value.code == "too_many_images"
     assert "Number of images (2) exceeds maximum of 1" in caught.value.message
     assert text_model.value.param == "model"
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The pictures the fake decodes to look for its mark, from now on."""
+    decoded: list[bytes] = []
+    judge = pictures.is_marked
+
+    def counted(data: bytes) -> bool:
+        decoded.append(data)
+        return judge(data)
+
+    monkeypatch.setattr(pictures, "is_marked", counted)
+    return decoded
+
+
+async def flagged(client, data: bytes, mime: str = "image/jpeg") -> bool:
+    answer = await client.moderations.create(model="omni-moderation-latest", input=[image_part(data, mime)])
+    return answer.results[0].flagged
+
+
+async def test_a_picture_this_fake_generated_is_judged_without_decoding_it(
+        fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with client_for(fake_openai) as client:
+            bad = await generated(client, f"a {IMAGE_MARKER_WORD} seal")
+            good = await generated(client, "a seal")
+            decoded = count_decodes(monkeypatch)  # from here on: the screenings alone
+            verdicts = [await flagged(client, data) for data in (bad, good, bad, good)]
+    assert verdicts == [True, False, True, False]
+    assert decoded == []
+
+
+async def test_a_picture_it_never_made_is_judged_from_its_pixels_once(
+        fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As when dynamo re-encodes a picture: other bytes, the same mark (or none)."""
+    plain = Image.new("RGB", (1024, 1024), (40, 40, 40))
+    painted = plain.copy()
+    ImageDraw.Draw(painted).rectangle(pictures.MARK_BOX, fill=pictures.MARK_RGB)
+    marked_jpeg, plain_jpeg = (_jpeg(image) for image in (painted, plain))
+    decoded = count_decodes(monkeypatch)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with client_for(fake_openai) as client:
+            verdicts = [await flagged(client, data) for data in (marked_jpeg, plain_jpeg, marked_jpeg)]
+    assert verdicts == [True, False, True]
+    assert decoded == [marked_jpeg, plain_jpeg]  # each once: then it is known
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
