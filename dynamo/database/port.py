@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 SCHEMA = importlib.resources.files("dynamo.database") / "schema.sql"
 # A few connections suffice: every stage holds one only for a single short statement.
 POOL_MAX_SIZE = 8
+# asyncpg closes a connection idle for 300 s by default, which costs a timer scheduled on
+# every release and cancelled on the next acquire: through trio-asyncio, one more turn of
+# the bridge's loop per statement (and a heap of cancelled timers). Eight connections
+# kept open cost the server nothing worth that.
+POOL_INACTIVE_LIFETIME_S = 0  # never closed for being idle
 # How long startup waits for the database to come up before it gives up.
 STARTUP_CONNECT_S = 60.0
 # Lets several dynamo processes apply the schema at once without deadlocking.
@@ -509,6 +514,7 @@ async def open_database(dsn: str) -> AsyncIterator[Database]:
             dsn,
             min_size=1,
             max_size=POOL_MAX_SIZE,
+            max_inactive_connection_lifetime=POOL_INACTIVE_LIFETIME_S,
             init=_init_connection,
             reset=_keep_session,
         ),
