@@ -169,7 +169,7 @@ class Budget:
         # unknown, until an outcome of that kind comes back.
         self._probing: dict[CallKind, float] = {}
         self._reserved: dict[CallKind, deque[_Reserved]] = {}
-        self._lapsed: dict[CallKind, list[uuid.UUID]] = {}  # given back by the next step
+        self._lapsed: dict[CallKind, list[uuid.UUID | None]] = {}  # given back by the next step
         self._handed: dict[CallKind, deque[float]] = {}  # trio times of permits handed out
         self._paced_until: dict[CallKind, float] = {}  # after the last reserved permit's time
 

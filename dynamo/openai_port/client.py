@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any, Generic, Protocol, TypeVar
@@ -153,9 +154,9 @@ class OpenAIGenerator:
         """Whether the moderation endpoint flags `text`."""
         with _classified():
             raw = await self._client.moderations.with_raw_response.create(input=text)
-            result = raw.parse()
-        flagged = any(r.flagged for r in result.results)
-        return Answer(flagged, dict(raw.headers), model=result.model)
+        results, model = _moderation_results(raw.content)
+        flagged = any(result["flagged"] for result in results)
+        return Answer(flagged, dict(raw.headers), model=model)
 
     async def moderate_image(self, data: bytes) -> Answer[ImageVerdict]:
         """Whether the moderation endpoint flags the image `data` (sent as a data URL)."""
@@ -167,16 +168,15 @@ class OpenAIGenerator:
             raw = await self._client.moderations.with_raw_response.create(
                 model=IMAGE_MODERATION_MODEL, input=[part]
             )
-            result = raw.parse()
+        results, model = _moderation_results(raw.content)
         flagged: dict[str, list[str]] = {}
-        for judged in result.results:
-            categories = judged.categories.model_dump(by_alias=True)
-            applied = judged.category_applied_input_types.model_dump(by_alias=True)
-            for name, hit in categories.items():
+        for judged in results:
+            applied = judged.get("category_applied_input_types") or {}
+            for name, hit in (judged.get("categories") or {}).items():
                 if hit:
                     flagged[name] = list(applied.get(name) or [])
-        verdict = ImageVerdict(any(r.flagged for r in result.results), flagged)
-        return Answer(verdict, dict(raw.headers), model=result.model)
+        verdict = ImageVerdict(any(result["flagged"] for result in results), flagged)
+        return Answer(verdict, dict(raw.headers), model=model)
 
     async def name(self, prompt: str, *, attempt: int = 0) -> Answer[NameAnswer]:
         """A friend's name; `attempt` 1 gives a reasoning model more room to answer in."""
@@ -231,6 +231,22 @@ class OpenAIGenerator:
         with trio.move_on_after(5, shield=True):
             await self._client.close()
             await self._downloads.aclose()
+
+
+def _moderation_results(content: bytes) -> tuple[list[dict[str, Any]], str | None]:
+    """A moderation answer's `results` and `model`, read from its JSON as sent: the SDK's
+    typed model of it (three objects of 13 categories a result) cost more CPU than the
+    whole rest of a moderation call, and only `flagged`, the categories and the input
+    types they applied to are read. An answer without them is the API's fault: Transient."""
+    try:
+        answer = json.loads(content)
+        results = answer["results"]
+        if not results or not all(isinstance(result["flagged"], bool) for result in results):
+            raise ValueError("no verdict")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Transient(f"the moderation API answered without results ({exc})") from None
+    model = answer.get("model")
+    return results, model if isinstance(model, str) else None
 
 
 class _classified:
