@@ -318,3 +318,44 @@ async def test_an_opaque_answer_to_a_transparent_request_is_keyed_and_learned(fa
     assert after.value.transparent is False
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "opaque image" in warning
+
+
+async def test_moderation_verdicts_are_read_from_the_answer(fake_openai):
+    """Text and image moderation, read from the answer's JSON: the verdict, the model, and
+    for an image the categories flagged with the input types the API judged them on."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        generator = port(fake_openai)
+        flagged = await generator.moderate("a forbidden seal")
+        clean = await generator.moderate("a seal")
+        gruesome = await generator.image(ImageOrder(
+            Style.GHOST, prompts.ghost_prompt("a gruesome seal"), VIEWER_ID))
+        plain = await generator.image(GHOST)
+        image_flagged = await generator.moderate_image(gruesome.value.data)
+        image_clean = await generator.moderate_image(plain.value.data)
+        await generator.aclose()
+    assert flagged.value is True and clean.value is False
+    assert flagged.model and flagged.model.startswith("omni-moderation")
+    assert image_flagged.value.flagged and not image_clean.value.flagged
+    assert image_flagged.value.categories == {"violence": ["image"],
+                                              "violence/graphic": ["image"]}
+    assert image_clean.value.categories == {}
+    assert image_flagged.model.startswith("omni-moderation")
+
+
+@pytest.mark.parametrize("body", [
+    {"id": "modr-1", "model": "omni-moderation-latest", "results": []},
+    {"id": "modr-1", "model": "omni-moderation-latest"},
+    {"id": "modr-1", "results": [{"categories": {}}]},
+])
+async def test_a_moderation_answer_without_a_verdict_is_transient(body):
+    generator = OpenAIGenerator(api_key="sk-test", base_url=None,
+                                image_model="gpt-image-2.6-flare", text_model="gpt-6-luna")
+    generator._client = openai.AsyncOpenAI(
+        api_key="sk-test", max_retries=0,
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(
+            lambda request: httpx2.Response(200, json=body))))
+    with pytest.raises(Transient, match="without results"):
+        await generator.moderate("a seal")
+    with pytest.raises(Transient, match="without results"):
+        await generator.moderate_image(b"\x89PNG")
+    await generator.aclose()
