@@ -1,6 +1,7 @@
 """The image screen: every generated image is judged before anyone can see it.
 
-Receives jobs on `screen_recv` at step GENERATED (the raw image is in the database). With
+Receives jobs on `screen_recv` at step GENERATED (the raw image is in the database, and
+in hand from the generator: read from the database only for a resumed job). With
 DYNAMO_IMAGE_MODERATION on, the image goes to the moderation endpoint as a data URL (a
 text permit from the rate limiter first, like any moderation call; its cost recorded).
 Flagged: the request fails as rejected (`finalize_send`, refunded), its bytes are
@@ -109,7 +110,10 @@ async def _screen(screen: _Screen, job: Job) -> str:
 
 async def _judge(screen: _Screen, job: Job) -> str:
     pipeline = screen.pipeline
-    raw = await pipeline.db.load_generated(job.id)
+    # In hand from the generator (left there for the uploader), or stored, if resumed.
+    raw = job.generated
+    if raw is None:
+        raw = await pipeline.db.load_generated(job.id)
     if raw is None:
         await pipeline.fail(job, failure(Reason.ERROR, "generated image missing"))
         return "failed"
@@ -140,6 +144,7 @@ async def _judge(screen: _Screen, job: Job) -> str:
         if not answer.value.flagged:
             return "passed"
         metrics.IMAGES_FLAGGED.inc()
+        job.generated = None  # never to be stored
         detail = f"moderation flagged the generated image: {answer.value.describe()}"
         moved = await pipeline.fail(job, failure(Reason.REJECTED, detail))
         await ApprovalQueries(pipeline.db).flag_image(job.id)

@@ -41,7 +41,7 @@ from dynamo.database.port import _ADVANCE_COLUMNS, REQUEST_COLUMNS
 from dynamo.domain import prompts
 from dynamo.domain.jobs import Step, Style, state_for
 from dynamo.inflight.pipeline import Pipeline
-from dynamo.openai_port.client import Answer, GeneratedImage, NameAnswer
+from dynamo.openai_port.client import Answer, GeneratedImage, ImageVerdict, NameAnswer
 from dynamo.openai_port.dialect import ImageOrder
 from dynamo.openai_port.errors import classify_openai
 from dynamo.supervision import retry
@@ -94,6 +94,7 @@ class MemoryDatabase(_Observable):
         self.answers: dict[uuid.UUID, dict[str, str]] = {}  # dynamo.answer: prompt, value
         self.images: dict[uuid.UUID, dict[str, str]] = {}  # dynamo.image index 0: url, color
         self.generated: dict[uuid.UUID, bytes] = {}  # dynamo.generated_image
+        self.generated_loads: list[uuid.UUID] = []  # each load_generated's request id
         self.advances: list[tuple[uuid.UUID, Step, Step, bool]] = []  # (id, from, to, moved)
         self.openai_calls: list[dict[str, Any]] = []  # dynamo.openai_call, through `execute`
 
@@ -270,6 +271,7 @@ class MemoryDatabase(_Observable):
 
     async def load_generated(self, request_id: uuid.UUID) -> bytes | None:
         await trio.lowlevel.checkpoint()
+        self.generated_loads.append(request_id)
         return self.generated.get(request_id)
 
     async def save_image(self, request_id: uuid.UUID, url: str, color: str) -> bool:
@@ -581,8 +583,8 @@ class FakeGenerator(_Observable):
     error classes (`openai_errors.classify_openai`).
 
     `calls` records every attempt as (operation, argument): the moderated text, the name
-    prompt, or the image prompt and user; `orders` the image calls' `ImageOrder`s and
-    `name_attempts` the names' `attempt` argument.
+    prompt, the image prompt and user, or the screened image's bytes; `orders` the image
+    calls' `ImageOrder`s and `name_attempts` the names' `attempt` argument.
     """
 
     offline = False
@@ -595,7 +597,8 @@ class FakeGenerator(_Observable):
                  image_tokens: int = 0) -> None:
         super().__init__()
         self.defaults = {"moderate": flagged, "name": name,
-                         "image": image if image is not None else solid_png((12, 10, 18))}
+                         "image": image if image is not None else solid_png((12, 10, 18)),
+                         "moderate_image": ImageVerdict(False)}
         self.headers = headers or {"x-ratelimit-remaining-requests": "99"}
         self.scripts: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.calls: list[tuple[str, Any]] = []
@@ -603,7 +606,8 @@ class FakeGenerator(_Observable):
         self.name_attempts: list[int] = []
         self.image_tokens = image_tokens
         # The `usage` each operation's answers carry (None: none, as moderation).
-        self.usage: dict[str, dict | None] = {"moderate": None, "name": None, "image": None}
+        self.usage: dict[str, dict | None] = {"moderate": None, "name": None, "image": None,
+                                              "moderate_image": None}
 
     def expected_image_tokens(self) -> int:
         return self.image_tokens
@@ -635,6 +639,9 @@ class FakeGenerator(_Observable):
 
     async def moderate(self, text: str) -> Answer[bool]:
         return await self._answer("moderate", text, "omni-moderation-latest")
+
+    async def moderate_image(self, data: bytes) -> Answer[ImageVerdict]:
+        return await self._answer("moderate_image", data, "omni-moderation-latest")
 
     async def name(self, prompt: str, *, attempt: int = 0) -> Answer[NameAnswer]:
         self.name_attempts.append(attempt)
