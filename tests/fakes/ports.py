@@ -38,6 +38,7 @@ import trio
 from PIL import Image
 
 from dynamo.database.port import _ADVANCE_COLUMNS, REQUEST_COLUMNS
+from dynamo.database.spend_store import CallCost
 from dynamo.domain import prompts
 from dynamo.domain.jobs import Step, Style, state_for
 from dynamo.inflight.pipeline import Pipeline
@@ -96,7 +97,8 @@ class MemoryDatabase(_Observable):
         self.generated: dict[uuid.UUID, bytes] = {}  # dynamo.generated_image
         self.generated_loads: list[uuid.UUID] = []  # each load_generated's request id
         self.advances: list[tuple[uuid.UUID, Step, Step, bool]] = []  # (id, from, to, moved)
-        self.openai_calls: list[dict[str, Any]] = []  # dynamo.openai_call, through `execute`
+        # dynamo.openai_call: rows written by themselves (FakeSpend.write) or with a step
+        self.openai_calls: list[dict[str, Any]] = []
 
     # -- what tests use to set up and to look -----------------------------------------
 
@@ -184,13 +186,26 @@ class MemoryDatabase(_Observable):
     # -- pipeline ---------------------------------------------------------------------
 
     async def advance(self, request_id: uuid.UUID, from_steps: Iterable[Step], to_step: Step,
-                      **fields: Any) -> bool:
+                      *, costs: Iterable[CallCost] = (), **fields: Any) -> bool:
         from_steps = [Step(step) for step in from_steps]
         for column in fields:
             if column not in _ADVANCE_COLUMNS:
                 raise ValueError(f"advance() cannot set {column}")
         await trio.lowlevel.checkpoint()
+        self.record_calls(costs)  # moved or not, as the real statement
         return self._advance_now(request_id, from_steps, to_step, fields)
+
+    def record_calls(self, costs: Iterable[CallCost]) -> None:
+        """dynamo.openai_call's rows for `costs`, each once (known by its request, kind and
+        time), as `dynamo.database.spend_store` writes them."""
+        for cost in costs:
+            if not any(call["image_request_id"] == cost.request_id and call["kind"] == cost.kind
+                       and call["created_at"] == cost.answered_at for call in self.openai_calls):
+                self.openai_calls.append({
+                    "image_request_id": cost.request_id, "kind": cost.kind, "model": cost.model,
+                    "usage": cost.usage, "cost_usd": cost.cost_usd,
+                    "created_at": cost.answered_at})
+                self._notify()
 
     def _advance_now(self, request_id, from_steps, to_step: Step, fields: dict) -> bool:
         row = self.requests.get(request_id)
@@ -256,9 +271,11 @@ class MemoryDatabase(_Observable):
             self._notify()
 
     async def save_generated(
-        self, request_id: uuid.UUID, data: bytes, prompt: str | None = None
+        self, request_id: uuid.UUID, data: bytes, prompt: str | None = None, *,
+        costs: Iterable[CallCost] = ()
     ) -> bool:
         await trio.lowlevel.checkpoint()
+        self.record_calls(costs)  # moved or not: the image was paid for
         row = self.requests.get(request_id)
         if row is None or row["step"] != Step.GENERATING.value:
             return False
@@ -662,22 +679,30 @@ class FakeGenerator(_Observable):
 
 
 class FakeSpend:
-    """The spend port: calls recorded in `calls` (and the database's `openai_calls`), a
-    budget that is reached when the test says so (`reached`)."""
+    """The spend port: free calls. Those counted once written are in `calls` (rows written
+    by themselves also in the database's `openai_calls`; a step write puts its own there);
+    a budget that is reached when the test says so (`reached`)."""
 
     def __init__(self, db: MemoryDatabase | None = None) -> None:
         self.db = db
         self.calls: list[tuple[uuid.UUID, str, str | None, dict | None]] = []
+        self.alone: list[CallCost] = []  # the rows written by themselves (`write`)
         self.reached = False
         self.checks = 0
 
-    async def record(self, request_id: uuid.UUID, kind: str, answer) -> float:
+    def row(self, request_id: uuid.UUID, kind: str, answer) -> CallCost:
+        return CallCost(request_id, kind, answer.model, answer.usage, 0.0, _utcnow())
+
+    async def write(self, costs: Iterable[CallCost]) -> None:
         await trio.lowlevel.checkpoint()
-        self.calls.append((request_id, kind, answer.model, answer.usage))
+        costs = list(costs)
+        self.alone.extend(costs)
         if self.db is not None:
-            self.db.openai_calls.append({"image_request_id": request_id, "kind": kind,
-                                         "model": answer.model, "cost_usd": 0.0})
-        return 0.0
+            self.db.record_calls(costs)
+        self.counted(costs)
+
+    def counted(self, costs: Iterable[CallCost]) -> None:
+        self.calls.extend((cost.request_id, cost.kind, cost.model, cost.usage) for cost in costs)
 
     async def paused(self) -> bool:
         await trio.lowlevel.checkpoint()
