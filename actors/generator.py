@@ -10,7 +10,11 @@ before it can be stored). Failures go on `finalize_send` for a refund.
 
 Every OpenAI call goes through `openai_call.call_openai` (a permit from the rate limiter
 first, its outcome reported after, transient errors retried within the request's
-deadline) and is recorded with its model, usage and cost (`spend`). While today's spend
+deadline) and is recorded with its model, usage and cost (`spend`): in the same statement
+as the step write that follows it (the moderation's and a friend's name's with RESERVED →
+SCREENED, the image's with GENERATING → GENERATED), written even if the request moved on
+meanwhile; a call that no step write follows (a flagged subject, a name that failed)
+has its cost written by itself before the request fails. While today's spend
 is at the daily budget, requests fail at once as `error` with a sentence saying image
 alerts are paused for today (refunded); the budget is checked again right before the
 image is paid for. A reasoning model that leaves no room for the name is asked once more
@@ -19,7 +23,10 @@ name on stream.
 
 The request's deadline bounds the waits (for a permit, for OpenAI's answer), never the
 writes of what was already paid for: an image bought before the deadline is stored, and
-every answered call's cost recorded, however long the database takes to come back.
+every answered call's cost recorded, however long the database takes to come back (the
+writes wait outages out, so no call is made again for want of a write; a cost is
+written once however often its write is tried). On shutdown, costs not written yet get
+`LEFT_COSTS_S` more.
 
 On shutdown or crash, a job in hand is resumed from its persisted step: a screened
 request is not moderated again, a generated image is not bought again.
@@ -33,6 +40,7 @@ import logging
 import trio
 
 from dynamo import metrics
+from dynamo.database.spend_store import CallCost
 from dynamo.domain import prompts
 from dynamo.domain.jobs import Failure, Job, Reason, Step, Style
 from dynamo.domain.viewer_messages import failure
@@ -50,6 +58,9 @@ ACTOR = "generator"
 # Asks for a friend's name: the first, and one more with more room (dialect.NAME_ROOM).
 NAME_ATTEMPTS = 2
 BUDGET_PAUSED_MESSAGE = "Image alerts are paused for today. No points were spent."
+# How long a job that is going down (shutdown, a bug) still tries to write the costs of
+# its answered calls: a row is small, the database is usually there.
+LEFT_COSTS_S = 5.0
 
 
 async def run(
@@ -97,9 +108,9 @@ class _Worker:
         self.spend = spend
         self.max_attempts = max_attempts
 
-    async def call(self, job: Job, kind: CallKind, what: str, fn, **kwargs):
+    async def call(self, job: Job, paid: list[CallCost], kind: CallKind, what: str, fn, **kwargs):
         """The call's answer; raises _DeadlinePassed if the request's deadline came first.
-        Its cost is recorded outside the deadline's scope: it was paid for."""
+        Its cost joins `paid`, for the write that follows, which no deadline bounds."""
         answer = None
         with trio.move_on_at(job.deadline):
             answer = await call_openai(
@@ -114,12 +125,40 @@ class _Worker:
         if answer is None:
             raise _DeadlinePassed()
         if self.spend is not None and answer.model is not None:
-            # Paid for: a database outage must not make the step run (and pay) again.
-            await outages.patiently(
-                self.pipeline.dependencies,
-                functools.partial(self.spend.record, job.id, what, answer),
-            )
+            paid.append(self.spend.row(job.id, what, answer))
         return answer
+
+    async def write_step(self, job: Job, paid: list[CallCost], write, *, done_at) -> bool:
+        """`write(costs=...)`, a step's compare-and-set that also writes the costs in
+        `paid` (moved or not), until the database takes it: an outage never makes the
+        step run, and pay, again. Whether it moved the request (`patient_write`)."""
+        costs = list(paid)
+        moved = await outages.patient_write(
+            self.pipeline.dependencies,
+            self.pipeline,
+            job.id,
+            functools.partial(write, costs=costs),
+            done_at=done_at,
+        )
+        del paid[: len(costs)]
+        if self.spend is not None:
+            self.spend.counted(costs)
+        return moved
+
+    async def write_costs(self, paid: list[CallCost]) -> None:
+        """The costs in `paid` written by themselves: no step write follows their calls."""
+        if self.spend is None or not paid:
+            return
+        costs = list(paid)
+        await outages.patiently(
+            self.pipeline.dependencies, functools.partial(self.spend.write, costs)
+        )
+        del paid[: len(costs)]
+
+    async def fail(self, job: Job, paid: list[CallCost], failed: Failure) -> bool:
+        """The request fails (`Pipeline.fail`) once what its calls cost is written."""
+        await self.write_costs(paid)
+        return await self.pipeline.fail(job, failed)
 
     async def budget_reached(self) -> bool:
         return self.spend is not None and await self.spend.paused()
@@ -127,6 +166,21 @@ class _Worker:
 
 async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
     """Returns "generated", "failed" or "dropped" (cancelled meanwhile)."""
+    paid: list[CallCost] = []  # answered calls whose cost no write has taken yet
+    try:
+        outcome = await _generate_paying(worker, job, paid, moderation)
+    except BaseException:
+        # Going down (shutdown, a bug): the calls were paid for all the same.
+        with trio.move_on_after(LEFT_COSTS_S, shield=True):
+            await worker.write_costs(paid)
+        raise
+    await worker.write_costs(paid)  # every way out wrote them already: this only makes sure
+    return outcome
+
+
+async def _generate_paying(
+    worker: _Worker, job: Job, paid: list[CallCost], moderation: bool
+) -> str:
     pipeline, generator = worker.pipeline, worker.generator
     try:
         if trio.current_time() >= job.deadline:
@@ -137,11 +191,12 @@ async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
             # The list may have grown since the ledger looked: refunded if so.
             if blocked := await pipeline.reject_if_blocked(job):
                 return blocked
-            if not await _screen(worker, job, moderation):
+            if not await _screen(worker, job, paid, moderation):
                 return "failed" if job.failure else "dropped"
         started = trio.current_time()
         answer = await worker.call(
             job,
+            paid,
             CallKind.IMAGE,
             IMAGE,
             functools.partial(generator.image, _image_order(job)),
@@ -150,30 +205,30 @@ async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
         )
         metrics.STEP_SECONDS.labels("generate").observe(trio.current_time() - started)
     except _DeadlinePassed:
-        await pipeline.fail(job, failure(Reason.EXPIRED, "deadline passed while generating"))
+        await worker.fail(job, paid, failure(Reason.EXPIRED, "deadline passed while generating"))
         return "failed"
     except _Dropped:
         return "dropped"
     except _BudgetReached:
         paused = Failure(Reason.ERROR, BUDGET_PAUSED_MESSAGE, "daily OpenAI budget reached")
-        await pipeline.fail(job, paused)
+        await worker.fail(job, paid, paused)
         return "failed"
     except retry.ContentRejected as exc:
-        await pipeline.fail(job, failure(Reason.REJECTED, f"image API refused: {exc}"))
+        await worker.fail(job, paid, failure(Reason.REJECTED, f"image API refused: {exc}"))
         return "failed"
     except retry.GaveUp as exc:
         reason = Reason.EXPIRED if exc.reason == "deadline" else Reason.ERROR
-        await pipeline.fail(job, failure(reason, f"OpenAI: {exc}"))
+        await worker.fail(job, paid, failure(reason, f"OpenAI: {exc}"))
         return "failed"
     except retry.Permanent as exc:
-        await pipeline.fail(job, failure(Reason.ERROR, f"OpenAI: {exc}"))
+        await worker.fail(job, paid, failure(Reason.ERROR, f"OpenAI: {exc}"))
         return "failed"
     image = answer.value
-    # The image is paid for: its bytes are kept in hand until the database takes them.
-    saved = await outages.patient_write(
-        pipeline.dependencies,
-        pipeline,
-        job.id,
+    # The image is paid for: its bytes are kept in hand until the database takes them,
+    # with its cost (written even if the request was cancelled meanwhile).
+    saved = await worker.write_step(
+        job,
+        paid,
         functools.partial(pipeline.db.save_generated, job.id, image.data, image.prompt),
         done_at=(Step.GENERATED,),
     )
@@ -190,35 +245,42 @@ async def _generate(worker: _Worker, job: Job, *, moderation: bool) -> str:
     return "generated"
 
 
-async def _screen(worker: _Worker, job: Job, moderation: bool) -> bool:
-    """Moderation, then a friend's name; persists SCREENED. False if the job stops here."""
+async def _screen(worker: _Worker, job: Job, paid: list[CallCost], moderation: bool) -> bool:
+    """Moderation, then a friend's name; persists SCREENED with what they cost. False if
+    the job stops here."""
     pipeline, generator = worker.pipeline, worker.generator
     started = trio.current_time()
     if moderation:
         subject = job.inputs.get("subject", "")
         moderate = functools.partial(generator.moderate, subject)
-        flagged = await worker.call(job, CallKind.TEXT, MODERATION, moderate)
+        flagged = await worker.call(job, paid, CallKind.TEXT, MODERATION, moderate)
         if flagged.value:
-            await pipeline.fail(job, failure(Reason.REJECTED, "moderation flagged the subject"))
+            rejected = failure(Reason.REJECTED, "moderation flagged the subject")
+            await worker.fail(job, paid, rejected)
             return False
     if job.style is Style.FRIEND and not job.name:
         name_prompt = prompts.name_prompt(job.inputs["subject"])
-        job.name = await _name(worker, job, name_prompt)
-        await pipeline.db.save_name(job.id, name_prompt, job.name)
-    if not await pipeline.db.advance(job.id, [Step.RESERVED], Step.SCREENED):
+        job.name = await _name(worker, job, paid, name_prompt)
+        # Kept once (insert where none is), so it may be tried again as it is.
+        await outages.patiently(
+            pipeline.dependencies,
+            functools.partial(pipeline.db.save_name, job.id, name_prompt, job.name),
+        )
+    screened = functools.partial(pipeline.db.advance, job.id, [Step.RESERVED], Step.SCREENED)
+    if not await worker.write_step(job, paid, screened, done_at=(Step.SCREENED,)):
         return False
     metrics.STEP_SECONDS.labels("screen").observe(trio.current_time() - started)
     job.step = Step.SCREENED
     return True
 
 
-async def _name(worker: _Worker, job: Job, name_prompt: str) -> str:
+async def _name(worker: _Worker, job: Job, paid: list[CallCost], name_prompt: str) -> str:
     """The model's name for the friend; if it gives none (empty, or cut off by the token
     limit) twice, a name made from the subject."""
     from_subject = prompts.name_from_subject(job.inputs.get("subject", ""))
     for attempt in range(NAME_ATTEMPTS):
         ask = functools.partial(worker.generator.name, name_prompt, attempt=attempt)
-        answer = await worker.call(job, CallKind.TEXT, NAME, ask)
+        answer = await worker.call(job, paid, CallKind.TEXT, NAME, ask)
         if answer.value.complete:
             return prompts.clean_name(answer.value.text, fallback=from_subject)
         log.info(

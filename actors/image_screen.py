@@ -1,8 +1,10 @@
 """The image screen: every generated image is judged before anyone can see it.
 
-Receives jobs on `screen_recv` at step GENERATED (the raw image is in the database). With
+Receives jobs on `screen_recv` at step GENERATED (the raw image is in the database, and
+in hand from the generator: read from the database only for a resumed job). With
 DYNAMO_IMAGE_MODERATION on, the image goes to the moderation endpoint as a data URL (a
-text permit from the rate limiter first, like any moderation call; its cost recorded).
+text permit from the rate limiter first, like any moderation call; its cost recorded, by
+itself: no step write follows it at once).
 Flagged: the request fails as rejected (`finalize_send`, refunded), its bytes are
 dropped, nothing is stored, published or shown. Passed, and with DYNAMO_APPROVAL on: the
 request moves to AWAITING_APPROVAL and leaves the pipeline (no worker, no permit held;
@@ -109,11 +111,15 @@ async def _screen(screen: _Screen, job: Job) -> str:
 
 async def _judge(screen: _Screen, job: Job) -> str:
     pipeline = screen.pipeline
-    raw = await pipeline.db.load_generated(job.id)
+    # In hand from the generator (left there for the uploader), or stored, if resumed.
+    raw = job.generated
+    if raw is None:
+        raw = await pipeline.db.load_generated(job.id)
     if raw is None:
         await pipeline.fail(job, failure(Reason.ERROR, "generated image missing"))
         return "failed"
     started = trio.current_time()
+    answer = None
     with trio.move_on_at(job.deadline):
         try:
             answer = await call_openai(
@@ -131,18 +137,22 @@ async def _judge(screen: _Screen, job: Job) -> str:
         except retry.CallError as exc:
             await pipeline.fail(job, failure(Reason.ERROR, f"image not screened: {exc}"))
             return "failed"
-        if screen.spend is not None and answer.model is not None:
-            await outages.patiently(
-                pipeline.dependencies,
-                functools.partial(screen.spend.record, job.id, IMAGE_MODERATION, answer),
-            )
-        metrics.STEP_SECONDS.labels("screen_image").observe(trio.current_time() - started)
-        if not answer.value.flagged:
-            return "passed"
-        metrics.IMAGES_FLAGGED.inc()
-        detail = f"moderation flagged the generated image: {answer.value.describe()}"
-        moved = await pipeline.fail(job, failure(Reason.REJECTED, detail))
-        await ApprovalQueries(pipeline.db).flag_image(job.id)
-        return "failed" if moved else "dropped"
-    await pipeline.fail(job, failure(Reason.EXPIRED, "deadline passed while screening the image"))
-    return "failed"
+    if answer is None:
+        expired = failure(Reason.EXPIRED, "deadline passed while screening the image")
+        await pipeline.fail(job, expired)
+        return "failed"
+    if screen.spend is not None and answer.model is not None:
+        # Answered, so written past the deadline too; the row is built once, so a write
+        # tried again after an outage writes it once.
+        cost = screen.spend.row(job.id, IMAGE_MODERATION, answer)
+        write = functools.partial(screen.spend.write, [cost])
+        await outages.patiently(pipeline.dependencies, write)
+    metrics.STEP_SECONDS.labels("screen_image").observe(trio.current_time() - started)
+    if not answer.value.flagged:
+        return "passed"
+    metrics.IMAGES_FLAGGED.inc()
+    job.generated = None  # never to be stored
+    detail = f"moderation flagged the generated image: {answer.value.describe()}"
+    moved = await pipeline.fail(job, failure(Reason.REJECTED, detail))
+    await ApprovalQueries(pipeline.db).flag_image(job.id)
+    return "failed" if moved else "dropped"

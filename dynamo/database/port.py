@@ -3,7 +3,10 @@
 Each public method is a Trio coroutine; the asyncpg work runs as one asyncio coroutine
 through `aio_as_trio`, so a transaction never spans a Trio checkpoint. Step changes are
 compare-and-set (`advance`): a stage moves a request only from the step it expects, so a
-duplicate or a cancelled request is noticed instead of processed twice.
+duplicate or a cancelled request is noticed instead of processed twice. A step write can
+carry the costs of the OpenAI calls made just before it (`costs`: `spend_store.CallCost`s),
+written in the same statement whether the step moves or not (they were paid for), and
+never twice (`dynamo.database.spend_store`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from trio_asyncio import aio_as_trio
 
 from dynamo.database import changes as db_events
 from dynamo.database import reads as db_reads
+from dynamo.database import spend_store
 from dynamo.database.errors import DatabaseUnavailable, DataRejected, driver_errors_mapped
 from dynamo.domain.jobs import Step, state_for
 from dynamo.supervision.retry import connect_at_startup
@@ -221,14 +225,17 @@ class Database:
         request_id: uuid.UUID,
         from_steps: Iterable[Step],
         to_step: Step,
+        *,
+        costs: Sequence[spend_store.CallCost] = (),
         **fields: Any,
     ) -> bool:
-        """Moves the request to `to_step` iff it is at one of `from_steps`."""
+        """Moves the request to `to_step` iff it is at one of `from_steps`; writes `costs`
+        in the same statement, moved or not."""
         failed = to_step in (Step.FAILING, Step.REFUNDED) or (
             to_step is Step.DONE and "failure_reason" in fields
         )
         return await self._run(
-            _advance, request_id, [s.value for s in from_steps], to_step, failed, fields
+            _advance, request_id, [s.value for s in from_steps], to_step, failed, fields, costs
         )
 
     async def record_late_flow(self, request_id: uuid.UUID, flow_id: str) -> bool:
@@ -260,11 +267,20 @@ class Database:
         )
 
     async def save_generated(
-        self, request_id: uuid.UUID, data: bytes, prompt: str | None = None
+        self,
+        request_id: uuid.UUID,
+        data: bytes,
+        prompt: str | None = None,
+        *,
+        costs: Sequence[spend_store.CallCost] = (),
     ) -> bool:
-        """Keeps the raw image and moves generating → generated, in one transaction;
-        `prompt` (the one the image was asked with) replaces the stored prompt."""
-        return await self._run(_save_generated, request_id, data, prompt)
+        """Keeps the raw image and moves generating → generated, in one statement;
+        `prompt` (the one the image was asked with) replaces the stored prompt. `costs`
+        (the image call's) are written with it, also when the request moved on meanwhile
+        (cancelled): the image was paid for."""
+        return await self._run(
+            _save_generated, request_id, data, prompt, spend_store.calls_param(costs)
+        )
 
     async def load_generated(self, request_id: uuid.UUID) -> bytes | None:
         return await self.fetchval(
@@ -387,7 +403,9 @@ async def _apply_schema(pool: asyncpg.Pool, schema_sql: str) -> None:
             await conn.execute(schema_sql)
 
 
-async def _advance(pool, request_id, from_steps, to_step: Step, failed: bool, fields: dict) -> bool:
+async def _advance(
+    pool, request_id, from_steps, to_step: Step, failed: bool, fields: dict, costs
+) -> bool:
     assignments = ["step = $3", "state = $4", "updated_at = now()"]
     args: list[Any] = [request_id, from_steps, to_step.value, state_for(to_step, failed).value]
     if to_step is Step.DONE and not failed:
@@ -408,8 +426,17 @@ async def _advance(pool, request_id, from_steps, to_step: Step, failed: bool, fi
         f"update dynamo.image_request set {', '.join(assignments)} "
         "where id = $1 and step = any($2::text[])"
     )
-    status = await pool.execute(sql, *args)
-    return status.endswith(" 1")
+    if not costs:
+        status = await pool.execute(sql, *args)
+        return status.endswith(" 1")
+    # One statement: the move, and the calls' costs whether it moves or not.
+    args.append(spend_store.calls_param(costs))
+    sql = (
+        f"with moved as ({sql} returning id), "
+        f"paid as ({spend_store.insert_calls_sql(len(args))}) "
+        "select count(*) from moved"
+    )
+    return await pool.fetchval(sql, *args) == 1
 
 
 # Columns a step may set as it advances; anything else is a programming error.
@@ -430,8 +457,9 @@ _ADVANCE_COLUMNS = frozenset(
 
 
 # One statement each (atomic, one round trip instead of BEGIN, two or three, COMMIT):
-# the step moves only from the one expected, and the rest follows only if it moved.
-_SAVE_GENERATED_SQL = """
+# the step moves only from the one expected, and the rest follows only if it moved; the
+# image call's cost ($4) is written either way.
+_SAVE_GENERATED_SQL = f"""
     with moved as (
         update dynamo.image_request set step = 'generated', updated_at = now(),
                prompt = coalesce($2, prompt)
@@ -441,7 +469,7 @@ _SAVE_GENERATED_SQL = """
         insert into dynamo.generated_image (image_request_id, data)
         select id, $3 from moved
         on conflict (image_request_id) do update set data = excluded.data
-    )
+    ), paid as ({spend_store.insert_calls_sql(4)})
     select count(*) from moved
 """
 
@@ -463,8 +491,8 @@ _SAVE_IMAGE_SQL = """
 """
 
 
-async def _save_generated(pool, request_id, data: bytes, prompt: str | None) -> bool:
-    return await pool.fetchval(_SAVE_GENERATED_SQL, request_id, prompt, data) == 1
+async def _save_generated(pool, request_id, data: bytes, prompt: str | None, costs) -> bool:
+    return await pool.fetchval(_SAVE_GENERATED_SQL, request_id, prompt, data, costs) == 1
 
 
 async def _save_image(pool, request_id, url: str, color: str) -> bool:

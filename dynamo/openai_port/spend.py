@@ -2,6 +2,13 @@
 (`dynamo.openai_call`), spend today and this month, and the daily budget. The SQL is
 `dynamo.database.spend_store`'s.
 
+Each answered call becomes a row (`row`, priced here) that is written by itself (`write`)
+or by the step write that follows the call, in the same statement (`dynamo.database.port`);
+either way the spend metric counts it once the write went through (`counted`). A row is
+written once however often its write is tried (`dynamo.database.spend_store`), so a
+write cut off by an outage is simply tried again: the call, already paid for, is never
+made again for want of its cost being stored.
+
 Spend is summed from the database, not counted in memory, so that every process sharing
 the database shares one budget (`DYNAMO_DAILY_BUDGET_USD`). Days and months are UTC. Once
 today's spend reaches the budget no new image is bought until midnight UTC: `paused()`
@@ -14,11 +21,12 @@ import datetime
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from dynamo import metrics
 from dynamo.database import spend_store
 from dynamo.database.port import iso
+from dynamo.database.spend_store import CallCost
 from dynamo.openai_port.pricing import PriceTable
 
 log = logging.getLogger(__name__)
@@ -47,13 +55,25 @@ class Spend:
         self._now = now
         self._warned_day: datetime.date | None = None
 
-    async def record(self, request_id: uuid.UUID, kind: str, answer) -> float:
-        """Stores one answered call (an `Answer` with its model and usage); its USD cost."""
+    def row(self, request_id: uuid.UUID, kind: str, answer) -> CallCost:
+        """The row of one answered call (an `Answer` with its model and usage), priced,
+        stamped with the wall clock's time now (the answer's): build it once, as the
+        answer comes, and write that same row however often the write is tried."""
         model = answer.model or "unknown"
         cost = self.prices.cost_usd(model, answer.usage)
-        await spend_store.record_call(self.db, request_id, kind, model, answer.usage or {}, cost)
-        metrics.OPENAI_SPEND_USD.labels(model, kind).inc(cost)
-        return cost
+        return CallCost(request_id, kind, model, answer.usage or {}, cost, _utcnow())
+
+    async def write(self, calls: Iterable[CallCost]) -> None:
+        """Writes `calls` by themselves, in one statement (a row there already is not
+        written again), then counts them: for costs no step write takes."""
+        calls = list(calls)
+        await spend_store.record_call(self.db, *calls)
+        self.counted(calls)
+
+    def counted(self, calls: Iterable[CallCost]) -> None:
+        """The spend metric, once `calls` are written (by `write` or a step write)."""
+        for call in calls:
+            metrics.OPENAI_SPEND_USD.labels(call.model, call.kind).inc(call.cost_usd)
 
     async def totals(self) -> tuple[float, float]:
         """(USD spent today, USD spent this month), UTC."""

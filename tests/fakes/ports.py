@@ -38,10 +38,11 @@ import trio
 from PIL import Image
 
 from dynamo.database.port import _ADVANCE_COLUMNS, REQUEST_COLUMNS
+from dynamo.database.spend_store import CallCost
 from dynamo.domain import prompts
 from dynamo.domain.jobs import Step, Style, state_for
 from dynamo.inflight.pipeline import Pipeline
-from dynamo.openai_port.client import Answer, GeneratedImage, NameAnswer
+from dynamo.openai_port.client import Answer, GeneratedImage, ImageVerdict, NameAnswer
 from dynamo.openai_port.dialect import ImageOrder
 from dynamo.openai_port.errors import classify_openai
 from dynamo.supervision import retry
@@ -94,8 +95,10 @@ class MemoryDatabase(_Observable):
         self.answers: dict[uuid.UUID, dict[str, str]] = {}  # dynamo.answer: prompt, value
         self.images: dict[uuid.UUID, dict[str, str]] = {}  # dynamo.image index 0: url, color
         self.generated: dict[uuid.UUID, bytes] = {}  # dynamo.generated_image
+        self.generated_loads: list[uuid.UUID] = []  # each load_generated's request id
         self.advances: list[tuple[uuid.UUID, Step, Step, bool]] = []  # (id, from, to, moved)
-        self.openai_calls: list[dict[str, Any]] = []  # dynamo.openai_call, through `execute`
+        # dynamo.openai_call: rows written by themselves (FakeSpend.write) or with a step
+        self.openai_calls: list[dict[str, Any]] = []
 
     # -- what tests use to set up and to look -----------------------------------------
 
@@ -183,13 +186,26 @@ class MemoryDatabase(_Observable):
     # -- pipeline ---------------------------------------------------------------------
 
     async def advance(self, request_id: uuid.UUID, from_steps: Iterable[Step], to_step: Step,
-                      **fields: Any) -> bool:
+                      *, costs: Iterable[CallCost] = (), **fields: Any) -> bool:
         from_steps = [Step(step) for step in from_steps]
         for column in fields:
             if column not in _ADVANCE_COLUMNS:
                 raise ValueError(f"advance() cannot set {column}")
         await trio.lowlevel.checkpoint()
+        self.record_calls(costs)  # moved or not, as the real statement
         return self._advance_now(request_id, from_steps, to_step, fields)
+
+    def record_calls(self, costs: Iterable[CallCost]) -> None:
+        """dynamo.openai_call's rows for `costs`, each once (known by its request, kind and
+        time), as `dynamo.database.spend_store` writes them."""
+        for cost in costs:
+            if not any(call["image_request_id"] == cost.request_id and call["kind"] == cost.kind
+                       and call["created_at"] == cost.answered_at for call in self.openai_calls):
+                self.openai_calls.append({
+                    "image_request_id": cost.request_id, "kind": cost.kind, "model": cost.model,
+                    "usage": cost.usage, "cost_usd": cost.cost_usd,
+                    "created_at": cost.answered_at})
+                self._notify()
 
     def _advance_now(self, request_id, from_steps, to_step: Step, fields: dict) -> bool:
         row = self.requests.get(request_id)
@@ -255,9 +271,11 @@ class MemoryDatabase(_Observable):
             self._notify()
 
     async def save_generated(
-        self, request_id: uuid.UUID, data: bytes, prompt: str | None = None
+        self, request_id: uuid.UUID, data: bytes, prompt: str | None = None, *,
+        costs: Iterable[CallCost] = ()
     ) -> bool:
         await trio.lowlevel.checkpoint()
+        self.record_calls(costs)  # moved or not: the image was paid for
         row = self.requests.get(request_id)
         if row is None or row["step"] != Step.GENERATING.value:
             return False
@@ -270,6 +288,7 @@ class MemoryDatabase(_Observable):
 
     async def load_generated(self, request_id: uuid.UUID) -> bytes | None:
         await trio.lowlevel.checkpoint()
+        self.generated_loads.append(request_id)
         return self.generated.get(request_id)
 
     async def save_image(self, request_id: uuid.UUID, url: str, color: str) -> bool:
@@ -581,8 +600,8 @@ class FakeGenerator(_Observable):
     error classes (`openai_errors.classify_openai`).
 
     `calls` records every attempt as (operation, argument): the moderated text, the name
-    prompt, or the image prompt and user; `orders` the image calls' `ImageOrder`s and
-    `name_attempts` the names' `attempt` argument.
+    prompt, the image prompt and user, or the screened image's bytes; `orders` the image
+    calls' `ImageOrder`s and `name_attempts` the names' `attempt` argument.
     """
 
     offline = False
@@ -595,7 +614,8 @@ class FakeGenerator(_Observable):
                  image_tokens: int = 0) -> None:
         super().__init__()
         self.defaults = {"moderate": flagged, "name": name,
-                         "image": image if image is not None else solid_png((12, 10, 18))}
+                         "image": image if image is not None else solid_png((12, 10, 18)),
+                         "moderate_image": ImageVerdict(False)}
         self.headers = headers or {"x-ratelimit-remaining-requests": "99"}
         self.scripts: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.calls: list[tuple[str, Any]] = []
@@ -603,7 +623,8 @@ class FakeGenerator(_Observable):
         self.name_attempts: list[int] = []
         self.image_tokens = image_tokens
         # The `usage` each operation's answers carry (None: none, as moderation).
-        self.usage: dict[str, dict | None] = {"moderate": None, "name": None, "image": None}
+        self.usage: dict[str, dict | None] = {"moderate": None, "name": None, "image": None,
+                                              "moderate_image": None}
 
     def expected_image_tokens(self) -> int:
         return self.image_tokens
@@ -636,6 +657,9 @@ class FakeGenerator(_Observable):
     async def moderate(self, text: str) -> Answer[bool]:
         return await self._answer("moderate", text, "omni-moderation-latest")
 
+    async def moderate_image(self, data: bytes) -> Answer[ImageVerdict]:
+        return await self._answer("moderate_image", data, "omni-moderation-latest")
+
     async def name(self, prompt: str, *, attempt: int = 0) -> Answer[NameAnswer]:
         self.name_attempts.append(attempt)
         answer = await self._answer("name", prompt, self.text_model)
@@ -655,22 +679,30 @@ class FakeGenerator(_Observable):
 
 
 class FakeSpend:
-    """The spend port: calls recorded in `calls` (and the database's `openai_calls`), a
-    budget that is reached when the test says so (`reached`)."""
+    """The spend port: free calls. Those counted once written are in `calls` (rows written
+    by themselves also in the database's `openai_calls`; a step write puts its own there);
+    a budget that is reached when the test says so (`reached`)."""
 
     def __init__(self, db: MemoryDatabase | None = None) -> None:
         self.db = db
         self.calls: list[tuple[uuid.UUID, str, str | None, dict | None]] = []
+        self.alone: list[CallCost] = []  # the rows written by themselves (`write`)
         self.reached = False
         self.checks = 0
 
-    async def record(self, request_id: uuid.UUID, kind: str, answer) -> float:
+    def row(self, request_id: uuid.UUID, kind: str, answer) -> CallCost:
+        return CallCost(request_id, kind, answer.model, answer.usage, 0.0, _utcnow())
+
+    async def write(self, costs: Iterable[CallCost]) -> None:
         await trio.lowlevel.checkpoint()
-        self.calls.append((request_id, kind, answer.model, answer.usage))
+        costs = list(costs)
+        self.alone.extend(costs)
         if self.db is not None:
-            self.db.openai_calls.append({"image_request_id": request_id, "kind": kind,
-                                         "model": answer.model, "cost_usd": 0.0})
-        return 0.0
+            self.db.record_calls(costs)
+        self.counted(costs)
+
+    def counted(self, costs: Iterable[CallCost]) -> None:
+        self.calls.extend((cost.request_id, cost.kind, cost.model, cost.usage) for cost in costs)
 
     async def paused(self) -> bool:
         await trio.lowlevel.checkpoint()

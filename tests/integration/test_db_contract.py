@@ -11,18 +11,24 @@ cannot drift from the real thing unnoticed.
   changes from one step exactly one wins (on PostgreSQL they really run at once);
 - flows: a flow id belongs to one request (`store_flow`, `adopt_flow`,
   `record_late_flow`), whoever gets there first, even at once;
+- costs: a step write carries the costs of the calls before it (`costs=`), written in
+  the same statement whether the step moves or not, each once however often the write
+  is tried (a COMMIT whose answer was lost is tried again as it was);
 - Discord: `mark_discord_posted` is true once.
 """
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from functools import partial
 
 import pytest
 import trio
 
-from dynamo.database.port import open_database
+from dynamo.database import spend_store
+from dynamo.database.port import Database, open_database
+from dynamo.database.spend_store import CallCost
 from dynamo.domain.jobs import Step
 from tests.fakes.ports import MemoryDatabase
 from tests.support import infra
@@ -256,6 +262,105 @@ async def test_the_reservations_start_is_kept(db):
         assert await db.advance(request_id, [Step.RECEIVED], Step.RESERVING, reserving_since=began)
         assert await db.reserving_since(request_id) == began
         assert await db.reserving_since(uuid.uuid4()) is None
+
+
+# -- costs with the steps -----------------------------------------------------------------
+
+IMAGE_USAGE = {"input_tokens": 40, "output_tokens": 439, "total_tokens": 479}
+
+
+def answered(request_id: uuid.UUID, kind: str, model: str, usage: dict, usd: float) -> CallCost:
+    """A call's row as `Spend.row` builds it, answered now."""
+    return CallCost(request_id, kind, model, usage, usd, datetime.datetime.now(datetime.UTC))
+
+
+async def costs_of(db, request_id) -> list[tuple]:
+    """(kind, model, usage, cost_usd, created_at) of the request's stored calls, oldest first."""
+    if isinstance(db, MemoryDatabase):
+        rows = [call for call in db.openai_calls if call["image_request_id"] == request_id]
+    else:
+        rows = await spend_store.request_calls(db, request_id)
+    return [(r["kind"], r["model"], dict(r["usage"]), float(r["cost_usd"]), r["created_at"])
+            for r in rows]
+
+
+def stored(*costs: CallCost) -> list[tuple]:
+    return [(c.kind, c.model, c.usage, c.cost_usd, c.answered_at) for c in costs]
+
+
+async def written_together(db, request_id) -> bool:
+    """On PostgreSQL: whether the request's row and every one of its calls were last
+    written by one transaction (the same `xmin`); the fake has no transactions."""
+    if isinstance(db, MemoryDatabase):
+        return True
+    request_xmin = await db.fetchval(
+        "select xmin::text from dynamo.image_request where id = $1", request_id)
+    calls_xmin = await db.fetch(
+        "select distinct xmin::text as x from dynamo.openai_call where image_request_id = $1",
+        request_id)
+    return [row["x"] for row in calls_xmin] == [request_xmin]
+
+
+async def test_the_screening_costs_are_written_with_screened_once(db):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        request_id = await at_step(db, Step.RESERVED)
+        moderation = answered(request_id, "moderation", "omni-moderation-latest", {}, 0.0)
+        name = answered(request_id, "name", "gpt-6-luna",
+                        {"prompt_tokens": 30, "completion_tokens": 20}, 0.000013)
+        screened = partial(db.advance, request_id, [Step.RESERVED], Step.SCREENED,
+                           costs=[moderation, name])
+        assert await screened()
+        assert await costs_of(db, request_id) == stored(moderation, name)
+        assert await written_together(db, request_id)
+        # Tried again as it was (its COMMIT's answer lost): no move, and no second row.
+        assert not await screened()
+        assert await costs_of(db, request_id) == stored(moderation, name)
+        assert float((await db.load_request(request_id))["cost_usd"]) == pytest.approx(0.000013)
+
+
+async def test_the_image_cost_is_written_with_the_image_even_when_it_is_not_kept(db):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        kept = await at_step(db, Step.GENERATING)
+        image = answered(kept, "image", "gpt-image-2.6-flare", IMAGE_USAGE, 0.013370)
+        assert await db.save_generated(kept, b"png", "p", costs=[image])
+        assert await costs_of(db, kept) == stored(image)
+        assert await written_together(db, kept)
+        assert not await db.save_generated(kept, b"png", "p", costs=[image])  # tried again
+        assert await costs_of(db, kept) == stored(image)
+        # Cancelled while its image was bought (another process): nothing kept, the cost is.
+        cancelled = await at_step(db, Step.GENERATING)
+        assert await db.advance(cancelled, [Step.GENERATING], Step.FAILING,
+                                failure_reason="cancelled")
+        paid = answered(cancelled, "image", "gpt-image-2.6-flare", IMAGE_USAGE, 0.013370)
+        for _ in range(2):
+            assert not await db.save_generated(cancelled, b"png", "p", costs=[paid])
+        assert await db.load_generated(cancelled) is None
+        assert await step_of(db, cancelled) == "failing"
+        assert await costs_of(db, cancelled) == stored(paid)
+
+
+async def test_two_calls_of_one_kind_are_two_rows(db):
+    """A row is known by its request, kind and time: a second call of a kind (a name
+    asked again) is not taken for the first one written again."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        request_id = await at_step(db, Step.RESERVED)
+        first = answered(request_id, "name", "gpt-6-luna", {"completion_tokens": 1}, 0.0)
+        await trio.sleep(0.001)
+        second = answered(request_id, "name", "gpt-6-luna", {"completion_tokens": 2}, 0.0)
+        assert await db.advance(request_id, [Step.RESERVED], Step.SCREENED, costs=[first, second])
+        assert await costs_of(db, request_id) == stored(first, second)
+
+
+async def test_costs_written_by_themselves_are_written_once(db):
+    with trio.fail_after(TEST_TIMEOUT_S):
+        request_id = await at_step(db, Step.RESERVED)
+        flagged = answered(request_id, "moderation", "omni-moderation-latest", {}, 0.0)
+        for _ in range(2):
+            if isinstance(db, Database):
+                await spend_store.record_call(db, flagged)
+            else:
+                db.record_calls([flagged])
+        assert await costs_of(db, request_id) == stored(flagged)
 
 
 # -- Discord ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Spend and the daily budget (dynamo.openai_port.spend) on the real PostgreSQL: sums by UTC day and
-month, shared by every process on the database, and the pause that follows the budget."""
+month, shared by every process on the database, and the pause that follows the budget; a
+cost written with its step counts as one written by itself, once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import uuid
 import pytest
 import trio
 
+from dynamo import metrics
 from dynamo.database.port import open_database
+from dynamo.domain.jobs import Step
 from dynamo.openai_port.client import Answer
 from dynamo.openai_port.pricing import PriceTable
 from dynamo.openai_port.spend import IMAGE, NAME, Spend
@@ -35,6 +38,19 @@ async def new_request(db) -> uuid.UUID:
     return request_id
 
 
+async def record(spend: Spend, request_id: uuid.UUID, kind: str, answer: Answer) -> float:
+    """One answered call written by itself (as the image screen writes its cost); its USD."""
+    row = spend.row(request_id, kind, answer)
+    await spend.write([row])
+    return row.cost_usd
+
+
+def spent_usd(model: str, kind: str) -> float:
+    """The spend metric of this process so far."""
+    return metrics.REGISTRY.get_sample_value(
+        "dynamo_openai_spend_usd_total", {"model": model, "kind": kind}) or 0.0
+
+
 async def backdate(db, request_id, when: datetime.datetime) -> None:
     await db.execute("update dynamo.openai_call set created_at = $2 where image_request_id = $1",
                      request_id, when)
@@ -51,8 +67,8 @@ async def test_spend_by_utc_day_and_month_shared_by_processes(aio_loop, pg_datab
             name = Answer(None, {}, "gpt-6-luna", {"prompt_tokens": 30, "completion_tokens": 20})
             last_month, yesterday, today = [await new_request(db) for _ in range(3)]
             for request_id in (last_month, yesterday, today):
-                assert await one.record(request_id, IMAGE, image) == pytest.approx(IMAGE_USD)
-            await one.record(today, NAME, name)
+                assert await record(one, request_id, IMAGE, image) == pytest.approx(IMAGE_USD)
+            await record(one, today, NAME, name)
             await backdate(db, last_month, datetime.datetime(2026, 11, 30, 23, 59, tzinfo=UTC))
             await backdate(db, yesterday, datetime.datetime(2026, 12, 14, 23, 59, tzinfo=UTC))
             await backdate(db, today, datetime.datetime(2026, 12, 15, 0, 1, tzinfo=UTC))
@@ -62,7 +78,7 @@ async def test_spend_by_utc_day_and_month_shared_by_processes(aio_loop, pg_datab
             assert month_usd == pytest.approx(2 * IMAGE_USD + name_usd)
             assert not await other.paused()  # 0.0135 of 0.02
             with caplog.at_level(logging.WARNING):
-                await one.record(today, IMAGE, image)  # process 1 spends past the budget
+                await record(one, today, IMAGE, image)  # process 1 spends past the budget
                 await backdate(db, today, datetime.datetime(2026, 12, 15, 0, 1, tzinfo=UTC))
                 assert await other.paused() and await other.paused()
                 assert await one.paused()
@@ -86,7 +102,34 @@ async def test_without_a_budget_nothing_pauses(aio_loop, pg_database):
             await db.apply_schema()
             spend = Spend(db, PriceTable())
             request_id = await new_request(db)
-            await spend.record(request_id, IMAGE, Answer(None, {}, "gpt-image-2.6-flare", IMAGE_USAGE))
+            image = Answer(None, {}, "gpt-image-2.6-flare", IMAGE_USAGE)
+            await record(spend, request_id, IMAGE, image)
             assert not await spend.paused()
             status = await spend.status_json()
     assert status["daily_budget_usd"] is None and status["paused_until"] is None
+
+
+async def test_a_cost_written_with_its_step_is_spent_once(aio_loop, pg_database):
+    """The image's cost goes with GENERATING → GENERATED: today's spend, the request's
+    calls and the metric count it once, also when the write is tried again."""
+    with trio.fail_after(TEST_TIMEOUT_S):
+        async with open_database(infra.pg_dsn(pg_database)) as db:
+            await db.apply_schema()
+            spend = Spend(db, PriceTable(), daily_budget_usd=0.02)
+            request_id = await new_request(db)
+            for old, new in [(Step.RECEIVED, Step.RESERVING), (Step.RESERVING, Step.RESERVED),
+                             (Step.RESERVED, Step.SCREENED), (Step.SCREENED, Step.GENERATING)]:
+                assert await db.advance(request_id, [old], new)
+            before_usd = spent_usd("gpt-image-2.6-flare", IMAGE)
+            answer = Answer(None, {}, "gpt-image-2.6-flare", IMAGE_USAGE)
+            image = spend.row(request_id, IMAGE, answer)
+            assert await db.save_generated(request_id, b"png", costs=[image])
+            assert not await db.save_generated(request_id, b"png", costs=[image])  # again
+            spend.counted([image])  # once, after the write went through
+            today_usd, _ = await spend.totals()
+            calls = await spend.request_calls(request_id)
+            row = await db.load_request(request_id)
+    assert today_usd == pytest.approx(IMAGE_USD)
+    assert [(c["kind"], c["usage"]) for c in calls] == [(IMAGE, IMAGE_USAGE)]
+    assert float(row["cost_usd"]) == pytest.approx(IMAGE_USD)
+    assert spent_usd("gpt-image-2.6-flare", IMAGE) - before_usd == pytest.approx(IMAGE_USD)

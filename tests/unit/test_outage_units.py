@@ -306,17 +306,17 @@ async def test_a_bought_image_is_not_bought_again_when_the_database_is_down(
 
 
 class FlakySpend(FakeSpend):
-    """The spend port on a FlakyDatabase: `record` is refused while the database is down."""
+    """The spend port on a FlakyDatabase: `write` is refused while the database is down."""
 
     def __init__(self, db: FlakyDatabase, memory: MemoryDatabase):
         super().__init__(memory)
         self.flaky = db
 
-    async def record(self, request_id, kind, answer) -> float:
+    async def write(self, costs) -> None:
         if trio.current_time() < self.flaky.down_until:
-            self.flaky.refused["spend.record"] += 1
+            self.flaky.refused["spend.write"] += 1
             raise DatabaseUnavailable("ConnectionRefusedError: [Errno 111] refused")
-        return await super().record(request_id, kind, answer)
+        await super().write(costs)
 
 
 async def test_a_bought_image_and_its_cost_are_written_down_after_an_outage_past_the_deadline(
@@ -345,9 +345,11 @@ async def test_a_bought_image_and_its_cost_are_written_down_after_an_outage_past
             failed = actor.finalize_recv.receive_nowait()
             raise AssertionError(f"failed instead of saved: {failed.failure}")
         assert generated is not None and generated.step is Step.GENERATED
-        assert trio.current_time() > job.deadline and db.refused["spend.record"] >= 1
+        # The cost goes with the image, in the same statement, once.
+        assert trio.current_time() > job.deadline and db.refused["save_generated"] >= 1
         assert actor.db.generated[job.id] == IMAGE
         assert [kind for _, kind, _, _ in actor.spend.calls] == ["image"]
+        assert [call["kind"] for call in actor.db.openai_calls] == ["image"]
         assert actor.openai.count("image") == 1
 
 
