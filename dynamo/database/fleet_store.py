@@ -47,14 +47,16 @@ IDLE_IN_TRANSACTION_TIMEOUT = "10s"
 KEEP_GRANTS_S = 2 * WINDOW_S
 
 _BEGIN_SQL = (
-    # One round trip opens the transaction, sets it up and takes the lock.
+    # One round trip opens the transaction, sets it up in one statement (set_config with
+    # is_local true is SET LOCAL) and takes the lock in the next, once `lock_timeout`
+    # applies. A grant need not wait for its WAL record to reach the disk: a
+    # PostgreSQL crash could lose the last fraction of a second of grants (a call or two
+    # uncounted for a minute), while every grant waiting for an fsync under the lock would
+    # slow the whole fleet.
     "begin; "
-    # A grant need not wait for its WAL record to reach the disk: a PostgreSQL crash could
-    # lose the last fraction of a second of grants (a call or two uncounted for a minute),
-    # while every grant waiting for an fsync under the lock would slow the whole fleet.
-    "set local synchronous_commit = off; "
-    f"set local lock_timeout = '{LOCK_TIMEOUT}'; "
-    f"set local idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'; "
+    "select set_config('synchronous_commit', 'off', true), "
+    f"set_config('lock_timeout', '{LOCK_TIMEOUT}', true), "
+    f"set_config('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_TIMEOUT}', true); "
     "select pg_advisory_xact_lock({key})"
 )
 

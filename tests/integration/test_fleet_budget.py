@@ -213,7 +213,8 @@ async def test_a_lock_timeout_or_a_cancelled_query_makes_the_budget_unavailable(
     with trio.fail_after(PORT_S):
         (budget,) = fleet_of(db, 1, KindConfig(100))
         monkeypatch.setattr(fleet_db, "_BEGIN_SQL", fleet_db._BEGIN_SQL.replace(
-            f"lock_timeout = '{fleet_db.LOCK_TIMEOUT}'", "lock_timeout = '200ms'"))
+            f"'lock_timeout', '{fleet_db.LOCK_TIMEOUT}'", "'lock_timeout', '200ms'"))
+        assert "'200ms'" in fleet_db._BEGIN_SQL
         holder = await aio_as_trio(asyncpg.connect)(infra.pg_dsn(pg_database))
         try:
             await aio_as_trio(holder.execute)("begin")
@@ -223,7 +224,7 @@ async def test_a_lock_timeout_or_a_cancelled_query_makes_the_budget_unavailable(
                 await budget.try_grant(CallKind.IMAGE)
 
             monkeypatch.setattr(fleet_db, "_BEGIN_SQL", fleet_db._BEGIN_SQL.replace(
-                "lock_timeout = '200ms'", "lock_timeout = '20s'"))
+                "'lock_timeout', '200ms'", "'lock_timeout', '20s'"))
 
             async def cancel_the_waiter():
                 while not await aio_as_trio(holder.fetchval)(
