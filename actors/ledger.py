@@ -2,11 +2,14 @@
 
 Receives jobs on `reserve_recv` (new or resumed requests). A subject holding a blocked
 term (DYNAMO_BLOCKED_TERMS_FILE) fails as rejected here, before any call: no point is
-reserved, no OpenAI call made. Otherwise it gets a service token from the
-auth service, reserves the debit (`POST /outflow`), persists the flow id at once, and
-sends the job on `schedule_send`. A 409 means insufficient points: the request fails
-without any OpenAI call. An auth or ledger outage is retried until the request's deadline
-(then it fails as expired), never failed early.
+reserved, no OpenAI call made. Otherwise it makes sure the viewer's service token is at
+hand (kept by the port per viewer, asked of the auth service when there is none),
+reserves the debit (`POST /outflow`), persists the flow id at once, and sends the job on
+`schedule_send`. A 409 means insufficient points: the request fails without any OpenAI
+call. An auth or ledger outage is retried until the request's deadline (then it fails as
+expired), never failed early. Tokens stay inside the port (`dynamo.viewer_points.port`),
+which replaces one the ledger refuses (a 401: a new token and one more try, at once); a
+refusal that remains is `Permanent`, like any other 4xx: a reservation fails as `error`.
 
 Receives jobs on `finalize_recv`: an announced job's debit is accepted; a failed job's is
 refunded. Both are retried until they succeed (a debit is never left pending); a 409
@@ -44,7 +47,8 @@ from dynamo.viewer_points.port import AlreadyFinalized, InsufficientPoints, Poin
 log = logging.getLogger(__name__)
 
 ACTOR = "ledger"
-# Reservations at once: each is two short HTTP calls; more only queue at the ledger.
+# Reservations at once: each is one short HTTP call (two when the viewer's token is asked
+# for); more only queue at the ledger.
 RESERVE_CONCURRENCY = 8
 # Finalizations at once. They never block on anything downstream but the results
 # channel, and an outage keeps them retrying, so allow more.
@@ -118,7 +122,10 @@ async def _reserve(points: PointsPort, pipeline: Pipeline, gate: ViewerGate, job
         return blocked  # before any call, and before any point is reserved
     started = trio.current_time()
     try:
-        token = await retry.retrying(
+        # The token first, as a step of its own: an auth outage is waited out (and told
+        # apart from the ledger's) before a debit can exist. The ledger calls below reuse
+        # it from the port's cache.
+        await retry.retrying(
             functools.partial(points.service_token, job),
             system="auth",
             log_extra=job.log_extra,
@@ -129,7 +136,7 @@ async def _reserve(points: PointsPort, pipeline: Pipeline, gate: ViewerGate, job
         )
         if job.step is Step.RESERVING:
             async with gate.looking_for_lost_debit(job.viewer.twitch_user_id):
-                adopted = await _adopt_orphan(points, pipeline, job, token)
+                adopted = await _adopt_orphan(points, pipeline, job)
             if adopted is not None:
                 return adopted
         # RESERVING is persisted only now, right before the debit can exist, so that a
@@ -147,7 +154,7 @@ async def _reserve(points: PointsPort, pipeline: Pipeline, gate: ViewerGate, job
         async with gate.making_debit(job.viewer.twitch_user_id):
             while True:
                 flow_id = await retry.retrying(
-                    functools.partial(points.reserve, job, token),
+                    functools.partial(points.reserve, job),
                     system="ledger",
                     log_extra=job.log_extra,
                     deadline=job.deadline,
@@ -206,7 +213,7 @@ async def _reserve(points: PointsPort, pipeline: Pipeline, gate: ViewerGate, job
     return "reserved"
 
 
-async def _adopt_orphan(points: PointsPort, pipeline: Pipeline, job: Job, token: str) -> str | None:
+async def _adopt_orphan(points: PointsPort, pipeline: Pipeline, job: Job) -> str | None:
     """For a request found at RESERVING: adopts the debit the ledger made for it before a
     crash. Returns "reserved" (adopted) or "dropped" (the request moved on), or None when
     there is nothing to adopt and a fresh reservation is due."""
@@ -216,7 +223,7 @@ async def _adopt_orphan(points: PointsPort, pipeline: Pipeline, job: Job, token:
     since -= datetime.timedelta(seconds=CLOCK_SKEW_S)
     try:
         candidates = await retry.retrying(
-            functools.partial(points.pending_redemptions, job, token, since),
+            functools.partial(points.pending_redemptions, job, since),
             system="ledger",
             log_extra=job.log_extra,
             deadline=job.deadline,
@@ -299,9 +306,8 @@ async def _settle(points, operation, job: Job) -> None:
 
 
 async def _finalize_flow(points, operation, job: Job) -> None:
-    token = await points.service_token(job)
     try:
-        await operation(job.flow_id, token)
+        await operation(job, job.flow_id)
     except AlreadyFinalized:
         log.info("flow %s was already finalized", job.flow_id, extra=job.log_extra)
     except retry.Permanent as exc:

@@ -2,5 +2,7 @@
 
 - `dynamo.viewer_points.port`: `Points` (and `FreePoints`), `InsufficientPoints`,
   `AlreadyFinalized`.
+- `dynamo.viewer_points.token_cache`: `TokenCache`, the viewers' service tokens kept by
+  `Points` until shortly before they expire.
 - `dynamo.viewer_points.gate`: `ViewerGate`, debits made and debits looked for take turns.
 """

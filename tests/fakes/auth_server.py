@@ -4,9 +4,10 @@
 server-common/hmac does (lower-case hex, `sha256=` prefix, over request id + timestamp
 + raw body) and, more strictly than the real one, that the timestamp is RFC 3339 and
 within `max_clock_skew_s` of now and that login == displayName.lower(). It answers a
-JWT-shaped token (`application/jwt`) whose claims can be decoded, like the real RS256
-one, but whose signature is random: the fake ledger maps it back with
-`user_for_token`.
+JWT-shaped token (`application/jwt`) with the real RS256 one's header and claims (`iss`,
+`iat`, `exp` = `iat` + `token_ttl_s`, `gvcr_service`, the user), which can be decoded,
+but whose signature is random: the fake ledger maps it back with `user_for_token`, and
+tells an expired one with `expired_service_token`.
 
 `GET /access` (endpoint "access") answers `{"user":{...},"role":...}` for the tokens
 tests register with `add_viewer` / `add_broadcaster`. Like the Go original, JSON answers
@@ -29,8 +30,11 @@ from quart_trio import QuartTrio
 
 from ._service import Call, FakeService, go_error, go_json_response
 
-# The real service issues tokens valid for 15 minutes.
+# The real service issues tokens valid for 15 minutes (golden-vcr/auth,
+# internal/server/service_auth.go: "exp": time.Now().Add(15 * time.Minute).Unix()).
 TOKEN_TTL_S = 15 * 60
+# The real service's `iss` (AUTH_JWT_ISSUER's default), which the ledger's client expects.
+ISSUER = "https://goldenvcr.com/api/auth"
 # How far the signed timestamp may be from the fake's wall clock.
 MAX_CLOCK_SKEW_S = 5 * 60
 
@@ -90,11 +94,17 @@ class FakeAuth(FakeService):
         claims = self.access_tokens.get(token)
         return claims["user"] if claims else None
 
+    def expired_service_token(self, token: str) -> bool:
+        """Whether `token` is a service token this fake issued that has expired since."""
+        issued = self.issued.get(token)
+        return issued is not None and issued.expires_at <= time.time()
+
     def tokens_for(self, user_id: str) -> list[str]:
         return [issued.token for issued in self.issued.values() if issued.user["id"] == user_id]
 
     def expire_tokens(self) -> None:
-        """Every service token issued so far is now expired (the ledger answers 401)."""
+        """Every service token issued so far is now expired (the ledger answers 500, as
+        the real one does for a service JWT it cannot verify)."""
         for issued in self.issued.values():
             issued.expires_at = 0.0
 
@@ -146,9 +156,10 @@ class FakeAuth(FakeService):
         now = time.time()
         header = {"alg": "RS256", "kid": "fake", "typ": "JWT"}
         claims = {
-            "iss": "fake-auth",
+            "iss": ISSUER,
             "iat": int(now),
             "exp": int(now + self.token_ttl_s),
+            "gvcr_service": body["service"],
             "twitch_user_id": user["id"],
             "twitch_user_login": user["login"],
             "twitch_display_name": user["displayName"],

@@ -22,8 +22,12 @@ Endpoints (names for `script`, `hold`, `wait_for_calls`):
   RFC 3339 with nanoseconds, UTC); an image alert reads
   "Redeemed alert of type 'image-generation'".
 
-A missing bearer token is 400 and an unknown or expired one 401, as the real auth
-middleware does. Errors are Go http.Error text lines.
+Bearer tokens are checked as the real ledger's auth middleware (golden-vcr/auth v0.3.0
+`RequireAccess`) does, before any handler runs: a missing one is 400; an unknown one 401
+(the real middleware asks `GET /access` about a token that is not a service JWT, and
+passes its 401 on); an expired service token 500, "token has invalid claims: token is
+expired" (the real middleware verifies a service JWT itself, and answers any failure but
+a 401 from `/access` with 500). Errors are Go http.Error text lines.
 """
 
 from __future__ import annotations
@@ -154,6 +158,8 @@ class FakeLedger(FakeService):
         token = call.headers.get("authorization", "").removeprefix("Bearer ")
         if not token:
             return go_error("Twitch user access token must be supplied in Authorization header", 400)
+        if self.auth.expired_service_token(token):
+            return go_error("token has invalid claims: token is expired", 500)
         user = self.auth.user_for_token(token)
         if user is None:
             return go_error("unauthorized", 401)

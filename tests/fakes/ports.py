@@ -464,7 +464,8 @@ class FakeBroker(_Observable):
 class FakePoints(_Observable):
     """The auth + ledger port. Every attempt is recorded in `calls` as (operation, subject,
     outcome): subject is the request id for `service_token`/`reserve`, the flow id for
-    `accept`/`refund`; outcome is "ok" or the exception's class name.
+    `accept`/`refund`; outcome is "ok" or the exception's class name. As with `Points`,
+    the ledger calls name the job, not a token: tokens stay inside the port.
 
     Script it with `outage(until=...)` (Transient errors, as the real port raises for 5xx
     and connection errors), `insufficient_points = True` (409 on reserve) and
@@ -513,9 +514,8 @@ class FakePoints(_Observable):
     async def service_token(self, job) -> str:
         return await self._attempt("service_token", job.id, lambda: f"token-{job.viewer.twitch_user_id}")
 
-    async def reserve(self, job, token: str) -> str:
+    async def reserve(self, job) -> str:
         def reserve():
-            assert token == f"token-{job.viewer.twitch_user_id}", token
             if self.insufficient_points:
                 raise InsufficientPoints()
             flow_id = next(self._flow_ids)
@@ -531,10 +531,10 @@ class FakePoints(_Observable):
             self.flows[flow_id] = to_state
         return finalize
 
-    async def accept(self, flow_id: str, token: str) -> None:
+    async def accept(self, job, flow_id: str) -> None:
         await self._attempt("accept", flow_id, self._finalizer("accepted", flow_id))
 
-    async def pending_redemptions(self, job, token: str, since: datetime.datetime) -> list[str]:
+    async def pending_redemptions(self, job, since: datetime.datetime) -> list[str]:
         """Pending flows of `job`'s viewer made at or after `since`: `pending_made` holds
         (flow id, viewer id, made at), as the ledger's history would show them; reserve()
         adds to it."""
@@ -545,7 +545,7 @@ class FakePoints(_Observable):
                     and self.flows.get(flow_id) == "pending"]
         return await self._attempt("history", job.id, history)
 
-    async def refund(self, flow_id: str, token: str) -> None:
+    async def refund(self, job, flow_id: str) -> None:
         await self._attempt("refund", flow_id, self._finalizer("refunded", flow_id))
 
 

@@ -382,6 +382,11 @@ KILL_TRIGGERS = [("auth", "service-token"), ("ledger", "outflow"), ("openai", "m
                  ("openai", "chat"), ("openai", "images"), ("ledger", "accept")]
 # Images take this long at the fake, so that kills find generations in flight.
 IMAGE_LATENCY_S = 0.5
+# dynamo keeps a viewer's service token until shortly before it expires (a quarter of its
+# life, for one this short): short-lived tokens keep the auth service asked throughout,
+# so that a kill can land inside its answer in any round, not only while the five
+# viewers' first tokens are fetched.
+SERVICE_TOKEN_TTL_S = 4
 # How long a kill waits for its trigger call (a batch of requests is published first,
 # so it comes within seconds; this only bounds a test gone wrong).
 KILL_TRIGGER_WAIT_S = 60
@@ -415,6 +420,7 @@ async def test_forty_requests_survive_four_random_kills(
         fake_ledger.balances[POOR_VIEWER["twitch_user_id"]] = POOR_BALANCE
         # Images take a moment, so that kills find generations in flight.
         fake_openai.latency_s = {"images": IMAGE_LATENCY_S}
+        fake_auth.token_ttl_s = SERVICE_TOKEN_TTL_S
         service = await started(dynamo_process, DYNAMO_IMAGES_PER_MINUTE="6000",
                                 DYNAMO_GENERATOR_WORKERS=str(GENERATOR_WORKERS))
         requests = random_requests(rng)

@@ -317,7 +317,7 @@ async def test_points_outage_delays_a_request_without_failing_it(
         # The debit was reserved before any paid call, so no OpenAI call during the outage.
         paid = checks.paid_openai_calls(fake_openai)
         assert paid and min(call.time for call in paid) >= back_at
-        # Refused while down, answered since (auth is also asked again for the accept).
+        # Refused while down, answered since (the accept reuses the viewer's kept token).
         statuses = fake.statuses(endpoint)
         back = statuses.index(200)
         assert set(statuses[:back]) == {503} and set(statuses[back:]) == {200}, statuses

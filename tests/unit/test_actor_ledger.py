@@ -165,7 +165,7 @@ async def test_resume_at_reserving_adopts_the_debit_the_ledger_made_before_the_c
         # The crash: the ledger made the debit, its id never reached the database.
         assert await actor.db.advance(job.id, [Step.RECEIVED], Step.RESERVING,
                                       reserving_since=_utcnow())
-        orphan = await actor.points.reserve(job, "token-90790024")
+        orphan = await actor.points.reserve(job)
         job.step = Step.RESERVING
         orphans_before, adopted_before = orphan_debits(), adopted_debits()
         async with actor.run():
@@ -184,9 +184,9 @@ async def test_a_debit_older_than_the_reservation_or_held_by_a_request_is_not_ad
         actor = Ledger()
         other = await actor.job(step=Step.RESERVED)
         job = await actor.job()
-        held = await actor.points.reserve(other, "token-90790024")
+        held = await actor.points.reserve(other)
         actor.db.requests[other.id]["flow_id"] = held
-        old = await actor.points.reserve(job, "token-90790024")
+        old = await actor.points.reserve(job)
         # made well before this reservation began (clock skew allowed for)
         actor.points.pending_made[-1] = (old, "90790024", _utcnow() - datetime.timedelta(
             seconds=ledger.CLOCK_SKEW_S + 5))
@@ -379,7 +379,7 @@ async def test_accept_outage_is_retried_until_the_ledger_is_back(autojump_clock)
         actor = Ledger()
         job = await actor.job(step=Step.ANNOUNCED, flow_id="flow-7")
         outage_ends = trio.current_time() + 1800
-        actor.points.outage("service_token", "accept", until=outage_ends)
+        actor.points.outage("accept", until=outage_ends)
         async with actor.run():
             await actor.finalize_in.send(job)
             done = await actor.results_recv.receive()

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -326,7 +327,16 @@ async def test_service_token_needs_a_good_signature(fake_auth: FakeAuth) -> None
             )
     assert good.status_code == 200
     assert good.headers["content-type"] == "application/jwt"
-    assert len(good.text.split(".")) == 3
+    header, claims = (json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+                      for part in good.text.split(".")[:2])
+    # As golden-vcr/auth's handlePostServiceToken issues it: RS256, 15 minutes.
+    assert header["alg"] == "RS256" and header["kid"]
+    assert claims == {
+        "iss": "https://goldenvcr.com/api/auth", "iat": claims["iat"], "exp": claims["iat"] + 15 * 60,
+        "gvcr_service": "dynamo", "twitch_user_id": "90790024",
+        "twitch_user_login": "wasabimilkshake", "twitch_display_name": "WasabiMilkshake",
+    }  # fmt: skip
+    assert abs(claims["iat"] - time.time()) < 5
     assert fake_auth.user_for_token(good.text) == {
         "id": "90790024", "login": "wasabimilkshake", "displayName": "WasabiMilkshake"
     }  # fmt: skip
@@ -421,7 +431,9 @@ async def test_ledger_refuses_bad_bodies_and_tokens(fake_auth: FakeAuth, fake_le
             outage = await http.post("/outflow", json=good, headers=bearer)
     assert too_poor.status_code == 409
     assert [answer.status_code for answer in refused] == [400] * 4
-    assert (no_token.status_code, unknown_token.status_code, expired.status_code) == (400, 401, 401)
+    assert (no_token.status_code, unknown_token.status_code, expired.status_code) == (400, 401, 500)
+    # What golden-vcr/auth's RequireAccess answers for a service JWT that jwt/v5 finds expired.
+    assert expired.text == "token has invalid claims: token is expired\n"
     assert outage.status_code == 503
     assert fake_ledger.flows == {}
 
