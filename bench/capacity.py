@@ -197,7 +197,7 @@ def report_per_request(total, dynamo_s, backend_s, xacts, before, after) -> None
     rows = [
         ("dynamo CPU", f"{dynamo_s / total * 1000:.1f} ms"),
         ("PostgreSQL CPU (this database's backends)", f"{backend_s / total * 1000:.1f} ms"),
-        ("transactions (pg_stat_database commits + rollbacks)", f"{xacts / total:.1f}"),
+        ("transactions (pg_stat_database commits + rollbacks, as flushed)", f"{xacts / total:.1f}"),
     ]
     if before is not None:
         statements = after[0] - before[0]
@@ -205,6 +205,8 @@ def report_per_request(total, dynamo_s, backend_s, xacts, before, after) -> None
             ("statements (Query and Execute messages)", f"{sum(statements.values()) / total:.1f}"),
             ("round trips (Query and Sync messages)", f"{(after[1] - before[1]) / total:.1f}"),
             ("statements prepared (Parse messages)", f"{(after[2] - before[2]) / total:.1f}"),
+            ("transactions (counted on the wire: back to idle after statements)",
+             f"{(after[4] - before[4]) / total:.1f}"),
         ]
         rows += [(f"  {word}", f"{count / total:.2f}") for word, count in statements.most_common()]
     harness.print_table("per request", ("", ""), rows)

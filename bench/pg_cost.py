@@ -6,7 +6,12 @@ as they pass: every simple Query ('Q', whose statements are counted by their `;`
 Execute ('E') of a prepared statement, every Parse ('P', a statement prepared) and every
 Sync ('S'). A round trip is a Query or a Sync. Statements are tallied by their first
 word (begin, commit, select, update, ... and "reset" for the reset query asyncpg runs
-when a pooled connection is released).
+when a pooled connection is released). On the way back it reads the server's
+ReadyForQuery ('Z') messages: a transaction is counted each time the connection comes
+back to idle ('I') after statements ran (an autocommit statement, or COMMIT/ROLLBACK of
+a block), which is exact, where pg_stat_database's counts reach the statistics only
+when a backend flushes them (at most once a second, later when it is idle) and can be
+off by half in a run of seconds.
 
 `BackendCpu` follows the server processes of one database (pg_stat_activity, polled) and
 sums their CPU time with psutil, so that other databases on the same server (other jobs)
@@ -57,14 +62,15 @@ class StatementCounter:
         self.texts: collections.Counter[str] = collections.Counter()  # each one's opening
         self.round_trips = 0
         self.parses = 0
+        self.transactions = 0
         self.connections = 0
 
     def dsn(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"
 
-    def snapshot(self) -> tuple[collections.Counter[str], int, int, collections.Counter[str]]:
+    def snapshot(self) -> tuple[collections.Counter[str], int, int, collections.Counter[str], int]:
         return (collections.Counter(self.statements), self.round_trips, self.parses,
-                collections.Counter(self.texts))
+                collections.Counter(self.texts), self.transactions)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -75,9 +81,10 @@ class StatementCounter:
     async def _handle(self, client: trio.SocketStream) -> None:
         self.connections += 1
         async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
+            frontend = _Frontend(self)
             async with trio.open_nursery() as pipes:
-                pipes.start_soon(self._pump, server, client, None, pipes.cancel_scope)
-                pipes.start_soon(self._pump, client, server, _Frontend(self), pipes.cancel_scope)
+                pipes.start_soon(self._pump, server, client, _Backend(frontend), pipes.cancel_scope)
+                pipes.start_soon(self._pump, client, server, frontend, pipes.cancel_scope)
 
     @staticmethod
     async def _pump(source, sink, parser, done: trio.CancelScope) -> None:
@@ -100,6 +107,7 @@ class _Frontend:
         self.started = False
         self.prepared: dict[bytes, str] = {}  # statement name -> its first word
         self.bound: str = "?"
+        self.ran = False  # a statement was sent since the server was last ready
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
@@ -128,6 +136,7 @@ class _Frontend:
         counter = self.counter
         if kind == "Q":
             counter.round_trips += 1
+            self.ran = True
             sql = body.rstrip(b"\0").decode(errors="replace")
             for part in sql.split(";"):
                 if part.strip():
@@ -142,10 +151,39 @@ class _Frontend:
             _portal, _, rest = body.partition(b"\0")
             self.bound = self.prepared.get(rest.partition(b"\0")[0], "?")
         elif kind == "E":
+            self.ran = True
             counter.statements[first_word(self.bound)] += 1
             counter.texts[self.bound] += 1
         elif kind == "S":
             counter.round_trips += 1
+
+
+class _Backend:
+    """The server's side of one connection (no SSL: typed messages from the first byte):
+    only ReadyForQuery matters, for the transactions its frontend's statements made."""
+
+    def __init__(self, frontend: _Frontend):
+        self.frontend = frontend
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        at = 0
+        while len(self.buffer) - at >= 5:
+            (length,) = struct.unpack_from("!I", self.buffer, at + 1)
+            if len(self.buffer) - at < 1 + length:
+                break
+            if self.buffer[at] == ord("Z"):
+                self.ready(self.buffer[at + 5])
+            at += 1 + length
+        del self.buffer[:at]
+
+    def ready(self, status: int) -> None:
+        # 'I': idle, 'T': in a transaction block, 'E': in a failed one.
+        if status == ord("I") and self.frontend.ran:
+            self.frontend.counter.transactions += 1
+        if status == ord("I"):
+            self.frontend.ran = False
 
 
 class BackendCpu:
