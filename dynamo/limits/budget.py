@@ -353,9 +353,22 @@ class Budget:
     def view(
         self, kind: CallKind, trio_now: float | None = None
     ) -> tuple[KindLimiter, float] | None:
-        """The kind's limiter as last seen, and the store's time now; None if never seen."""
+        """The kind's limiter as last seen, and the store's time now; None if never seen.
+        Permits this process reserved and has not used are left out: the fleet counts
+        them, but they are not calls made (what /status shows)."""
         seen = self._seen.get(kind)
-        return None if seen is None else (seen.limiter, seen.now(trio_now))
+        if seen is None:
+            return None
+        limiter = seen.limiter
+        unused = [reserved.permit.grant_id for reserved in self._reserved.get(kind, ())]
+        unused += self._lapsed.get(kind, [])
+        if unused:
+            left_out = set(unused)
+            shown = KindLimiter(kind, limiter.limit.configured, limiter.limit.configured_tokens)
+            grants = [grant for grant in limiter.limit.window.grants() if grant.id not in left_out]
+            shown.restore(limiter.state(), grants)  # as a fleet's step rebuilds it
+            limiter = shown
+        return limiter, seen.now(trio_now)
 
     async def _step(self, kind: CallKind, step: Callable[[KindLimiter, float], Any]):
         started = trio.current_time()

@@ -217,3 +217,16 @@ async def test_a_process_first_in_line_takes_its_permit_but_reserves_none_for_la
     granted = await a.try_grant(CallKind.TEXT, more=True)
     assert granted.permit is not None
     assert not a._reserved
+
+
+async def test_status_counts_the_calls_made_not_the_permits_reserved(autojump_clock):
+    store = CountingStore()
+    status = RateLimiterStatus(budget=budget_for(store, 6000))
+    taken = await until_some_are_reserved(status.budget)
+    reserved = len(status.budget._reserved[CallKind.TEXT])
+    assert window_of(store).count(trio.current_time()) == taken + reserved  # the fleet's view
+    assert status.as_json()["kinds"]["text"]["calls_last_60s"] == taken
+    await trio.sleep(RESERVE_S + 1.0)  # lapsed, not yet given back: still not calls
+    status.budget._from_reserve(CallKind.TEXT, trio.current_time(), False)
+    assert status.budget._lapsed[CallKind.TEXT]
+    assert status.as_json()["kinds"]["text"]["calls_last_60s"] == taken
