@@ -133,6 +133,11 @@ create table if not exists dynamo.openai_call (
 );
 create index if not exists openai_call_request on dynamo.openai_call (image_request_id);
 create index if not exists openai_call_created on dynamo.openai_call (created_at);
+-- Issue 18: a call's row is written with the step write that follows the call, and a
+-- write whose COMMIT answer was lost is tried again as it is: the id dynamo gives the
+-- call when its answer comes makes the second try add nothing (rows from before: null).
+alter table dynamo.openai_call add column if not exists call_id uuid;
+create unique index if not exists openai_call_call_id on dynamo.openai_call (call_id);
 -- The fleet: what each process has in hand, and where its HTTP API is, for GET /status.
 alter table dynamo.worker
     add column if not exists in_hand integer not null default 0,

@@ -7,10 +7,10 @@ is written by itself (`record_call`) or, to spare a round trip and a transaction
 the step write that follows the call (`dynamo.database.port`: `advance`,
 `save_generated`), with `insert_calls_sql`.
 
-Writing a row is idempotent: a row is known by its request, its kind and when its answer
-came (`answered_at`, stored as `created_at`), and one that is there already is not added
-again. A write whose COMMIT went through but whose answer was lost can so be tried again
-as it is (`outages.patiently`): the call is counted once.
+Writing a row is idempotent: each call has its own id (`call_id`, unique), given when
+its answer came, and a row whose id is there already is not added again. A write whose
+COMMIT went through but whose answer was lost can so be tried again as it is
+(`outages.patiently`): the call is counted once.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ class CallCost:
     model: str
     usage: dict
     cost_usd: float
-    answered_at: datetime.datetime  # aware; also what tells a row written already
+    answered_at: datetime.datetime  # aware
+    call_id: uuid.UUID = dataclasses.field(default_factory=uuid.uuid4)  # tells a row written
 
     def as_json(self) -> dict:
         return {
+            "call_id": str(self.call_id),
             "image_request_id": str(self.request_id),
             "kind": self.kind,
             "model": self.model,
@@ -47,16 +49,14 @@ def insert_calls_sql(param: int) -> str:
     """An INSERT of the calls passed as `${param}` (`calls_param(...)`) that skips those
     written already: a statement of its own, or one data-modifying CTE of a step write."""
     return f"""
-        insert into dynamo.openai_call (image_request_id, kind, model, usage, cost_usd, created_at)
-        select c.image_request_id, c.kind, c.model, coalesce(c.usage, '{{}}'), c.cost_usd,
-               c.created_at
+        insert into dynamo.openai_call
+               (call_id, image_request_id, kind, model, usage, cost_usd, created_at)
+        select c.call_id, c.image_request_id, c.kind, c.model, coalesce(c.usage, '{{}}'),
+               c.cost_usd, c.created_at
           from jsonb_to_recordset(${param}::jsonb) as c(
-               image_request_id uuid, kind text, model text, usage jsonb, cost_usd numeric,
-               created_at timestamptz)
-         where not exists (
-               select 1 from dynamo.openai_call o
-                where o.image_request_id = c.image_request_id and o.kind = c.kind
-                  and o.created_at = c.created_at)
+               call_id uuid, image_request_id uuid, kind text, model text, usage jsonb,
+               cost_usd numeric, created_at timestamptz)
+        on conflict (call_id) do nothing
     """
 
 

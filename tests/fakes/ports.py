@@ -196,12 +196,12 @@ class MemoryDatabase(_Observable):
         return self._advance_now(request_id, from_steps, to_step, fields)
 
     def record_calls(self, costs: Iterable[CallCost]) -> None:
-        """dynamo.openai_call's rows for `costs`, each once (known by its request, kind and
-        time), as `dynamo.database.spend_store` writes them."""
+        """dynamo.openai_call's rows for `costs`, each once (known by its call id), as
+        `dynamo.database.spend_store` writes them."""
         for cost in costs:
-            if not any(call["image_request_id"] == cost.request_id and call["kind"] == cost.kind
-                       and call["created_at"] == cost.answered_at for call in self.openai_calls):
+            if not any(call["call_id"] == cost.call_id for call in self.openai_calls):
                 self.openai_calls.append({
+                    "call_id": cost.call_id,
                     "image_request_id": cost.request_id, "kind": cost.kind, "model": cost.model,
                     "usage": cost.usage, "cost_usd": cost.cost_usd,
                     "created_at": cost.answered_at})
