@@ -16,8 +16,11 @@ says in `run()` how the actor is started:
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any, ClassVar
+
+import trio
 
 from tests.fakes.ports import MemoryDatabase, channel, make_pipeline, running
 
@@ -62,5 +65,23 @@ class ActorHarness:
         an actor that crashes fails the test with its exception."""
         return running(run, pipeline=self.pipeline, **ports_and_channels)
 
+    def running_behind_permits(self, run, **ports_and_channels):
+        """As `running`, for an actor that asks the rate limiter for permits: the harness's
+        permit server (`self.permits`, serving `self.permits_recv`) is started first, then
+        the actor (downstream first, as the service starts them)."""
+        return running(
+            _behind_permits,
+            permits=self.permits,
+            permits_recv=self.permits_recv,
+            actor=functools.partial(run, pipeline=self.pipeline, **ports_and_channels),
+        )
+
     def run(self):
         raise NotImplementedError("a harness says how its actor is started")
+
+
+async def _behind_permits(*, permits, permits_recv, actor, task_status=trio.TASK_STATUS_IGNORED):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(permits.serve, permits_recv)
+        await nursery.start(actor)
+        task_status.started()

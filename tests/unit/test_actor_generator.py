@@ -15,7 +15,6 @@ from tests.fakes.ports import (
     channel,
     nothing_within,
     openai_error,
-    running,
     solid_png,
 )
 from tests.support.actor import ActorHarness
@@ -104,20 +103,11 @@ class Generator(ActorHarness):
         self.spend = None  # the spend port, where a test gives one
 
     def run(self):
-        return running(_start, actor=self)
-
-
-async def _start(actor: Generator, *, task_status=trio.TASK_STATUS_IGNORED):
-    """The permit server, then the generator pool (downstream first, as the service does)."""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(actor.permits.serve, actor.permits_recv)
-        await nursery.start(lambda task_status: generator.run(
-            generator=actor.openai, pipeline=actor.pipeline, generate_recv=actor.generate_recv,
-            permits_send=actor.permits_send, upload_send=actor.upload_send,
-            finalize_send=actor.finalize_send, workers=actor.workers,
-            max_attempts=actor.max_attempts, moderation=actor.moderation, spend=actor.spend,
-            task_status=task_status))
-        task_status.started()
+        return self.running_behind_permits(
+            generator.run, generator=self.openai, generate_recv=self.generate_recv,
+            permits_send=self.permits_send, upload_send=self.upload_send,
+            finalize_send=self.finalize_send, workers=self.workers,
+            max_attempts=self.max_attempts, moderation=self.moderation, spend=self.spend)
 
 
 def outcome_kinds(outcomes):

@@ -13,7 +13,7 @@ from actors import image_screen
 from dynamo.database.errors import DatabaseUnavailable
 from dynamo.domain.jobs import Step
 from dynamo.openai_port.client import ImageVerdict
-from tests.fakes.ports import FakeGenerator, FakeSpend, channel, nothing_within, running
+from tests.fakes.ports import FakeGenerator, FakeSpend, channel, nothing_within
 from tests.support.actor import ActorHarness
 from tests.support.timeouts import VIRTUAL_S as TEST_TIMEOUT_S
 from tests.unit.test_actor_generator import IMAGE, QUIET_S, PermitServer
@@ -44,18 +44,10 @@ class ImageScreen(ActorHarness):
         return job
 
     def run(self):
-        return running(_start, actor=self)
-
-
-async def _start(actor: ImageScreen, *, task_status=trio.TASK_STATUS_IGNORED):
-    async with trio.open_nursery() as nursery:
-        await nursery.start(actor.permits.serve, actor.permits_recv)
-        await nursery.start(lambda task_status: image_screen.run(
-            generator=actor.openai, pipeline=actor.pipeline, screen_recv=actor.screen_recv,
-            permits_send=actor.permits_send, upload_send=actor.upload_send,
-            finalize_send=actor.finalize_send, settings=SETTINGS, spend=actor.spend,
-            task_status=task_status))
-        task_status.started()
+        return self.running_behind_permits(
+            image_screen.run, generator=self.openai, screen_recv=self.screen_recv,
+            permits_send=self.permits_send, upload_send=self.upload_send,
+            finalize_send=self.finalize_send, settings=SETTINGS, spend=self.spend)
 
 
 async def test_an_image_in_hand_is_judged_without_reading_the_database(autojump_clock):
