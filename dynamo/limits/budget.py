@@ -155,13 +155,9 @@ class _Seen:
 class Budget:
     """This process's handle on the account's budget; `worker` names it among the fleet."""
 
-    def __init__(
-        self, store: Store | None = None, *, worker: str = "local", reserve: bool | None = None
-    ):
+    def __init__(self, store: Store | None = None, *, worker: str = "local"):
         self.store = store if store is not None else MemoryStore()
         self.worker = worker
-        # Reserved permits save a shared store's transactions; in memory a step is free.
-        self.reserve = self.store.shared if reserve is None else reserve
         self.configs: dict[CallKind, KindConfig] = {}
         self._seen: dict[CallKind, _Seen] = {}
         self._recent_costs: dict[CallKind, deque[int]] = {}
@@ -254,7 +250,7 @@ class Budget:
         is left (then the store decides). Lapsed ones are set aside to be given back."""
         reserved = self._reserved[kind]
         while reserved and reserved[0].lapses_at <= trio_now:
-            self._lapsed.setdefault(kind, []).append(reserved.popleft().permit.grant_id)
+            self._give_back(kind, [reserved.popleft()])
             BUDGET_STEPS.labels(kind.value, "reserve-lapsed").inc()
         if not reserved:
             del self._reserved[kind]
@@ -269,6 +265,10 @@ class Budget:
         if more and reserved:
             return Decision(permit, max(0.0, reserved[0].usable_at - trio_now))
         return Decision(permit)
+
+    def _give_back(self, kind: CallKind, reserved) -> None:
+        """Reserved permits that will not be used: the next step takes them out of the window."""
+        self._lapsed.setdefault(kind, []).extend(entry.permit.grant_id for entry in reserved)
 
     def _demand(self, kind: CallKind, trio_now: float) -> int:
         """Permits this process handed out for `kind` in the last DEMAND_S."""
@@ -286,7 +286,8 @@ class Budget:
         limit's pace as well (each with how long after now it may be used), if this
         process is busy, nobody else waits, and the window stays far below every limit
         with them."""
-        if not self.reserve or demand == 0 or limiter.turns or limiter.circuit.is_open:
+        # Reserving saves a shared store's transactions; in memory a step is free.
+        if not self.shared or demand == 0 or limiter.turns or limiter.circuit.is_open:
             return []
         limit = limiter.limit
         if limit.paused_until > now or (cost > 0 and limit.tokens_unknown(now)):
@@ -331,8 +332,7 @@ class Budget:
         kind = outcome.kind
         if (outcome.rate_limited or outcome.auth_failed) and kind in self._reserved:
             # The limits moved: permits reserved under the old ones are given back.
-            lapsed = self._lapsed.setdefault(kind, [])
-            lapsed += [reserved.permit.grant_id for reserved in self._reserved.pop(kind)]
+            self._give_back(kind, self._reserved.pop(kind))
             self._paced_until.pop(kind, None)
         expected = self.expected_tokens(kind)
         if outcome.tokens_used is not None:
