@@ -57,11 +57,12 @@ class Spend:
 
     def row(self, request_id: uuid.UUID, kind: str, answer) -> CallCost:
         """The row of one answered call (an `Answer` with its model and usage), priced,
-        stamped with the wall clock's time now (the answer's): build it once, as the
-        answer comes, and write that same row however often the write is tried."""
+        stamped with the time now (the answer's) by the clock the days are counted by:
+        build it once, as the answer comes, and write that same row however often the
+        write is tried."""
         model = answer.model or "unknown"
         cost = self.prices.cost_usd(model, answer.usage)
-        return CallCost(request_id, kind, model, answer.usage or {}, cost, _utcnow())
+        return CallCost(request_id, kind, model, answer.usage or {}, cost, self._now())
 
     async def write(self, calls: Iterable[CallCost]) -> None:
         """Writes `calls` by themselves, in one statement (a row there already is not
