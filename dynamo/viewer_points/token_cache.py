@@ -4,7 +4,7 @@ instead of once per ledger call (issue 18: that round trip cost 4-8 % of dynamo'
 The real auth service (golden-vcr/auth, `internal/server/service_auth.go`) answers
 `POST /service-token` with an RS256 JWT whose `exp` is its issue time (`iat`) plus
 15 minutes. dynamo does not hold the key, nor needs to: the ledger verifies the token;
-dynamo only reads `exp` (and `iat`) from the payload, unverified, to know how long to keep
+dynamo only reads `exp` (and `iat`) from the payload, unverified (PyJWT), to know how long to keep
 it. A token is reused while more than a safety margin of its life is left: `MARGIN_S`, or
 `MARGIN_FRACTION` of its lifetime when that is shorter (a short-lived token). A token
 whose payload cannot be read, or that has no numeric `exp`, is not kept: every call then
@@ -21,14 +21,14 @@ here logs one, and the cache's repr shows none.
 
 from __future__ import annotations
 
-import base64
 import collections
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
 from typing import Any
+
+import jwt
 
 # Viewers whose token is kept: a stream's active viewers fit many times over, and a
 # token is a few hundred bytes.
@@ -115,17 +115,12 @@ def _reuse_until(token: str, now: float) -> float | None:
 
 
 def unverified_claims(token: str) -> dict[str, Any] | None:
-    """A JWT's payload (its middle segment: base64url JSON), signature NOT verified;
-    None when it is not one."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    payload = parts[1]
+    """A JWT's payload, read by PyJWT with the signature NOT verified (and so no claim
+    checked either); None when it is not a JWT."""
     try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, RecursionError):  # bad base64, not UTF-8, not JSON, absurdly deep
+        return jwt.decode(token, options={"verify_signature": False})
+    except (jwt.InvalidTokenError, RecursionError):  # RecursionError: absurdly deep JSON
         return None
-    return claims if isinstance(claims, dict) else None
 
 
 def _seconds(value: Any) -> float | None:
